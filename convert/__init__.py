@@ -1,0 +1,1 @@
+"""Per-architecture conversion rules, shipped as ``localllm.archs``."""

@@ -1,0 +1,59 @@
+"""``localllm doctor``: check the machine, the llama.cpp build and (optionally) a model."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from localllm.cli.options import human_bytes
+
+
+@click.command("doctor")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable report (keys in docs/doctor.md).")
+@click.option("--model", "-m", default=None, help="Also plan memory for this model (path or name).")
+@click.option("--ctx", "n_ctx", type=click.IntRange(min=16), default=None, help="Context size for --model.")
+@click.option("--models-dir", type=click.Path(file_okay=False), default=None)
+def command(as_json: bool, model: str | None, n_ctx: int | None, models_dir: str | None) -> int:
+    """Check CPU features, the llama.cpp build, GPU, memory and disk. Exits 1 if something blocks running."""
+    from localllm import doctor
+
+    r = doctor.report(model, n_ctx=n_ctx, models_dir=models_dir)
+    if as_json:
+        click.echo(json.dumps(r, indent=2))
+        return 0 if r["ok"] else 1
+    cpu, b = r["cpu"], r["build"]
+    have = " ".join(f for f, on in cpu["flags"].items() if on) or "none"
+    lack = " ".join(f for f, on in cpu["flags"].items() if not on) or "none"
+    rows = [
+        ("CPU", f"{cpu['model']} ({cpu['arch']}), {cpu['usable_cores']} usable of {cpu['logical_cores']} cores"),
+        ("  flags", have),
+        ("  lacks", lack),
+        ("llama.cpp", f"llama-cpp-python {b['llama_cpp_python']}, built for: "
+                      + " ".join(k for k, on in b["features"].items() if on)),
+        ("GPU offload", "compiled in" if b["gpu_offload"] else "not compiled in (CPU only)"),
+    ]
+    for d in r["gpu"]["devices"]:
+        rows.append(("  device", f"{d['name']} {d['description']}: {human_bytes(d['memory_free'])} free "
+                                 f"of {human_bytes(d['memory_total'])}"))
+    if r["gpu"]["gpu_rebuild"]:
+        rows.append(("  for CUDA", r["gpu"]["gpu_rebuild"]["cuda"]))
+        rows.append(("  for Metal", r["gpu"]["gpu_rebuild"]["metal"]))
+    rows.append(("RAM", f"{human_bytes(r['memory']['available'])} available of {human_bytes(r['memory']['total'])}"))
+    rows.append(("Disk", f"{human_bytes(r['disk']['free'])} free at {r['disk']['path']}"))
+    if "model" in r:
+        p = r["model"]
+        rows.append(("Model", p["path"]))
+        rows.append(("  needs", f"{human_bytes(p['total_bytes'])} at {p['n_ctx']} tokens: weights "
+                                f"{human_bytes(p['weights_bytes'])}, KV cache {human_bytes(p['kv_bytes'])}, "
+                                f"compute {human_bytes(p['compute_bytes'])}"))
+        rows.append(("  fits", ("yes" if p["fits"] else "NO") + f", {p['gpu_layers']} layers on GPU"))
+        for reason in p["reasons"]:
+            rows.append(("", reason))
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        click.echo(f"{k:<{width}}  {v}")
+    for prob in r["problems"]:
+        click.echo(f"{prob['severity'].upper()}: {prob['message']}" + (f"\n  fix: {prob['fix']}" if prob["fix"] else ""))
+    click.echo("OK: ready to run models" if r["ok"] else "NOT OK: fix the errors above")
+    return 0 if r["ok"] else 1

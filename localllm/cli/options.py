@@ -1,0 +1,44 @@
+"""Options shared by several commands."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from localllm.errors import InvalidArgumentError
+from localllm.placement import parse_gpu_layers
+
+
+class GpuLayers(click.ParamType):
+    name = "N|auto|all"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int | str:
+        try:
+            return parse_gpu_layers(value)
+        except InvalidArgumentError as e:
+            self.fail(str(e), param, ctx)
+
+
+def model_options(f):
+    """--ctx, --threads, --gpu-layers, --models-dir."""
+    for opt in reversed([
+        click.option("--ctx", "n_ctx", type=click.IntRange(min=16), default=None,
+                     help="Context size in tokens (default: min(trained, 4096))."),
+        click.option("--threads", "n_threads", type=click.IntRange(min=1), default=None,
+                     help="CPU threads (default: usable cores)."),
+        click.option("--gpu-layers", "gpu_layers", type=GpuLayers(), default="auto", show_default=True,
+                     help="Layers to offload to the GPU: N, auto or all."),
+        click.option("--models-dir", type=click.Path(file_okay=False), default=None,
+                     help="Model store to use for this command."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"

@@ -1,0 +1,126 @@
+"""Every error localllm raises, under one base class.
+
+Each subclass also inherits the builtin it behaves like (so ``except
+FileNotFoundError`` still works), carries structured fields, an HTTP status
+for the server, and a ``hint``: the next step a user should take.
+
+Example:
+    >>> try:
+    ...     raise ModelNotFoundError("no such model", path="x.gguf")
+    ... except FileNotFoundError as e:
+    ...     e.status
+    404
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class LocalLLMError(Exception):
+    """Base class. ``status`` is the HTTP status, ``code`` a stable machine name."""
+
+    status: int = 500
+    code: str = "internal_error"
+    type: str = "server_error"  # OpenAI error "type"
+
+    def __init__(self, message: str, *, hint: str | None = None, param: str | None = None,
+                 **fields: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+        self.param = param
+        self.fields = fields
+        for key, value in fields.items():
+            setattr(self, key, value)
+
+    def __str__(self) -> str:
+        return self.message
+
+    def to_dict(self) -> dict[str, Any]:
+        """OpenAI-shaped error body."""
+        return {"error": {"message": self.message, "type": self.type,
+                          "param": self.param, "code": self.code}}
+
+
+class _ClientError(LocalLLMError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class InvalidArgumentError(_ClientError, ValueError):
+    """A parameter has a wrong value or type (bad flag, bad request field)."""
+
+    code = "invalid_argument"
+
+
+class ModelNotFoundError(_ClientError, FileNotFoundError):
+    """A model path or name that does not exist."""
+
+    status = 404
+    code = "model_not_found"
+
+
+class InvalidModelFileError(_ClientError, ValueError):
+    """A file that is not a usable GGUF (bad magic, truncated, corrupt header)."""
+
+    code = "invalid_model_file"
+
+
+class UnsupportedArchitectureError(_ClientError, ValueError):
+    """The GGUF's architecture is unknown to this llama.cpp build or converter."""
+
+    code = "unsupported_architecture"
+
+
+class ContextOverflowError(_ClientError, ValueError):
+    """A prompt that does not fit the context window. Never truncated silently."""
+
+    code = "context_length_exceeded"
+
+
+class TemplateError(_ClientError, ValueError):
+    """A chat template that fails to render (or tries to escape the sandbox)."""
+
+    code = "chat_template_error"
+
+
+class ModelBusyError(LocalLLMError, RuntimeError):
+    """A Model used from two threads at once."""
+
+    status = 409
+    code = "model_busy"
+    type = "invalid_request_error"
+
+
+class ModelClosedError(LocalLLMError, RuntimeError):
+    """A Model used after ``close()``."""
+
+    status = 409
+    code = "model_closed"
+    type = "invalid_request_error"
+
+
+class ModelLoadError(LocalLLMError, RuntimeError):
+    """llama.cpp could not load or run a model for a reason not covered above."""
+
+    code = "model_load_failed"
+
+
+class InsufficientMemoryError(LocalLLMError, MemoryError):
+    """The model (at this context) does not fit the memory available."""
+
+    status = 507
+    code = "insufficient_memory"
+
+
+class PrerequisiteError(LocalLLMError, RuntimeError):
+    """Something the machine lacks (an optional package, a CPU feature, a tool)."""
+
+    code = "missing_prerequisite"
+
+
+class RuntimeFailure(LocalLLMError, RuntimeError):
+    """llama.cpp failed while decoding or sampling."""
+
+    code = "runtime_failure"

