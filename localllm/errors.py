@@ -67,6 +67,12 @@ class InvalidModelFileError(_ClientError, ValueError):
     code = "invalid_model_file"
 
 
+class ModelIntegrityError(InvalidModelFileError):
+    """A store model whose size or hash disagrees with its manifest (changed or corrupted on disk)."""
+
+    code = "model_integrity"
+
+
 class UnsupportedArchitectureError(_ClientError, ValueError):
     """The GGUF's architecture is unknown to this llama.cpp build or converter."""
 

@@ -26,10 +26,13 @@ from pathlib import Path
 from typing import Any
 
 from localllm import catalog, settings
-from localllm.errors import InvalidArgumentError, InvalidModelFileError, ModelNotFoundError
+from localllm.errors import (InvalidArgumentError, InvalidModelFileError, ModelIntegrityError,
+                             ModelNotFoundError)
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 MANIFEST = "manifest.json"
+DEFAULT_FILE = "default"
+_QUICK = 1 << 20  # bytes hashed at each end of the file by quick_hash
 
 
 def parse_ref(ref: str) -> tuple[str, str | None]:
@@ -51,7 +54,7 @@ def _version_dirs(root: Path, name: str) -> list[Path]:
     d = root / name
     if not d.is_dir():
         return []
-    out = [v for v in d.iterdir() if v.is_dir() and (v / MANIFEST).is_file()]
+    out = [v for v in d.iterdir() if v.is_dir() and not v.name.startswith(".") and (v / MANIFEST).is_file()]
     return sorted(out, key=lambda v: _manifest(v).get("created", ""), reverse=True)
 
 
@@ -69,6 +72,62 @@ def gguf_in(vdir: Path) -> Path:
         return f
     raise ModelNotFoundError(f"{vdir}: the manifest names no model file that exists",
                              hint="run `localllm models verify`", path=str(vdir))
+
+
+def find(ref: str, root: Path) -> Path | None:
+    """The version directory ``ref`` names in the store, or None (nothing is materialised).
+
+    ``NAME`` picks a built-in's default version when stored, else the newest.
+    """
+    name, version = parse_ref(ref)
+    if version is not None:
+        vdir = root / name / version
+        return vdir if (vdir / MANIFEST).is_file() else None
+    b = catalog.BUILTIN.get(name)
+    if b is not None and (root / name / b.default_version / MANIFEST).is_file():
+        return root / name / b.default_version
+    dirs = _version_dirs(root, name)
+    return dirs[0] if dirs else None
+
+
+def quick_hash(path: Path) -> str:
+    """sha256 of the first and last MiB plus the size: catches truncation,
+    replacement and most corruption in two reads, not a full pass.
+
+    Example:
+        >>> quick_hash(Path("m.gguf"))                    # doctest: +SKIP
+        '9f2c…'
+    """
+    size = path.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(_QUICK))
+        if size > _QUICK:
+            f.seek(max(_QUICK, size - _QUICK))
+            h.update(f.read(_QUICK))
+    return h.hexdigest()
+
+
+def check(vdir: Path) -> Path:
+    """The GGUF in ``vdir`` after a cheap integrity check against its manifest
+    (size, and the quick hash when the manifest has one).
+
+    Raises ModelIntegrityError suggesting ``localllm models verify``.
+    """
+    m = _manifest(vdir)
+    f = gguf_in(vdir)
+    ref = f"{m.get('name', vdir.parent.name)}:{m.get('version', vdir.name)}"
+    size = f.stat().st_size
+    problem = None
+    if m.get("size") is not None and size != m["size"]:
+        problem = f"its size is {size} bytes but the manifest says {m['size']}"
+    elif m.get("quick_sha256") and quick_hash(f) != m["quick_sha256"]:
+        problem = "its contents changed since it was stored (quick hash mismatch)"
+    if problem:
+        raise ModelIntegrityError(f"stored model {ref} is damaged: {problem}",
+                                  hint=f"run `localllm models verify {ref}`, then `localllm models rm {ref}` "
+                                       "and import or pull it again", path=str(f), name=ref)
+    return f
 
 
 def default_ref(root: Path) -> str:
@@ -99,18 +158,10 @@ def resolve(ref: str | os.PathLike[str] | None, *, models_dir: str | os.PathLike
                                      hint="check the path, or run `localllm models list` for stored models",
                                      path=str(p))
         return p
+    vdir = find(str(ref), root)
+    if vdir is not None:
+        return check(vdir)
     name, version = parse_ref(str(ref))
-    if version is not None:
-        vdir = root / name / version
-        if (vdir / MANIFEST).is_file():
-            return gguf_in(vdir)
-    else:
-        dirs = _version_dirs(root, name)
-        b = catalog.BUILTIN.get(name)
-        if b is not None and (root / name / b.default_version / MANIFEST).is_file():
-            return gguf_in(root / name / b.default_version)
-        if dirs:
-            return gguf_in(dirs[0])
     b = catalog.BUILTIN.get(name)
     if b is not None:
         return materialize(b, version or b.default_version, root)
@@ -133,7 +184,15 @@ def locked(root: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def _stale_temps(root: Path) -> None:
+    """Remove temporary dirs left by killed imports. Only called under the
+    lock, so no live import owns them."""
+    for d in root.glob(".tmp-*"):
+        shutil.rmtree(d, ignore_errors=True)
+
+
 def sha256_file(path: Path, progress: Callable[[int], None] | None = None) -> str:
+    """Full sha256 of ``path``; ``progress(n)`` is called after each chunk of n bytes."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
@@ -158,6 +217,7 @@ def add(produce: Callable[[Path], None], name: str, version: str, *, source: dic
     with locked(root):
         if (vdir / MANIFEST).is_file():
             return gguf_in(vdir)
+        _stale_temps(root)
         tmpdir = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-{version}-", dir=root))
         try:
             fname = f"{name}-{version}.gguf"
@@ -166,13 +226,16 @@ def add(produce: Callable[[Path], None], name: str, version: str, *, source: dic
             summary = validate.summary(tmp)
             manifest = {
                 "name": name, "version": version, "file": fname,
-                "sha256": sha256_file(tmp), "size": tmp.stat().st_size,
+                "sha256": sha256_file(tmp), "quick_sha256": quick_hash(tmp), "size": tmp.stat().st_size,
                 "arch": summary.get("arch"), "quant": summary.get("quant"),
                 "parameters": summary.get("parameters"),
                 "source": source, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
                 "localllm_version": __version__, **(extra or {}),
             }
             (tmpdir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+            for f in (tmp, tmpdir / MANIFEST):  # durable before the rename makes them visible
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
             vdir.parent.mkdir(parents=True, exist_ok=True)
             if vdir.exists():  # a leftover without manifest (killed before rename): replace
                 shutil.rmtree(vdir)
@@ -207,3 +270,189 @@ def materialize(b: catalog.Builtin, version: str, root: Path) -> Path:
     source = {"builtin": b.name, "package": b.pip.split()[0], "license": b.license,
               "requantized_to": version if ftype is not None else None}
     return add(produce, b.name, version, source=source, root=root)
+
+
+# --------------------------------------------------------------------------- store commands
+# Each returns plain data (the CLI's --json output); none prints.
+
+def _entry(vdir: Path, default: Path | None) -> dict[str, Any]:
+    m = _manifest(vdir)
+    name, version = vdir.parent.name, vdir.name
+    return {"name": name, "version": version, "ref": f"{name}:{version}", "path": str(vdir / m.get("file", "")),
+            "size": m.get("size"), "quant": m.get("quant"), "arch": m.get("arch"),
+            "parameters": m.get("parameters"), "created": m.get("created"), "default": vdir == default}
+
+
+def _default_vdir(root: Path) -> Path | None:
+    """The version dir the default reference picks (same rules as resolve)."""
+    try:
+        return find(default_ref(root), root)
+    except InvalidArgumentError:
+        return None
+
+
+def list_models(root: Path | None = None) -> list[dict[str, Any]]:
+    """Every stored model version, by name then newest first.
+
+    Example:
+        >>> [e["ref"] for e in list_models()]              # doctest: +SKIP
+        ['gemma3-270m:q4_k_m', 'smollm2-135m:q8_0']
+    """
+    root = root or settings.models_dir()
+    if not root.is_dir():
+        return []
+    default = _default_vdir(root)
+    out = []
+    for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        out.extend(_entry(v, default) for v in _version_dirs(root, d.name))
+    return out
+
+
+def _require(ref: str, root: Path) -> Path:
+    vdir = find(ref, root)
+    if vdir is None:
+        raise ModelNotFoundError(f"no model {ref!r} in the store at {root}",
+                                 hint="run `localllm models list`", name=ref)
+    return vdir
+
+
+def show(ref: str, root: Path | None = None) -> dict[str, Any]:
+    """The manifest of ``NAME[:VERSION]`` plus its path and header facts (context length, layers).
+
+    Example:
+        >>> show("smollm2-135m")["quant"]                  # doctest: +SKIP
+        'Q8_0'
+    """
+    from localllm import validate
+
+    root = root or settings.models_dir()
+    vdir = _require(ref, root)
+    m = _manifest(vdir)
+    f = gguf_in(vdir)
+    h = validate.read_header(f)
+    return {**m, "ref": f"{vdir.parent.name}:{vdir.name}", "path": str(f),
+            "default": vdir == _default_vdir(root),
+            "context_length": h.get("context_length"), "block_count": h.get("block_count"),
+            "embedding_length": h.get("embedding_length"), "vocab_size": h.array_lengths.get("tokenizer.ggml.tokens"),
+            "tensors": len(h.tensors)}
+
+
+def verify(ref: str | None = None, root: Path | None = None,
+           progress: Callable[[str, int, Callable[[int], None] | None], Callable[[int], None] | None] | None = None,
+           ) -> list[dict[str, Any]]:
+    """Full sha256 of one stored model (or all) against the manifest.
+
+    ``progress(ref, size)`` may return a callback that receives byte counts
+    (the CLI passes a tqdm bar). Returns one ``{ref, ok, problem, ...}`` per model.
+
+    Example:
+        >>> verify("smollm2-135m")[0]["ok"]                # doctest: +SKIP
+        True
+    """
+    root = root or settings.models_dir()
+    vdirs = [_require(ref, root)] if ref else [Path(e["path"]).parent for e in list_models(root)]
+    out = []
+    for vdir in vdirs:
+        m = _manifest(vdir)
+        r = f"{vdir.parent.name}:{vdir.name}"
+        res: dict[str, Any] = {"ref": r, "ok": False, "problem": None, "expected_sha256": m.get("sha256"),
+                               "sha256": None}
+        try:
+            f = gguf_in(vdir)
+            size = f.stat().st_size
+            cb = progress(r, size, None) if progress else None
+            res["sha256"] = sha256_file(f, cb)
+            if m.get("size") is not None and size != m["size"]:
+                res["problem"] = f"size {size} != manifest {m['size']}"
+            elif res["sha256"] != m.get("sha256"):
+                res["problem"] = "sha256 differs from the manifest"
+            else:
+                res["ok"] = True
+        except (OSError, ModelNotFoundError) as e:
+            res["problem"] = str(e)
+        out.append(res)
+    return out
+
+
+def remove(ref: str, root: Path | None = None) -> list[str]:
+    """Delete ``NAME:VERSION``, or every version of ``NAME``; returns the refs removed.
+    Clears the default pointer when it named what was removed.
+
+    Example:
+        >>> remove("mymodel:v1")                           # doctest: +SKIP
+        ['mymodel:v1']
+    """
+    root = root or settings.models_dir()
+    name, version = parse_ref(ref)
+    with locked(root):
+        vdirs = [_require(ref, root)] if version else _version_dirs(root, name)
+        if not vdirs:
+            raise ModelNotFoundError(f"no model {ref!r} in the store at {root}",
+                                     hint="run `localllm models list`", name=ref)
+        removed = []
+        for vdir in vdirs:
+            # rename first so a kill mid-delete never leaves a half-deleted entry that looks whole
+            trash = root / f".tmp-rm-{name}-{vdir.name}-{os.getpid()}"
+            os.replace(vdir, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+            removed.append(f"{name}:{vdir.name}")
+        if (root / name).is_dir() and not any((root / name).iterdir()):
+            (root / name).rmdir()
+        # a default that no longer names anything stored falls back to the built-in default
+        if (root / DEFAULT_FILE).is_file() and _default_vdir(root) is None:
+            (root / DEFAULT_FILE).unlink()
+    return removed
+
+
+def set_default(ref: str, root: Path | None = None) -> dict[str, Any]:
+    """Make ``NAME[:VERSION]`` the model used when none is given.
+
+    Example:
+        >>> set_default("gemma3-270m")["default"]          # doctest: +SKIP
+        'gemma3-270m'
+    """
+    root = root or settings.models_dir()
+    name, version = parse_ref(ref)
+    path = resolve(ref, models_dir=root)  # must exist (materialises a built-in)
+    with locked(root):
+        tmp = root / f".tmp-default-{os.getpid()}"
+        tmp.write_text((f"{name}:{version}" if version else name) + "\n")
+        os.replace(tmp, root / DEFAULT_FILE)
+    return {"default": f"{name}:{version}" if version else name, "path": str(path)}
+
+
+def import_file(path: str | os.PathLike[str], name: str, version: str | None = None, *,
+                root: Path | None = None, move: bool = False) -> dict[str, Any]:
+    """Copy a GGUF into the store as ``name:version`` (version defaults to its quant, e.g. ``q8_0``).
+
+    The file is validated before anything is written; the copy is atomic and locked.
+
+    Example:
+        >>> import_file("x.gguf", "mymodel")["ref"]        # doctest: +SKIP
+        'mymodel:q8_0'
+    """
+    from localllm import validate
+
+    root = root or settings.models_dir()
+    src = Path(path).expanduser().resolve()
+    info = validate.summary(src)
+    version = version or _version_from_quant(info.get("quant"))
+    name, _ = parse_ref(f"{name}:{version}")
+    if find(f"{name}:{version}", root) is not None:
+        raise InvalidArgumentError(f"{name}:{version} is already in the store",
+                                   hint=f"pick another --version, or `localllm models rm {name}:{version}` first",
+                                   param="version")
+
+    def produce(tmp: Path) -> None:
+        if move:
+            shutil.move(str(src), tmp)
+        else:
+            shutil.copyfile(src, tmp)
+
+    f = add(produce, name, version.lower(), source={"path": str(src)}, root=root)
+    return show(f"{name}:{version.lower()}", root)
+
+
+def _version_from_quant(quant: str | None) -> str:
+    q = (quant or "").lower()
+    return q if q and _NAME.match(q) and not q.startswith("type") and q != "unknown" else "v1"
