@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import datetime
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jinja2
@@ -29,6 +29,41 @@ CHATML = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+
+# Templates for GGUFs that ship none, chosen by the special tokens the
+# vocabulary really has (a wrong template gives gibberish or endless output).
+GEMMA = (
+    "{{ bos_token }}{% set ns = namespace(sys='') %}"
+    "{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{% set ns.sys = m['content'] + '\n\n' %}"
+    "{% else %}"
+    "{{ '<start_of_turn>' + ('model' if m['role'] == 'assistant' else 'user') + '\n' }}"
+    "{% if m['role'] != 'assistant' %}{{ ns.sys }}{% set ns.sys = '' %}{% endif %}"
+    "{{ m['content'] | trim }}{{ '<end_of_turn>\n' }}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+LLAMA3 = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n' + (m['content'] | trim) + '<|eot_id|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+FALLBACKS: tuple[tuple[str, str, str], ...] = (
+    ("<start_of_turn>", "gemma", GEMMA),
+    ("<|im_start|>", "chatml", CHATML),
+    ("<|start_header_id|>", "llama3", LLAMA3),
+)
+
+
+def guess_template(is_special_token: Callable[[str], bool]) -> tuple[str, str]:
+    """(name, template) for a model without one, from the special tokens it has;
+    ChatML when nothing matches."""
+    for marker, name, template in FALLBACKS:
+        if is_special_token(marker):
+            return name, template
+    return "chatml", CHATML
+
 
 ROLES = ("system", "user", "assistant", "tool", "developer")
 

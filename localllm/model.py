@@ -129,7 +129,7 @@ class Model:
         self._closed = False
         self._ctx = self._emb_ctx = self._m = None
         path = store.resolve(model, models_dir=models_dir)
-        validate.read_header(path)  # llama.cpp never sees a file that fails the bounded check
+        header = validate.read_header(path)  # llama.cpp never sees a file that fails this bounded check
         if n_ctx is not None and (isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 16):
             raise InvalidArgumentError("n_ctx must be an integer >= 16", param="n_ctx")
         if n_threads is None:
@@ -155,14 +155,19 @@ class Model:
         meta = self._m.meta()
         self._meta = meta
         self._template = self._m.chat_template()
+        self.template_source = "gguf"
+        if self._template is None:
+            name, self._template = chatmod.guess_template(
+                lambda t: len(self._m.tokenize(t, add_special=False, parse_special=True)) == 1)
+            self.template_source = f"built-in {name} (the GGUF has no chat template)"
         self._bos_text = self._m.token_text(self._m.bos) if self._m.bos >= 0 else ""
         self._eos_text = self._m.token_text(self._m.eos) if self._m.eos >= 0 else ""
         self.info = ModelInfo(
             path=str(path), name=meta.get("general.name", path.stem), arch=meta.get("general.architecture", "?"),
-            parameters=self._m.n_params, quant=_quant_name(meta.get("general.file_type")),
+            parameters=self._m.n_params, quant=header.quant,
             size_bytes=self._m.size, context_train=self._m.n_ctx_train, context=self._ctx.n_ctx,
             n_layer=self._m.n_layer, n_embd=self._m.n_embd, n_vocab=self._m.n_vocab,
-            has_chat_template=self._template is not None, gpu_layers=gpu_layers)
+            has_chat_template=self.template_source == "gguf", gpu_layers=gpu_layers)
 
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:
@@ -271,7 +276,8 @@ class Model:
         try:
             limit = max_tokens if max_tokens is not None else n_ctx
             result.finish_reason = "length"
-            while n_gen < limit:
+            # prompt + completion never exceed the context: the last token sampled is at n_ctx - 1
+            while n_gen < limit and pos < n_ctx:
                 tok = sampler.sample(ctx, -1)
                 if t_first is None:
                     t_first = time.perf_counter()
@@ -281,7 +287,7 @@ class Model:
                 n_gen += 1
                 result.tokens.append(tok)
                 result.completion_tokens = n_gen
-                if pos >= n_ctx:  # no room to decode the token we just sampled
+                if pos + 1 >= n_ctx:  # the context is full: no need to decode this last token
                     yield m.token_piece(tok)
                     break
                 batch.clear()
@@ -354,7 +360,7 @@ class Model:
     def render_chat(self, messages: Any, *, add_generation_prompt: bool = True) -> str:
         """The prompt text the model's chat template makes of ``messages``."""
         self._check_open()
-        return chatmod.render_chat(self._template or chatmod.CHATML, messages, bos_token=self._bos_text,
+        return chatmod.render_chat(self._template, messages, bos_token=self._bos_text,
                                    eos_token=self._eos_text, add_generation_prompt=add_generation_prompt)
 
     # ------------------------------------------------------------------ public generation API
@@ -505,14 +511,3 @@ class Model:
     def __repr__(self) -> str:
         return f"Model({self.info.name!r}, arch={self.info.arch}, quant={self.info.quant}, n_ctx={self.info.context})"
 
-
-def _quant_name(file_type: str | None) -> str:
-    """GGUF ``general.file_type`` → a name like ``Q8_0``."""
-    if file_type is None:
-        return "unknown"
-    try:
-        import gguf
-
-        return gguf.LlamaFileType(int(file_type)).name.removeprefix("MOSTLY_")
-    except (ValueError, ImportError):
-        return f"type {file_type}"

@@ -46,6 +46,7 @@ class _LogSink:
 
     def __init__(self) -> None:
         self.lines: deque[tuple[int, str]] = deque(maxlen=400)
+        self.count = 0  # lines ever received: marks stay valid after the deque wraps
         self.lock = threading.Lock()
         self._partial = ""
         self.callback = C.llama_log_callback(self._on_log)
@@ -58,18 +59,19 @@ class _LogSink:
                 *done, self._partial = self._partial.split("\n")
                 for line in done:
                     self.lines.append((level, line))
+                    self.count += 1
         if settings.verbose():
             sys.stderr.write(msg)
 
     def mark(self) -> int:
         with self.lock:
-            return len(self.lines)
+            return self.count
 
     def since(self, mark: int) -> list[str]:
-        # The deque is bounded; after a wrap-around we simply return what we have.
+        """Lines logged after ``mark`` (at most the last 400)."""
         with self.lock:
-            lines = [line for _, line in self.lines]
-        return lines[max(0, min(mark, len(lines))):] if len(lines) >= mark else lines
+            n = min(self.count - mark, len(self.lines))
+            return [line for _, line in list(self.lines)[len(self.lines) - n:]] if n > 0 else []
 
 
 @functools.cache
@@ -546,3 +548,31 @@ def log_tail(n: int = 20) -> list[str]:
 
 def time_us() -> int:
     return int(C.llama_time_us())
+
+
+# --------------------------------------------------------------------------- grammars
+
+def json_schema_to_grammar(schema: dict | bool) -> str:
+    """A GBNF grammar that accepts exactly the JSON documents matching ``schema``
+    (llama-cpp-python's converter).
+
+    Example:
+        >>> "root" in json_schema_to_grammar({"type": "object"})
+        True
+    """
+    import json
+
+    from llama_cpp import llama_grammar
+
+    try:
+        return llama_grammar.json_schema_to_gbnf(json.dumps(schema))
+    except Exception as e:  # the converter raises bare Exceptions/KeyErrors on bad schemas
+        raise InvalidArgumentError(f"the JSON schema cannot be turned into a grammar: {e}",
+                                   param="response_format") from None
+
+
+def json_grammar() -> str:
+    """A GBNF grammar for any JSON value (``response_format: json_object``)."""
+    from llama_cpp import llama_grammar
+
+    return llama_grammar.JSON_GBNF
