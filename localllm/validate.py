@@ -71,7 +71,7 @@ class Header:
         import gguf
 
         try:
-            return gguf.LlamaFileType(int(ft)).name.removeprefix("MOSTLY_")
+            return gguf.LlamaFileType(int(ft)).name.removeprefix("MOSTLY_").removeprefix("ALL_")
         except ValueError:
             return f"type {ft}"
 
@@ -165,8 +165,12 @@ def _parse(mm: mmap.mmap, p: Path, size: int, qsizes: dict) -> Header:
     if n_tensors * _MIN_TENSOR_BYTES > size:
         raise _fail(p, f"implausible tensor count {n_tensors} for a {size}-byte file")
     h = Header(path=p, version=version, file_size=size, data_offset=0, alignment=32)
+    seen: set[str] = set()
     for i in range(n_kv):
         key = r.string(f"key #{i}")
+        if not key or key in seen:  # llama.cpp rejects both; a duplicate could shadow a checked value
+            raise _fail(p, f"key #{i} {key!r} is empty or appears twice")
+        seen.add(key)
         vtype = r.u32(f"type of {key!r}")
         if vtype in _SCALARS:
             code, n = _SCALARS[vtype]
@@ -185,14 +189,13 @@ def _parse(mm: mmap.mmap, p: Path, size: int, qsizes: dict) -> Header:
                 r.pos += count * n
             elif etype == _STRING:
                 r.need(count * 8, f"array {key!r}")
-                for j in range(count):
-                    r.skip_string(f"{key}[{j}]")
+                r.pos = _skip_strings(mm, r.pos, count, size, p, key)
             else:
                 raise _fail(p, f"array {key!r} has unsupported element type {etype}")
         else:
             raise _fail(p, f"key {key!r} has unknown value type {vtype}")
     align = h.metadata.get("general.alignment", 32)
-    if not isinstance(align, int) or align <= 0 or align & (align - 1) or align > 1 << 20:
+    if not isinstance(align, int) or isinstance(align, bool) or align <= 0 or align & (align - 1) or align > 1 << 20:
         raise _fail(p, f"general.alignment {align!r} is not a power of two")
     h.alignment = align
     raw_tensors = []
@@ -236,9 +239,50 @@ def _parse(mm: mmap.mmap, p: Path, size: int, qsizes: dict) -> Header:
     for a, b in zip(ordered, ordered[1:]):
         if a.offset + a.nbytes > b.offset:
             raise _fail(p, f"tensors {a.name!r} and {b.name!r} overlap")
-    if "general.architecture" not in h.metadata:
-        raise _fail(p, "general.architecture is missing")
+    arch = h.metadata.get("general.architecture")
+    if not isinstance(arch, str) or not arch:
+        raise _fail(p, "general.architecture is missing or not a string")
+    _check_hparams(h, p)
     return h
+
+
+# hyperparameters the planner sizes buffers from: a hostile value here must not
+# make *us* allocate (or llama.cpp size a buffer from) something absurd
+_HPARAM_LIMITS = {"block_count": 4096, "embedding_length": 1 << 20, "feed_forward_length": 1 << 22,
+                  "attention.head_count": 1 << 14, "attention.head_count_kv": 1 << 14,
+                  "attention.key_length": 1 << 16, "attention.value_length": 1 << 16,
+                  "context_length": 1 << 27, "attention.sliding_window": 1 << 27}
+
+
+def _check_hparams(h: Header, p: Path) -> None:
+    for key, limit in _HPARAM_LIMITS.items():
+        full = f"{h.arch}.{key}"
+        if full in h.array_lengths and full not in h.metadata:
+            raise _fail(p, f"{full} is an array of {h.array_lengths[full]} values (too long)")
+        v = h.metadata.get(full)
+        if v is None:
+            continue
+        values = v if isinstance(v, list) else [v]
+        if not all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= limit for x in values):
+            raise _fail(p, f"{full} = {str(v)[:60]} is not an integer in 0..{limit}")
+    if isinstance(h.metadata.get(f"{h.arch}.block_count"), int):
+        per_layer = [k for k in ("feed_forward_length", "attention.head_count", "attention.head_count_kv")
+                     if isinstance(h.metadata.get(f"{h.arch}.{k}"), list)]
+        for k in per_layer:
+            if len(h.metadata[f"{h.arch}.{k}"]) < h.metadata[f"{h.arch}.block_count"]:
+                raise _fail(p, f"{h.arch}.{k} has fewer entries than block_count")
+
+
+def _skip_strings(buf: mmap.mmap | bytes, pos: int, count: int, size: int, p: Path, key: str) -> int:
+    """Skip ``count`` length-prefixed strings (a tokenizer's vocabulary) quickly, bounds-checked."""
+    unpack = struct.Struct("<Q").unpack_from
+    for j in range(count):
+        if pos + 8 > size:
+            raise _fail(p, f"length of {key}[{j}] runs past the end of the file (truncated?)")
+        pos += 8 + unpack(buf, pos)[0]
+        if pos > size:
+            raise _fail(p, f"{key}[{j}] runs past the end of the file (truncated?)")
+    return pos
 
 
 def summary(path: str | os.PathLike[str]) -> dict[str, Any]:
