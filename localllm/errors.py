@@ -130,3 +130,25 @@ class RuntimeFailure(LocalLLMError, RuntimeError):
     """llama.cpp failed while decoding or sampling."""
 
     code = "runtime_failure"
+
+
+class CheckpointError(_ClientError, ValueError):
+    """A Hugging Face checkpoint that cannot be converted as it is (missing or
+    corrupt shard, bad JSON, a tensor that disagrees with the config). The
+    message names the file."""
+
+    code = "invalid_checkpoint"
+
+
+class ConversionCheckError(LocalLLMError, RuntimeError):
+    """A converted model that fails a check (tokenizer probe with ``--strict``,
+    or ``--verify`` past its thresholds). The file is still written."""
+
+    code = "conversion_check_failed"
+
+
+class DiskFullError(LocalLLMError, OSError):
+    """The disk filled up while writing (nothing is left at the output path)."""
+
+    status = 507
+    code = "disk_full"

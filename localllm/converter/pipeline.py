@@ -1,0 +1,186 @@
+"""``convert()``: a HF checkpoint folder → one GGUF file, with a tokenizer probe.
+
+Steps: read config and tensor headers → pick the architecture rule → build the
+vocabulary → write a vocab-only GGUF and probe the tokenizer against HF →
+stream the tensors into the output (directly for F32/F16/BF16/Q8_0, or into an
+intermediate that llama.cpp quantizes) → rename into place.
+
+Example:
+    >>> r = convert("hf/SmolLM2-135M", "smol.gguf", quant="Q8_0")       # doctest: +SKIP
+    >>> r.arch, r.quant
+    ('llama', 'Q8_0')
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gguf
+
+from localllm.converter.checkpoint import Checkpoint, config_dtype, text_config
+from localllm.converter.probe import ProbeResult, probe_gguf
+from localllm.converter.rules import ArchRule, rule_for
+from localllm.converter.tensors import DIRECT_TYPES, OutTensor, hparams, plan_tensors
+from localllm.converter.tokenizer import Vocab, load_vocab, write_vocab
+from localllm.converter.writer import (QUANTS, atomic_output, check_space, parse_quant, tensor_types,
+                                       write_gguf)
+from localllm.errors import ConversionCheckError
+
+CONVERTER_VERSION = "1"
+# the type the intermediate file gets when llama.cpp does the final quantization:
+# the source's own precision, so nothing is lost before llama.cpp quantizes
+_INTERMEDIATE = {"F32": "F32", "F16": "F16", "BF16": "BF16"}
+
+
+@dataclass
+class ConvertResult:
+    """What ``convert`` produced (the CLI prints it as the summary)."""
+
+    path: Path
+    arch: str
+    hf_arch: str
+    quant: str
+    parameters: int
+    tensors: int
+    size_bytes: int
+    seconds: float
+    peak_rss_bytes: int
+    tensor_types: dict[str, int]
+    probe: ProbeResult
+    notes: list[str] = field(default_factory=list)
+    verify: Any = None
+
+
+def peak_rss() -> int:
+    """This process's peak resident memory in bytes."""
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r if sys.platform == "darwin" else r * 1024
+
+
+def _source_type(ck: Checkpoint, outs: list[OutTensor]) -> str:
+    kinds = {o.source.dtype for o in outs if o.source is not None and len(o.shape) > 1}
+    return "F32" if "F32" in kinds or not kinds else "BF16" if "BF16" in kinds else "F16"
+
+
+def _general(name: str, ftype: int, probe: ProbeResult | None, src: Path) -> dict[str, Any]:
+    g: dict[str, Any] = {"general.name": name, "general.file_type": int(ftype),
+                         "general.quantization_version": gguf.GGML_QUANT_VERSION,
+                         "localllm.converter.version": CONVERTER_VERSION,
+                         "general.source.url": src.name}
+    if probe is not None:
+        if probe.skipped:
+            g["localllm.tokenizer_probe.skipped"] = probe.skipped
+        else:
+            g["localllm.tokenizer_probe.cases"] = probe.cases
+            g["localllm.tokenizer_probe.llama_cpp_mismatches"] = probe.llama_cpp_mismatches
+            g["localllm.tokenizer_probe.hf_path_mismatches"] = probe.hf_path_mismatches
+    return g
+
+
+def convert(src: str | os.PathLike[str], out: str | os.PathLike[str], *, quant: str = "Q4_K_M",
+            strict: bool = False, name: str | None = None, progress: bool = False,
+            threads: int | None = None, _rule: ArchRule | None = None) -> ConvertResult:
+    """Convert the HF checkpoint folder ``src`` to the GGUF ``out``.
+
+    ``strict`` makes any tokenizer-probe difference a :class:`ConversionCheckError`
+    (raised after the file is written, so it can be inspected).
+
+    Example:
+        >>> convert("hf-model", "model.gguf", quant="F16").tensors      # doctest: +SKIP
+        273
+    """
+    t0 = time.perf_counter()
+    quant = parse_quant(quant)
+    out = Path(out)
+    ck = Checkpoint.open(src)
+    cfg = text_config(ck.config)
+    rule = _rule or rule_for(ck.config)
+    notes: list[str] = []
+    emb = next((r for r in ck.tensors.values() if r.name.endswith("embed_tokens.weight")), None)
+    n_rows = emb.shape[0] if emb is not None else int(cfg.get("vocab_size", 0))
+    vocab = load_vocab(ck.path, n_rows=n_rows, trim=rule.trim_embeddings, add_space_prefix=rule.add_space_prefix)
+    notes += vocab.notes
+    if config_dtype(cfg) == "bfloat16":
+        notes.append("bf16 weights: kept exact (F32/BF16), or rounded to F16 where chosen")
+    qpa = cfg.get("query_pre_attn_scalar")
+    head_dim = int(cfg.get("head_dim") or int(cfg["hidden_size"]) // int(cfg["num_attention_heads"]))
+    if rule.gguf_arch.startswith("gemma") and qpa and int(qpa) != head_dim:
+        notes.append(f"query_pre_attn_scalar {qpa} != head_dim {head_dim}: llama.cpp scales attention by "
+                     f"head_dim except for known sizes; logits may differ")
+    kv = hparams(rule, cfg)
+    kv["vocab_size"] = len(vocab.tokens)
+    ftype, direct = QUANTS[quant]
+    probe_outs = plan_tensors(ck, rule, cfg, gguf.GGMLQuantizationType.F32, n_vocab=len(vocab.tokens))
+    stage = quant if direct else _INTERMEDIATE[_source_type(ck, probe_outs)]
+    outs = plan_tensors(ck, rule, cfg, DIRECT_TYPES[stage], n_vocab=len(vocab.tokens))
+    model_name = name or ck.path.name
+    need = sum(t.nbytes for t in outs)
+    check_space(out, need * (2 if not direct else 1))
+
+    def vocab_writer(w: gguf.GGUFWriter) -> None:
+        write_vocab(w, vocab, ck.path)
+
+    # 1) the tokenizer probe runs on a vocab-only file first, so its result can
+    #    be recorded in the real file's metadata
+    vtmp = out.with_name(f".{out.name}.{os.getpid()}.vocab")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_gguf(vtmp, arch=rule.gguf_arch, kv=kv, general=_general(model_name, ftype, None, ck.path),
+                   write_vocab=vocab_writer, tensors=[])
+        probe = probe_gguf(vtmp, vocab.hf_json)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            vtmp.unlink()
+
+    # 2) the weights, streamed (into an intermediate when llama.cpp quantizes)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=need, unit="B", unit_scale=True, desc=f"convert {stage}", file=sys.stderr)
+    on_tensor = (lambda t: bar.update(t.nbytes)) if bar else None
+    general = _general(model_name, ftype if direct else QUANTS[stage][0], probe, ck.path)
+    mid = out.with_name(f".{out.name}.{os.getpid()}.{stage.lower()}")
+    try:
+        with atomic_output(out) as tmp:
+            write_gguf(tmp if direct else mid, arch=rule.gguf_arch, kv=kv, general=general,
+                       write_vocab=vocab_writer, tensors=outs, on_tensor=on_tensor)
+            if not direct:
+                if bar:
+                    bar.set_description(f"quantize {quant}")
+                from localllm import runtime
+                runtime.quantize(mid, tmp, ftype, nthread=threads or 0)
+    finally:
+        if bar:
+            bar.close()
+        with contextlib.suppress(FileNotFoundError):
+            mid.unlink()
+    types = tensor_types(out)
+    if not direct:
+        target = quant.split("_")[0] + "_" + quant.split("_")[1] if "_K" in quant else quant
+        others = {k: v for k, v in types.items() if k != "F32" and not k.startswith(target)}
+        if others:
+            notes.append(f"llama.cpp used other types for some tensors (rows not a multiple of 256, or "
+                         f"its {quant} mixture): {others}")
+    params = sum(int(_prod(t.shape)) for t in outs)
+    res = ConvertResult(out, rule.gguf_arch, (ck.config.get("architectures") or ["?"])[0], quant, params,
+                        len(outs), out.stat().st_size, time.perf_counter() - t0, peak_rss(), types, probe, notes)
+    if strict and (probe.llama_cpp_mismatches or probe.hf_path_mismatches):
+        raise ConversionCheckError(
+            f"{out}: the tokenizer probe found {probe.llama_cpp_mismatches} differences between HF and "
+            f"llama.cpp tokenization (--strict)", hint="see the differences listed above; the file was kept",
+            result=res)
+    return res
+
+
+def _prod(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
