@@ -132,6 +132,56 @@ class RuntimeFailure(LocalLLMError, RuntimeError):
     code = "runtime_failure"
 
 
+# --------------------------------------------------------------------------- server errors
+
+class AuthenticationError(LocalLLMError, PermissionError):
+    """A missing or wrong API key (``localllm serve --api-key``)."""
+
+    status = 401
+    code = "invalid_api_key"
+    type = "authentication_error"
+
+
+class QueueFullError(LocalLLMError, RuntimeError):
+    """Every slot is busy and the wait queue is full; retry after ``retry_after`` seconds."""
+
+    status = 503
+    code = "server_busy"
+    type = "server_error"
+
+    def __init__(self, message: str, *, retry_after: int = 1, **fields: Any) -> None:
+        super().__init__(message, retry_after=retry_after, **fields)
+
+
+class PayloadTooLargeError(_ClientError):
+    """A request body over the server's size limit."""
+
+    status = 413
+    code = "payload_too_large"
+
+
+class NotFoundError(_ClientError):
+    """An unknown URL or a model name the server does not serve."""
+
+    status = 404
+    code = "not_found"
+
+
+class MethodNotAllowedError(_ClientError):
+    """A known URL called with the wrong HTTP method."""
+
+    status = 405
+    code = "method_not_allowed"
+
+
+class ServiceUnavailableError(LocalLLMError, RuntimeError):
+    """The server is still loading its model, or is shutting down."""
+
+    status = 503
+    code = "unavailable"
+    type = "server_error"
+
+
 class CheckpointError(_ClientError, ValueError):
     """A Hugging Face checkpoint that cannot be converted as it is (missing or
     corrupt shard, bad JSON, a tensor that disagrees with the config). The

@@ -1,0 +1,86 @@
+"""``localllm serve [MODEL]``: the OpenAI-compatible server and chat page."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+
+import click
+
+from localllm.cli.options import model_options
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@click.command("serve")
+@click.argument("model", required=False)
+@click.option("--model-path", type=click.Path(dir_okay=False), default=None, help="A .gguf file to serve.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
+@click.option("--port", type=click.IntRange(0, 65535), default=7860, show_default=True)
+@click.option("--api-key", envvar="LOCALLLM_API_KEY", default=None,
+              help="Require 'Authorization: Bearer KEY' (env LOCALLLM_API_KEY).")
+@click.option("--parallel", type=click.IntRange(1, 64), default=4, show_default=True,
+              help="Sequences decoded together (slots).")
+@click.option("--max-queue", type=click.IntRange(0), default=16, show_default=True,
+              help="Requests that may wait for a slot; beyond that the answer is 503.")
+@click.option("--cors-origin", "cors_origins", multiple=True, help="Allowed browser origin (repeatable, or '*').")
+@click.option("--max-body", "max_body_bytes", type=click.IntRange(1024), default=4 << 20, show_default=True,
+              help="Largest request body in bytes (413 beyond).")
+@click.option("--insecure", is_flag=True, help="Allow binding a non-loopback address without --api-key.")
+@click.option("--server", "server_kind", type=click.Choice(["auto", "waitress", "werkzeug"]), default="auto",
+              show_default=True, help="HTTP server (waitress when installed).")
+@model_options
+def command(model: str | None, model_path: str | None, host: str, port: int, api_key: str | None,
+            parallel: int, max_queue: int, cors_origins: tuple[str, ...], max_body_bytes: int, insecure: bool,
+            server_kind: str, n_ctx: int | None, n_threads: int | None, gpu_layers: int | str,
+            models_dir: str | None) -> None:
+    """Serve MODEL (a name or .gguf path; the default model if omitted) on http://HOST:PORT.
+
+    \b
+    OpenAI API under /v1, a chat page at /, /health and /metrics.
+    --ctx is the context of each of the --parallel sequences.
+    """
+    from localllm.server import ServerSettings, create_app, shutdown
+
+    if model and model_path:
+        raise click.UsageError("give either MODEL or --model-path, not both")
+    if not _is_loopback(host) and not api_key:
+        if not insecure:
+            raise click.UsageError(f"binding {host} exposes the server without authentication: "
+                                   "pass --api-key KEY, or --insecure if you really mean it")
+        click.echo(f"warning: serving on {host} WITHOUT an API key: anyone who can reach this port "
+                   "can use the model", err=True)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    cfg = ServerSettings(model=model_path or model, models_dir=models_dir, host=host, port=port,
+                         api_key=api_key, parallel=parallel, ctx=n_ctx, max_queue=max_queue, threads=n_threads,
+                         cors_origins=cors_origins, max_body_bytes=max_body_bytes)
+    app = create_app(cfg)
+    url = f"http://{'localhost' if _is_loopback(host) else host}:{port}/"
+    click.echo(f"localllm serve: {url} (OpenAI API at {url}v1, Ctrl-C stops)", err=True)
+    use_waitress = server_kind == "waitress"
+    if server_kind == "auto":
+        try:
+            import waitress  # noqa: F401
+            use_waitress = True
+        except ImportError:
+            use_waitress = False
+    try:
+        if use_waitress:
+            import waitress
+
+            # one process (the model and its KV cache live in it), threads for connections
+            waitress.serve(app, host=host, port=port, threads=max(8, parallel + max_queue + 4),
+                           channel_timeout=600, ident="localllm")
+        else:
+            from werkzeug.serving import run_simple
+
+            run_simple(host, port, app, threaded=True, use_reloader=False)
+    finally:
+        shutdown(app)
