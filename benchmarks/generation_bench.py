@@ -1,0 +1,103 @@
+"""Generation speed of ``Model.stream`` against llama.cpp's own llama-bench,
+side by side in one run, on the same GGUF and thread count; plus time to
+first token for a 200-token prompt.
+
+    python benchmarks/generation_bench.py [--threads 2] [--tokens 128] [--rounds 3] [--json out.json]
+
+Runs alternate (native, ours, native, ours, ...) so that drift in machine
+load hits both; the figure reported is the median of each, and the ratio of
+medians. llama-bench is built by benchmarks/native.py into a cache dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from native import build  # noqa: E402
+
+MODELS = ["smollm2-135m:q8_0", "smollm2-135m:q4_0", "smollm2-135m:q4_1", "gemma3-270m"]
+PROMPT = "Count from one to one thousand, writing each number in words: one, two, three, four,"
+
+
+def native_tg(bench: Path, path: Path, threads: int, n: int) -> float:
+    out = subprocess.run([str(bench), "-m", str(path), "-t", str(threads), "-p", "0", "-n", str(n), "-r", "1",
+                          "-o", "json"], capture_output=True, text=True, check=True).stdout
+    return float(json.loads(out)[0]["avg_ts"])
+
+
+def native_pp(bench: Path, path: Path, threads: int, n: int) -> float:
+    out = subprocess.run([str(bench), "-m", str(path), "-t", str(threads), "-p", str(n), "-n", "0", "-r", "3",
+                          "-o", "json"], capture_output=True, text=True, check=True).stdout
+    return float(json.loads(out)[0]["avg_ts"])
+
+
+def ours_tg(m, n: int) -> float:
+    # ignore_eos-like: a prompt that keeps going; we check the count below
+    stream = m.stream(PROMPT, max_tokens=n, temperature=0)
+    for _ in stream:
+        pass
+    r = m.last
+    if r.completion_tokens < n * 0.9:
+        raise SystemExit(f"the model stopped after {r.completion_tokens} tokens; pick another prompt")
+    return r.generation_tokens_per_s
+
+
+def ttft_200(m) -> float:
+    """Time to first token for a fresh 200-token prompt (no cached prefix)."""
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
+    times = []
+    for i in range(5):
+        text = f"{i} " + " ".join(words[(i + j) % len(words)] for j in range(400))
+        ids = m.tokenize(text, add_bos=False)[:200]
+        prompt = m.detokenize(ids)
+        m._cached = []  # force a cold prompt (no prefix reuse) for a fair measurement
+        r = m.complete(prompt, max_tokens=1, temperature=0)
+        times.append(r.time_to_first_token_s)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--models", nargs="*", default=MODELS)
+    ap.add_argument("--json", type=Path, default=None)
+    a = ap.parse_args()
+
+    from localllm import Model, store
+
+    bench = build("llama-bench")["llama-bench"]
+    rows = []
+    for ref in a.models:
+        path = store.resolve(ref)
+        with Model(path, n_ctx=1024, n_threads=a.threads) as m:
+            ours_tg(m, 16)  # warm up (page in the weights)
+            nat, our = [], []
+            for _ in range(a.rounds):
+                nat.append(native_tg(bench, path, a.threads, a.tokens))
+                our.append(ours_tg(m, a.tokens))
+            ttft = ttft_200(m)
+        pp = native_pp(bench, path, a.threads, 200)
+        row = {"model": ref, "native_tg": statistics.median(nat), "ours_tg": statistics.median(our),
+               "ratio": statistics.median(our) / statistics.median(nat), "native_pp200": pp,
+               "native_pp200_ms": 200 / pp * 1000, "ours_ttft200_ms": ttft * 1000}
+        rows.append(row)
+        print(f"{ref:20s} native tg {row['native_tg']:7.1f}  ours {row['ours_tg']:7.1f}  ratio {row['ratio']:.3f}  "
+              f"| 200-token prompt: native pp {row['native_pp200_ms']:.0f} ms, our TTFT {row['ours_ttft200_ms']:.0f} ms",
+              flush=True)
+    if a.json:
+        a.json.write_text(json.dumps({"threads": a.threads, "tokens": a.tokens, "time": time.time(), "rows": rows},
+                                     indent=2))
+
+
+if __name__ == "__main__":
+    main()
