@@ -138,8 +138,16 @@ class Model:
             raise InvalidArgumentError("n_threads must be a positive integer", param="n_threads")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise InvalidArgumentError("seed must be an integer", param="seed")
-        gpu_layers = placement.choose_gpu_layers(path, n_gpu_layers, n_ctx)
-        self._m = runtime.LlamaModel(path, n_gpu_layers=gpu_layers)
+        gpu_layers, self.placement_reason = placement.explain(path, n_gpu_layers, n_ctx)
+        # on a GPU build that runs out of memory, retry with fewer layers and say so (a warning)
+        self._m, gpu_layers, notes = placement.load_with_fallback(
+            lambda n: runtime.LlamaModel(path, n_gpu_layers=n), gpu_layers,
+            n_layer=int(validate.read_header(path).get("block_count", 0)) if gpu_layers else None)
+        for note in notes:
+            import warnings
+
+            warnings.warn(note, RuntimeWarning, stacklevel=2)
+            self.placement_reason = note
         if n_ctx is None:
             n_ctx = min(self._m.n_ctx_train or 4096, 4096)
         if self._m.n_ctx_train and n_ctx > self._m.n_ctx_train:

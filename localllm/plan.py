@@ -1,12 +1,27 @@
 """Memory planning: what a model needs at a context size, and where it fits.
 
-Everything is read from the GGUF header (never the tensor data):
+Everything is read from the GGUF header (never the tensor data). The terms
+follow what llama.cpp (the vendored ``src/`` of llama-cpp-python 0.3.36)
+actually allocates and touches on a CPU build; docs/plan.md has the sources
+and the measurements:
 
-- weights: per-layer bytes (``blk.N.*``), plus embedding and output bytes;
-- KV cache: per layer, ``n_ctx_layer × (n_embd_k_gqa + n_embd_v_gqa) × bytes(cache type)``,
-  where sliding-window layers only keep ``window + n_ubatch`` cells;
-- compute buffer: llama.cpp's scheduler graph for one micro-batch, estimated
-  from the widest activations and the logits row.
+- **weights**: the file is memory-mapped and llama.cpp pre-faults the whole
+  mapping at load, so the whole file becomes resident (page cache shared with
+  other processes, but counted in this process's RSS);
+- **repack**: on x86 with AVX2 the CPU backend copies some quant types
+  (Q4_0, Q4_K, IQ4_NL, MXFP4; Q2_K with AVX-512) of matmul weights into an
+  interleaved layout in anonymous memory, *in addition to* the mapped file;
+- **vocabulary**: llama.cpp's token tables (per token and per BPE merge);
+- **KV cache**: per layer, ``cells × (n_embd_k_gqa + n_embd_v_gqa) × bytes(cache type)``.
+  ``n_ctx`` is padded to 256. Sliding-window layers keep every cell because
+  llama.cpp's default is ``swa_full`` (our runtime keeps it); without it they
+  would keep ``pad(window + n_ubatch, 256)``. The buffer is zeroed, so resident;
+- **output buffer**: one logits row per sequence (``n_vocab × 4``);
+- **compute buffer**: llama.cpp *reserves* about ``4 × n_ubatch × (n_vocab + 2·n_embd)``
+  (flash attention on, which is ``auto``'s choice on CPU); on the CPU only the
+  activations a full micro-batch touches become resident
+  (about ``4 × n_ubatch × (3·n_embd + 4·n_ff)`` plus the f16 mask
+  ``2 × n_ctx × n_ubatch``). On a GPU the whole reservation is real memory.
 
 Example:
     >>> p = make_plan("model.gguf", n_ctx=4096)            # doctest: +SKIP
@@ -25,7 +40,49 @@ from localllm import hardware
 from localllm.validate import Header, read_header
 
 _BLK = re.compile(r"^blk\.(\d+)\.")
-_F16 = 2
+_CACHE_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32, "q4_1": 20 / 32,
+                "q5_0": 22 / 32, "q5_1": 24 / 32, "iq4_nl": 18 / 32}
+# ggml type ids that the x86 CPU backend repacks (ggml-cpu/repack.cpp, ggml_repack_get_optimal_repack_type)
+_REPACK_AVX2 = {2: "Q4_0", 12: "Q4_K", 20: "IQ4_NL", 39: "MXFP4"}
+_REPACK_AVX512 = {10: "Q2_K"}
+# on ARM with NEON + dotprod/i8mm more types are repacked; approximated by this set
+_REPACK_ARM = {2: "Q4_0", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 20: "IQ4_NL", 39: "MXFP4", 8: "Q8_0"}
+# llama.cpp's vocabulary tables: bytes per token (text, score, attributes,
+# token→id map, piece cache) and per BPE merge (rank map); fitted to the two
+# built-in models (docs/plan.md) and consistent with the structures in llama-vocab.cpp
+_VOCAB_PER_TOKEN = 160
+_VOCAB_PER_MERGE = 120
+_FIXED_OVERHEAD = 4 * 2**20  # contexts, thread pool, graph metadata
+_GPU_HEADROOM = 512 * 2**20  # CUDA context and driver allocations outside llama.cpp's buffers (not measured here)
+# approximate bits per weight of common quants, for "another quant would fit"
+QUANT_BPW = {"Q8_0": 8.5, "Q6_K": 6.56, "Q5_K_M": 5.69, "Q4_K_M": 4.89, "Q4_0": 4.55, "IQ4_XS": 4.25,
+             "Q3_K_M": 3.91, "Q2_K": 3.35}
+
+
+@dataclass
+class Estimate:
+    """Bytes a model needs at one context size (see the module docstring for each term)."""
+
+    n_ctx: int
+    n_ubatch: int
+    n_layer: int
+    file_bytes: int
+    weights_bytes: int
+    layer_bytes: list[int]
+    non_layer_bytes: int
+    repack_bytes: int
+    vocab_bytes: int
+    kv_bytes: int
+    kv_layer_bytes: list[int]
+    output_bytes: int
+    compute_reserved_bytes: int
+    compute_resident_bytes: int
+
+    @property
+    def ram_bytes(self) -> int:
+        """Resident memory with every layer on the CPU."""
+        return (self.file_bytes + self.repack_bytes + self.vocab_bytes + self.kv_bytes + self.output_bytes
+                + self.compute_resident_bytes + _FIXED_OVERHEAD)
 
 
 @dataclass
@@ -45,126 +102,226 @@ class Plan:
     fits: bool
     reasons: list[str] = field(default_factory=list)
     max_ctx_that_fits: int | None = None
+    ram_bytes: int = 0
+    vram_bytes: int = 0
+    repack_bytes: int = 0
+    vocab_bytes: int = 0
+    output_bytes: int = 0
+    compute_reserved_bytes: int = 0
+    file_bytes: int = 0
+    quant: str = ""
+    parameters: int = 0
+    alternatives: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def _kv_layout(h: Header) -> tuple[list[int], list[bool], int]:
-    """Per layer: K+V width (elements per cell), and whether the layer is sliding-window."""
+def _per_layer(v: Any, n: int) -> list[int]:
+    return [int(x) for x in v[:n]] if isinstance(v, list) else [int(v)] * n
+
+
+def kv_layout(h: Header) -> tuple[list[int], list[int], list[bool], int]:
+    """Per layer: K width, V width (elements per cell), sliding-window flag; and the window."""
     n_layer = int(h.get("block_count", 0))
     n_embd = int(h.get("embedding_length", 0))
-    n_head = h.get("attention.head_count", 1)
-    n_head_kv = h.get("attention.head_count_kv", n_head)
-
-    def per_layer(v: Any) -> list[int]:
-        return [int(x) for x in v] if isinstance(v, list) else [int(v)] * n_layer
-
-    heads, heads_kv = per_layer(n_head), per_layer(n_head_kv)
-    widths = []
+    heads = _per_layer(h.get("attention.head_count", 1), n_layer)
+    heads_kv = _per_layer(h.get("attention.head_count_kv", h.get("attention.head_count", 1)), n_layer)
+    k_w, v_w = [], []
     for i in range(n_layer):
         hd = n_embd // heads[i] if heads[i] else 0
-        k_dim = int(h.get("attention.key_length", hd))
-        v_dim = int(h.get("attention.value_length", hd))
-        widths.append(heads_kv[i] * (k_dim + v_dim))
+        k_w.append(heads_kv[i] * int(h.get("attention.key_length", hd)))
+        v_w.append(heads_kv[i] * int(h.get("attention.value_length", hd)))
     window = int(h.get("attention.sliding_window", 0) or 0)
     swa = [False] * n_layer
     if window:
         pattern = h.get("attention.sliding_window_pattern")
         if isinstance(pattern, list):
             swa = [bool(x) for x in pattern[:n_layer]]
-        elif h.arch == "gemma3":
-            swa = [(i + 1) % 6 != 0 for i in range(n_layer)]  # 5 local : 1 global
+        elif h.arch == "gemma3":  # llama-model.cpp: set_swa_pattern(6): every 6th layer is global
+            swa = [(i + 1) % 6 != 0 for i in range(n_layer)]
         elif h.arch == "gemma2":
             swa = [i % 2 == 0 for i in range(n_layer)]
         else:
             swa = [True] * n_layer
-    return widths, swa, window
+    return k_w, v_w, swa, window
 
 
-def estimate(h: Header, n_ctx: int, *, n_ubatch: int = 512, n_seq: int = 1) -> dict[str, Any]:
-    """Bytes for weights (per layer), KV cache and compute buffer at ``n_ctx``."""
+def _repack_types(cpu_flags: dict[str, bool], arch: str) -> dict[int, str]:
+    if arch in ("arm64", "aarch64"):
+        return _REPACK_ARM if cpu_flags.get("neon") else {}
+    types = dict(_REPACK_AVX2) if cpu_flags.get("avx2") else {}
+    if cpu_flags.get("avx512f"):
+        types.update(_REPACK_AVX512)
+    return types
+
+
+def _pad(n: int, to: int = 256) -> int:
+    return (n + to - 1) // to * to
+
+
+def estimate(h: Header, n_ctx: int, *, n_ubatch: int = 512, n_seq: int = 1, cache_type: str = "f16",
+             swa_full: bool = True, cpu: dict[str, Any] | None = None) -> Estimate:
+    """Bytes for weights, KV cache, buffers at ``n_ctx`` (CPU placement).
+
+    Example:
+        >>> estimate(read_header("m.gguf"), 4096).ram_bytes     # doctest: +SKIP
+        274857984
+    """
     n_layer = int(h.get("block_count", 0))
+    cpu = cpu if cpu is not None else hardware.cpu()
+    repack_types = _repack_types(cpu.get("flags", {}), cpu.get("arch", ""))
     layer_bytes = [0] * n_layer
-    non_layer = 0
+    non_layer = repack = 0
     for t in h.tensors:
         m = _BLK.match(t.name)
         if m and int(m.group(1)) < n_layer:
             layer_bytes[int(m.group(1))] += t.nbytes
         else:
             non_layer += t.nbytes
-    widths, swa, window = _kv_layout(h)
-    kv = 0
-    for w, is_swa in zip(widths, swa):
-        cells = min(n_ctx, window * n_seq + n_ubatch) if is_swa else n_ctx
-        kv += cells * w * _F16
+        # only matmul weights are repacked: 2-D, in a block or the output head, never the embedding lookup
+        if (t.type in repack_types and len(t.shape) == 2 and t.shape[1] % 8 == 0
+                and (m or t.name == "output.weight")):
+            repack += t.nbytes
+    n_ctx_p = _pad(n_ctx)
+    k_w, v_w, swa, window = kv_layout(h)
+    per_cell = _CACHE_BYTES[cache_type]
+    kv_layers = []
+    for kw, vw, is_swa in zip(k_w, v_w, swa):
+        cells = n_ctx_p if (swa_full or not is_swa) else min(n_ctx_p, _pad(window * n_seq + n_ubatch))
+        kv_layers.append(int(cells * (kw + vw) * per_cell))
     n_embd = int(h.get("embedding_length", 0))
     n_ff = h.get("feed_forward_length", 4 * n_embd)
     n_ff = max(n_ff) if isinstance(n_ff, list) else int(n_ff)
     n_vocab = h.array_lengths.get("tokenizer.ggml.tokens", 0)
-    n_head = h.get("attention.head_count", 1)
-    n_head = max(n_head) if isinstance(n_head, list) else int(n_head)
-    ub = min(n_ubatch, n_ctx)
-    # graph: a few live activations of width max(n_embd, n_ff), the attention
-    # scores for one micro-batch, and the logits for the output rows
-    compute = 4 * ub * (3 * n_embd + 2 * n_ff) + 4 * ub * n_ctx * n_head + 4 * n_vocab * ub
-    # output buffer: logits for n_seq rows, kept by the context
-    compute += 4 * n_vocab * max(n_seq, 1)
-    return {"layer_bytes": layer_bytes, "non_layer_bytes": non_layer, "weights_bytes": sum(layer_bytes) + non_layer,
-            "kv_bytes": kv, "compute_bytes": compute}
+    n_merges = h.array_lengths.get("tokenizer.ggml.merges", 0)
+    ub = min(n_ubatch, n_ctx_p)
+    return Estimate(
+        n_ctx=n_ctx_p, n_ubatch=ub, n_layer=n_layer, file_bytes=h.file_size,
+        weights_bytes=sum(layer_bytes) + non_layer, layer_bytes=layer_bytes, non_layer_bytes=non_layer,
+        repack_bytes=repack, vocab_bytes=n_vocab * _VOCAB_PER_TOKEN + n_merges * _VOCAB_PER_MERGE,
+        kv_bytes=sum(kv_layers), kv_layer_bytes=kv_layers, output_bytes=4 * n_vocab * max(n_seq, 1),
+        compute_reserved_bytes=4 * ub * (n_vocab + 2 * n_embd),
+        compute_resident_bytes=4 * ub * (3 * n_embd + 4 * n_ff) + 2 * n_ctx_p * ub)
+
+
+def split(e: Estimate, gpu_layers: int) -> tuple[int, int]:
+    """(RAM, VRAM) bytes with the last ``gpu_layers`` layers offloaded (llama.cpp
+    offloads from the top; ``n_layer + 1`` also moves the output head)."""
+    if gpu_layers <= 0:
+        return e.ram_bytes, 0
+    g = min(gpu_layers, e.n_layer + 1)
+    on_gpu = range(max(e.n_layer - g, 0), e.n_layer)
+    moved = sum(e.layer_bytes[i] for i in on_gpu)
+    if g > e.n_layer:  # the output head, roughly the non-layer weights minus the embedding lookup
+        moved += e.non_layer_bytes // 2
+    kv = sum(e.kv_layer_bytes[i] for i in on_gpu)
+    vram = moved + kv + e.compute_reserved_bytes
+    # offloaded weights are read once for upload and their mapping is released
+    ram = e.ram_bytes - moved - kv
+    return ram, vram
+
+
+def _devices_free() -> tuple[bool, int]:
+    from localllm import runtime
+
+    if not runtime.supports_gpu_offload():
+        return False, 0
+    return True, sum(d["memory_free"] for d in runtime.backend_devices() if d["type"] in ("gpu", "igpu"))
 
 
 def make_plan(path: str | os.PathLike[str], *, n_ctx: int | None = None, gpu_memory: int | None = None,
-              ram_available: int | None = None) -> Plan:
+              ram_available: int | None = None, n_ubatch: int = 512, offload: bool | None = None,
+              gpu_free: int | None = None) -> Plan:
     """Plan ``path`` at ``n_ctx`` (default: min(trained context, 4096)).
 
-    GPU layers are chosen greedily (output layer first) while they fit in
-    ``gpu_memory`` or the devices' free memory.
-    """
-    from localllm import runtime
+    GPU layers are the most that fit in the devices' free memory (capped by
+    ``gpu_memory``, the brief's ``max_memory``) after the compute buffer and
+    a driver headroom; what stays on the CPU must fit in available RAM.
+    ``offload`` and ``gpu_free`` override what the llama.cpp build reports (tests, what-ifs).
 
+    Example:
+        >>> make_plan("m.gguf", n_ctx=2048, gpu_memory=2 * 2**30).gpu_layers   # doctest: +SKIP
+        0
+    """
     h = read_header(path)
     n_layer = int(h.get("block_count", 0))
-    n_ctx = n_ctx or min(int(h.get("context_length", 4096) or 4096), 4096)
-    est = estimate(h, n_ctx)
-    total = est["weights_bytes"] + est["kv_bytes"] + est["compute_bytes"]
+    trained = int(h.get("context_length", 0) or 0)
+    n_ctx = n_ctx or min(trained or 4096, 4096)
+    cpu = hardware.cpu()
+    est = estimate(h, n_ctx, n_ubatch=n_ubatch, cpu=cpu)
     ram = ram_available if ram_available is not None else hardware.memory()["available"]
-    reasons = []
-    gpu_free = 0
-    if runtime.supports_gpu_offload():
-        gpu_free = sum(d["memory_free"] for d in runtime.backend_devices() if d["type"] in ("gpu", "igpu"))
-        if gpu_memory is not None:
-            gpu_free = min(gpu_free, gpu_memory) if gpu_free else gpu_memory
+    reasons: list[str] = []
+    if trained and n_ctx > trained:
+        reasons.append(f"--ctx {n_ctx} is more than the {trained} tokens the model was trained on")
+    if offload is None or gpu_free is None:
+        has, free = _devices_free()
+        offload = has if offload is None else offload
+        gpu_free = free if gpu_free is None else gpu_free
+    budget = 0
+    if not offload:
+        reasons.append("auto = 0 GPU layers: this llama.cpp build has no GPU offload (CPU only)")
     else:
-        reasons.append("this llama.cpp build has no GPU offload: all layers stay on the CPU")
+        budget = min(gpu_free, gpu_memory) if gpu_memory is not None else gpu_free
+        budget = max(budget - _GPU_HEADROOM, 0)
     gpu_layers = 0
-    if gpu_free:
-        budget = gpu_free - est["compute_bytes"]
-        per_layer_kv = est["kv_bytes"] / max(n_layer, 1)
-        for b in est["layer_bytes"]:
-            if budget < b + per_layer_kv:
+    if budget:
+        for g in range(n_layer + 1, 0, -1):
+            if split(est, g)[1] <= budget:
+                gpu_layers = g
                 break
-            budget -= b + per_layer_kv
-            gpu_layers += 1
-        reasons.append(f"{gpu_layers} of {n_layer} layers fit in {gpu_free / 2**30:.1f} GiB of GPU memory")
-    on_cpu = total - (sum(est["layer_bytes"][:gpu_layers]) + est["kv_bytes"] * gpu_layers / max(n_layer, 1))
-    fits = on_cpu <= ram
-    max_ctx = None
+        limit = "--gpu-memory" if gpu_memory is not None and gpu_memory < gpu_free else "free GPU memory"
+        reasons.append(f"{min(gpu_layers, n_layer)} of {n_layer} layers"
+                       f"{' and the output head' if gpu_layers > n_layer else ''} fit in "
+                       f"{budget / 2**30:.2f} GiB ({limit} less {_GPU_HEADROOM // 2**20} MiB headroom)")
+    elif offload:
+        reasons.append("no layer fits in the GPU memory given: all layers stay on the CPU")
+    ram_need, vram = split(est, gpu_layers)
+    fits = ram_need <= ram
+    plan = Plan(path=str(path), n_ctx=est.n_ctx, n_layer=n_layer, weights_bytes=est.weights_bytes,
+                layer_bytes=est.layer_bytes, non_layer_bytes=est.non_layer_bytes, kv_bytes=est.kv_bytes,
+                compute_bytes=est.compute_resident_bytes if not gpu_layers else est.compute_reserved_bytes,
+                total_bytes=ram_need + vram, ram_available=ram, gpu_free=gpu_free, gpu_layers=gpu_layers,
+                fits=fits, reasons=reasons, ram_bytes=ram_need, vram_bytes=vram, repack_bytes=est.repack_bytes,
+                vocab_bytes=est.vocab_bytes, output_bytes=est.output_bytes,
+                compute_reserved_bytes=est.compute_reserved_bytes, file_bytes=est.file_bytes, quant=h.quant,
+                parameters=h.parameters)
     if not fits:
-        reasons.append(f"needs {on_cpu / 2**20:.0f} MiB of RAM but {ram / 2**20:.0f} MiB is available")
-        lo, hi = 0, n_ctx
-        while lo < hi:  # largest context that fits
-            mid = (lo + hi + 1) // 2
-            e = estimate(h, mid)
-            if e["weights_bytes"] + e["kv_bytes"] + e["compute_bytes"] <= ram:
-                lo = mid
-            else:
-                hi = mid - 1
-        max_ctx = lo if lo >= 256 else None
-    return Plan(path=str(path), n_ctx=n_ctx, n_layer=n_layer, weights_bytes=est["weights_bytes"],
-                layer_bytes=est["layer_bytes"], non_layer_bytes=est["non_layer_bytes"], kv_bytes=est["kv_bytes"],
-                compute_bytes=est["compute_bytes"], total_bytes=total, ram_available=ram, gpu_free=gpu_free,
-                gpu_layers=gpu_layers, fits=fits, reasons=reasons, max_ctx_that_fits=max_ctx)
+        reasons.append(f"needs {ram_need / 2**20:.0f} MiB of RAM but {ram / 2**20:.0f} MiB is available")
+        plan.max_ctx_that_fits = _largest_ctx(h, ram, gpu_layers, n_ubatch, cpu, trained or n_ctx)
+        if plan.max_ctx_that_fits:
+            reasons.append(f"a context of {plan.max_ctx_that_fits} tokens would fit")
+        plan.alternatives = _other_quants(h, est, ram, n_ctx, cpu)
+        if plan.alternatives:
+            reasons.append("smaller quants that would fit at this context: "
+                           + ", ".join(a["quant"] for a in plan.alternatives))
+    return plan
 
 
-__all__ = ["Plan", "estimate", "make_plan"]
+def _largest_ctx(h: Header, ram: int, gpu_layers: int, n_ubatch: int, cpu: dict[str, Any], cap: int) -> int | None:
+    lo, hi = 0, cap // 256  # in units of 256 tokens (llama.cpp's padding)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if split(estimate(h, mid * 256, n_ubatch=n_ubatch, cpu=cpu), gpu_layers)[0] <= ram:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo * 256 if lo else None
+
+
+def _other_quants(h: Header, est: Estimate, ram: int, n_ctx: int, cpu: dict[str, Any]) -> list[dict[str, Any]]:
+    """Quants smaller than this file whose estimated RAM at ``n_ctx`` fits (weights scaled by bits per weight)."""
+    params = h.parameters or 1
+    bpw_now = est.weights_bytes * 8 / params
+    out = []
+    for q, bpw in QUANT_BPW.items():
+        if bpw >= bpw_now * 0.95:
+            continue
+        weights = int(params * bpw / 8)
+        need = est.ram_bytes - est.file_bytes - est.repack_bytes + weights + (est.file_bytes - est.weights_bytes)
+        if need <= ram:
+            out.append({"quant": q, "ram_bytes": need})
+    return out
+
+
+__all__ = ["Estimate", "Plan", "estimate", "kv_layout", "make_plan", "split", "QUANT_BPW"]

@@ -1,0 +1,67 @@
+"""``localllm plan MODEL``: how much memory a model needs, and where it goes."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import click
+
+from localllm.cli.options import human_bytes
+
+_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
+          "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40}
+
+
+class ByteSize(click.ParamType):
+    """``8GiB``, ``512MB``, ``6g``, or a number of bytes."""
+
+    name = "SIZE"
+
+    def convert(self, value, param, ctx):  # type: ignore[override]
+        if isinstance(value, int):
+            return value
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+        if not m or m.group(2).lower() not in _UNITS:
+            self.fail(f"{value!r} is not a size like 8GiB, 512MB or 6g", param, ctx)
+        return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def table(p: dict) -> str:
+    """The plan as rows (also used by ``doctor --model``)."""
+    rows = [
+        ("model", f"{p['path']} ({p['quant']}, {p['parameters'] / 1e6:.1f}M parameters, {p['n_layer']} layers)"),
+        ("context", f"{p['n_ctx']} tokens"),
+        ("weights (mapped file)", human_bytes(p["file_bytes"])),
+        ("repacked weights", human_bytes(p["repack_bytes"])),
+        ("vocabulary tables", human_bytes(p["vocab_bytes"])),
+        ("KV cache", human_bytes(p["kv_bytes"])),
+        ("output buffer", human_bytes(p["output_bytes"])),
+        ("compute buffer", f"{human_bytes(p['compute_bytes'])} resident "
+                           f"({human_bytes(p['compute_reserved_bytes'])} reserved)"),
+        ("GPU layers", str(p["gpu_layers"])),
+        ("RAM needed", f"{human_bytes(p['ram_bytes'])} of {human_bytes(p['ram_available'])} available"),
+        ("VRAM needed", f"{human_bytes(p['vram_bytes'])} of {human_bytes(p['gpu_free'])} free"),
+        ("fits", "yes" if p["fits"] else "NO"),
+    ]
+    w = max(len(k) for k, _ in rows)
+    lines = [f"{k:<{w}}  {v}" for k, v in rows]
+    lines += [f"- {r}" for r in p["reasons"]]
+    return "\n".join(lines)
+
+
+@click.command("plan")
+@click.argument("model", required=False)
+@click.option("--ctx", "n_ctx", type=click.IntRange(min=16), default=None,
+              help="Context size in tokens (default: min(trained, 4096)).")
+@click.option("--gpu-memory", type=ByteSize(), default=None, help="Cap on GPU memory to use, e.g. 6GiB.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@click.option("--models-dir", type=click.Path(file_okay=False), default=None)
+def command(model: str | None, n_ctx: int | None, gpu_memory: int | None, as_json: bool,
+            models_dir: str | None) -> int:
+    """Show the memory MODEL needs at --ctx and how many layers go to the GPU. Exits 1 if it does not fit."""
+    from localllm import plan, store
+
+    p = plan.make_plan(store.resolve(model, models_dir=models_dir), n_ctx=n_ctx, gpu_memory=gpu_memory).to_dict()
+    click.echo(json.dumps(p, indent=2) if as_json else table(p))
+    return 0 if p["fits"] else 1

@@ -1,0 +1,137 @@
+"""The memory planner: its estimate is checked against real RSS growth, and
+its placement decisions and refusals are checked with what-if inputs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from localllm import placement, plan
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# one fresh process per measurement, so nothing from earlier loads is resident.
+# RSS growth = from after llama.cpp's backend init to after loading the model,
+# creating the context and decoding a full 512-token micro-batch (the peak).
+_MEASURE = """
+import json, sys
+from localllm import runtime
+def rss():
+    return int([l for l in open("/proc/self/status") if l.startswith("VmRSS")][0].split()[1]) * 1024
+path, n_ctx = sys.argv[1], int(sys.argv[2])
+runtime._backend()
+r0 = rss()
+m = runtime.LlamaModel(path)
+c = runtime.Context(m, n_ctx=n_ctx, n_threads=2)
+ids = m.tokenize("The quick brown fox jumps over the lazy dog. " * 200, add_special=True, parse_special=False)
+ids = ids[:min(n_ctx, 512)]
+b = runtime.Batch(c.n_batch)
+for i, t in enumerate(ids):
+    b.add(t, i, 0, i == len(ids) - 1)
+c.decode(b)
+print(json.dumps({"growth": rss() - r0}))
+"""
+
+
+def measure(path: Path, n_ctx: int) -> int:
+    out = subprocess.run([sys.executable, "-c", _MEASURE, str(path), str(n_ctx)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["growth"]
+
+
+@pytest.mark.parametrize("fixture", ["default_model_path", "gemma_path"])
+def test_estimate_matches_measured_rss(fixture: str, request: pytest.FixtureRequest) -> None:
+    path = request.getfixturevalue(fixture)
+    measured, estimated = {}, {}
+    for n_ctx in (512, 4096):
+        measured[n_ctx] = measure(path, n_ctx)
+        estimated[n_ctx] = plan.make_plan(path, n_ctx=n_ctx, offload=False, gpu_free=0).ram_bytes
+        assert abs(measured[n_ctx] - estimated[n_ctx]) <= 0.15 * estimated[n_ctx], (n_ctx, measured, estimated)
+    # the context-dependent part (KV cache, attention mask) must be right on its own too
+    d_meas, d_est = measured[4096] - measured[512], estimated[4096] - estimated[512]
+    assert abs(d_meas - d_est) <= 0.15 * d_est, (d_meas, d_est)
+
+
+def test_gemma_kv_cache_by_layer_type(gemma_path: Path) -> None:
+    h = plan.read_header(gemma_path)
+    k_w, v_w, swa, window = plan.kv_layout(h)
+    assert window == 512 and swa.count(False) == 3 and len(swa) == 18  # layers 5, 11, 17 are global
+    full = plan.estimate(h, 4096, cpu={})
+    assert full.kv_bytes == 18 * 4096 * (256 + 256) * 2  # swa_full (llama.cpp's default) keeps every cell
+    windowed = plan.estimate(h, 4096, swa_full=False, cpu={})
+    assert windowed.kv_bytes == (3 * 4096 + 15 * 1024) * 512 * 2  # pad(512 + 512, 256) cells on SWA layers
+
+
+def test_cpu_only_build_means_zero_layers_with_reason(default_model_path: Path) -> None:
+    p = plan.make_plan(default_model_path, n_ctx=1024, offload=False, gpu_free=0, gpu_memory=8 * 2**30)
+    assert p.gpu_layers == 0 and p.fits
+    assert any("no GPU offload" in r for r in p.reasons)
+    n, why = placement.explain(default_model_path, "auto", 1024)
+    from localllm import runtime
+
+    if not runtime.supports_gpu_offload():
+        assert n == 0 and "no GPU offload" in why
+
+
+def test_partial_offload_respects_gpu_memory(default_model_path: Path) -> None:
+    everything = plan.make_plan(default_model_path, n_ctx=2048, offload=True, gpu_free=80 * 2**30)
+    assert everything.gpu_layers == everything.n_layer + 1
+    some = plan.make_plan(default_model_path, n_ctx=2048, offload=True, gpu_free=80 * 2**30,
+                          gpu_memory=plan._GPU_HEADROOM + everything.compute_reserved_bytes + 40 * 2**20)
+    assert 0 < some.gpu_layers < everything.n_layer
+    assert some.vram_bytes <= 40 * 2**20 + some.compute_reserved_bytes
+    cpu_only = plan.make_plan(default_model_path, n_ctx=2048, offload=False, gpu_free=0)
+    assert everything.ram_bytes < some.ram_bytes < cpu_only.ram_bytes
+    none = plan.make_plan(default_model_path, n_ctx=2048, offload=True, gpu_free=80 * 2**30, gpu_memory=2**20)
+    assert none.gpu_layers == 0
+
+
+def test_refusal_says_what_would_fit(default_model_path: Path) -> None:
+    need = plan.make_plan(default_model_path, n_ctx=512, offload=False, gpu_free=0).ram_bytes
+    p = plan.make_plan(default_model_path, n_ctx=8192, offload=False, gpu_free=0, ram_available=need + 2**20)
+    assert not p.fits
+    assert p.max_ctx_that_fits is not None and 512 <= p.max_ctx_that_fits < 8192
+    assert plan.make_plan(default_model_path, n_ctx=p.max_ctx_that_fits, offload=False, gpu_free=0,
+                          ram_available=need + 2**20).fits
+    tight = plan.make_plan(default_model_path, n_ctx=512, offload=False, gpu_free=0, ram_available=need - 40 * 2**20)
+    assert not tight.fits and tight.max_ctx_that_fits is None
+    assert "Q4_K_M" in [a["quant"] for a in tight.alternatives]
+    assert any("smaller quants" in r for r in tight.reasons)
+
+
+def test_oom_retry_with_fewer_layers() -> None:
+    from localllm.errors import InsufficientMemoryError
+
+    tried = []
+
+    def load(n: int) -> str:
+        tried.append(n)
+        if n > 8:
+            raise InsufficientMemoryError("cudaMalloc failed: out of memory")
+        return f"model with {n}"
+
+    obj, n, notes = placement.load_with_fallback(load, 31)
+    assert obj == "model with 7" and n == 7 and tried == [31, 15, 7]
+    assert "retried" in notes[0] and "15" in notes[0]
+    with pytest.raises(InsufficientMemoryError):
+        placement.load_with_fallback(lambda n: (_ for _ in ()).throw(InsufficientMemoryError("oom")), 4)
+
+
+def test_plan_cli_json_and_table(default_model_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from localllm.cli import _register, cli
+
+    _register()
+    r = CliRunner().invoke(cli, ["plan", str(default_model_path), "--ctx", "1024", "--json"],
+                           catch_exceptions=False)
+    assert r.exit_code == 0
+    d = json.loads(r.output)
+    assert d["fits"] and d["n_ctx"] == 1024 and d["gpu_layers"] == 0
+    r = CliRunner().invoke(cli, ["plan", str(default_model_path), "--ctx", "1024", "--gpu-memory", "1GiB"],
+                           catch_exceptions=False)
+    assert r.exit_code == 0 and "KV cache" in r.output and "GPU layers" in r.output
