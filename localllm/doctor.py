@@ -103,7 +103,9 @@ def report(model: str | None = None, *, n_ctx: int | None = None, models_dir: st
         p = plan.make_plan(path, n_ctx=n_ctx)
         out["model"] = p.to_dict()
         if not p.fits:
-            fix = f"use --ctx {p.max_ctx_that_fits}" if p.max_ctx_that_fits else "use a smaller quant"
+            fixes = [f"use --ctx {p.max_ctx_that_fits}"] if p.max_ctx_that_fits else []
+            fixes += [f"use a {', '.join(a['quant'] for a in p.alternatives)} quant"] if p.alternatives else []
+            fix = " or ".join(fixes) or "use a smaller model"
             problems.append({"severity": "error", "message": f"{os.path.basename(path)} does not fit: "
                              + "; ".join(p.reasons), "fix": fix})
     out["ok"] = not any(p["severity"] == "error" for p in problems)
