@@ -128,6 +128,7 @@ class Model:
         self._lock = threading.Lock()
         self._closed = False
         self._ctx = self._emb_ctx = self._m = None
+        self._hf = None
         path = store.resolve(model, models_dir=models_dir)
         header = validate.read_header(path)  # llama.cpp never sees a file that fails this bounded check
         if n_ctx is not None and (isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 16):
@@ -168,6 +169,12 @@ class Model:
             name, self._template = chatmod.guess_template(
                 lambda t: len(self._m.tokenize(t, add_special=False, parse_special=True)) == 1)
             self.template_source = f"built-in {name} (the GGUF has no chat template)"
+        from localllm import hftok
+
+        # exact HF tokenization when the GGUF embeds its tokenizer.json and `tokenizers` is installed
+        self._hf = hftok.from_metadata(header.metadata, bos=self._m.bos, eos=self._m.eos,
+                                       add_bos=self._m.add_bos, add_eos=self._m.add_eos)
+        self.tokenizer_source = "huggingface" if self._hf is not None else "llama.cpp"
         self._bos_text = self._m.token_text(self._m.bos) if self._m.bos >= 0 else ""
         self._eos_text = self._m.token_text(self._m.eos) if self._m.eos >= 0 else ""
         self.info = ModelInfo(
@@ -210,7 +217,13 @@ class Model:
         if not isinstance(text, str):
             raise InvalidArgumentError("text must be a string", param="text")
         self._check_open()
-        return self._m.tokenize(text, add_special=add_bos and self._m.add_bos, parse_special=special)
+        return self._tokenize(text, add_special=add_bos and self._m.add_bos, special=special)
+
+    def _tokenize(self, text: str, *, add_special: bool, special: bool) -> list[int]:
+        # one place chooses the tokenizer: the embedded HF one (exact) or llama.cpp's
+        if self._hf is not None:
+            return self._hf.encode(text, add_special=add_special, special=special)
+        return self._m.tokenize(text, add_special=add_special, parse_special=special)
 
     def detokenize(self, ids: Sequence[int]) -> str:
         """Token ids → text.
@@ -363,7 +376,7 @@ class Model:
         text = self.render_chat(msgs)
         # templates usually write the BOS themselves; don't add a second one
         add_bos = self._m.add_bos and not (self._bos_text and text.startswith(self._bos_text))
-        return self._m.tokenize(text, add_special=add_bos, parse_special=True)
+        return self._tokenize(text, add_special=add_bos, special=True)
 
     def render_chat(self, messages: Any, *, add_generation_prompt: bool = True) -> str:
         """The prompt text the model's chat template makes of ``messages``."""

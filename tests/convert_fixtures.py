@@ -35,7 +35,10 @@ def _spm(tmp: Path) -> Path:
                                    model_type="bpe", byte_fallback=True, character_coverage=1.0,
                                    bos_id=1, eos_id=2, unk_id=0, pad_id=-1, minloglevel=2,
                                    user_defined_symbols=["<|im_start|>", "<|im_end|>"])
-    tok = LlamaTokenizer(vocab_file=str(tmp / "sp.model"), legacy=False)
+    src = tmp / "src"
+    src.mkdir(exist_ok=True)
+    shutil.copy(tmp / "sp.model", src / "tokenizer.model")
+    tok = LlamaTokenizer.from_pretrained(src, legacy=False)  # converts to a tokenizer.json
     tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
                          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
     tmp_out = out.with_name("spm.tmp")
@@ -124,7 +127,7 @@ ARCHS: dict[str, tuple[str, dict, str]] = {
                                 "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0}, "spm"),
     "gemma3": ("Gemma3TextConfig", {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 8,
                                     "num_hidden_layers": 6, "hidden_size": 32}, "gemma3"),
-    "phi3": ("Phi3Config", {"num_key_value_heads": 4, "pad_token_id": 0}, "spm"),
+    "phi3": ("Phi3Config", {"num_key_value_heads": 4, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}, "spm"),
 }
 
 

@@ -288,3 +288,27 @@ def rope_params(cfg: dict[str, Any], layer_type: str = "full_attention") -> dict
 def config_dtype(cfg: dict[str, Any]) -> str | None:
     """The checkpoint's declared dtype (``torch_dtype`` in 4.x, ``dtype`` in 5.x)."""
     return cfg.get("dtype") or cfg.get("torch_dtype")
+
+
+def resolve_source(src: str, revision: str | None = None) -> Path:
+    """A local folder as is; otherwise a hub repo id, fetched (config, tokenizer
+    and weights only) into the HF cache. ``HF_HUB_OFFLINE=1`` uses the cache only.
+
+    Example:
+        >>> resolve_source("/data/SmolLM2-135M")                  # doctest: +SKIP
+        PosixPath('/data/SmolLM2-135M')
+    """
+    p = Path(src).expanduser()
+    if p.exists():
+        return p
+    if src.count("/") != 1 or src.startswith((".", "/", "~")):
+        raise CheckpointError(f"{src}: no such folder (and not a hub repo id like org/name)", path=src)
+    from huggingface_hub import snapshot_download
+
+    patterns = ["config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json",
+                "added_tokens.json", "chat_template.*", "*.safetensors", "*.safetensors.index.json"]
+    try:
+        return Path(snapshot_download(src, revision=revision, allow_patterns=patterns))
+    except Exception as e:  # hub errors are many; the message says which
+        raise CheckpointError(f"{src}: cannot download from the Hugging Face hub ({type(e).__name__}: {e})",
+                              hint="check the repo id and network, or pass a local folder", path=src) from None

@@ -121,6 +121,12 @@ def convert(src: str | os.PathLike[str], out: str | os.PathLike[str], *, quant: 
     stage = quant if direct else _INTERMEDIATE[_source_type(ck, probe_outs)]
     outs = plan_tensors(ck, rule, cfg, DIRECT_TYPES[stage], n_vocab=len(vocab.tokens))
     model_name = name or ck.path.name
+    low = model_name.lower()
+    if ("phi3" in low or "phi-3" in low) and not {"<unk>", "<s>", "</s>", "<|endoftext|>"} <= set(vocab.tokens):
+        # llama.cpp sets Phi-3 token attributes by general.name and fails to load
+        # when a name containing "phi3" lacks one of these tokens
+        model_name = low.replace("phi-3", "phi").replace("phi3", "phi")
+        notes.append(f"general.name set to {model_name!r}: llama.cpp special-cases 'phi3' names")
     need = sum(t.nbytes for t in outs)
     check_space(out, need * (2 if not direct else 1))
 

@@ -82,7 +82,7 @@ def probe_gguf(path: Path, hf_json: str | None, corpus: tuple[str, ...] = CORPUS
     tok = Tokenizer.from_str(hf_json)
     m = runtime.LlamaModel(path, vocab_only=True)
     try:
-        ours = HFTokenizer(hf_json, bos=m.bos, eos=m.eos, add_bos=m.add_bos, add_eos=m.add_eos)
+        ours = HFTokenizer(None, bos=m.bos, eos=m.eos, add_bos=m.add_bos, add_eos=m.add_eos, tokenizer=tok)
         res = ProbeResult()
         for text in corpus:
             for special in (True, False):

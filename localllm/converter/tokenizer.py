@@ -205,6 +205,8 @@ def load_vocab(root: Path, *, n_rows: int, trim: bool = False, add_space_prefix:
                 n = len(sp.tokens)
                 v.tokens[:n], v.types[:n] = sp.tokens, sp.types
                 v.scores[:n] = sp.scores  # type: ignore[index]
+                for i, (_, special) in _added(tj).items():  # tokenizer.json knows which are special
+                    v.types[i] = CONTROL if special else USER_DEFINED
         v.hf_json = tj_path.read_text(encoding="utf-8")
     elif sp_path.exists():
         v = _from_sentencepiece(sp_path)
@@ -221,8 +223,9 @@ def load_vocab(root: Path, *, n_rows: int, trim: bool = False, add_space_prefix:
     v.add_bos = bool(bos) if bos is not None else v.model == "llama"
     v.add_eos = bool(eos)
     if v.model == "llama":
-        v.add_space_prefix = add_space_prefix if add_space_prefix is not None else (
-            v.add_space_prefix if v.add_space_prefix is not None else True)
+        # what tokenizer.json declares wins; the rule's default covers tokenizer.model alone
+        if v.add_space_prefix is None:
+            v.add_space_prefix = add_space_prefix if add_space_prefix is not None else True
     if len(v.tokens) > n_rows and not trim:
         raise CheckpointError(f"{root}: the tokenizer has {len(v.tokens)} tokens but the embedding only "
                               f"{n_rows} rows", path=str(root))

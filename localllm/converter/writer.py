@@ -123,9 +123,12 @@ def write_gguf(path: Path, *, arch: str, kv: dict[str, Any], general: dict[str, 
 
 
 def tensor_types(path: Path) -> dict[str, int]:
-    """How many tensors of each type a GGUF holds (shows llama.cpp's fallbacks)."""
-    r = gguf.GGUFReader(path)
+    """How many tensors of each type a GGUF holds (shows llama.cpp's fallbacks).
+    Uses the bounded header reader, which skips the vocabulary quickly."""
+    from localllm import validate
+
     out: dict[str, int] = {}
-    for t in r.tensors:
-        out[t.tensor_type.name] = out.get(t.tensor_type.name, 0) + 1
+    for t in validate.read_header(path).tensors:
+        name = gguf.GGMLQuantizationType(t.type).name
+        out[name] = out.get(name, 0) + 1
     return out

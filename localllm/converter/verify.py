@@ -1,0 +1,137 @@
+"""``--verify``: run the HF original (transformers, fp32) and the GGUF (llama.cpp)
+on the same token ids and compare their next-token distributions.
+
+Example:
+    >>> rep = verify("hf-model", "model.gguf", quant="Q8_0")      # doctest: +SKIP
+    >>> rep.ok, rep.nmse
+    (True, 2.1e-05)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from localllm.errors import PrerequisiteError
+
+# per quant type: (max logit NMSE, min top-1 agreement, max mean KL in nats); see docs/convert.md
+THRESHOLDS: dict[str, tuple[float, float, float]] = {
+    "F32": (1e-5, 0.99, 1e-4), "F16": (1e-4, 0.98, 1e-3), "BF16": (1e-3, 0.97, 5e-3),
+    "Q8_0": (5e-3, 0.95, 0.02), "Q6_K": (2e-2, 0.90, 0.05), "Q5_K_M": (4e-2, 0.88, 0.08),
+    "Q5_0": (5e-2, 0.85, 0.10), "Q4_K_M": (8e-2, 0.80, 0.15), "Q4_0": (1.2e-1, 0.75, 0.25),
+}
+PROMPTS = ("The capital of France is", "def fibonacci(n):\n    ", "Once upon a time, in a small village,",
+           "Привет! Как дела?", "1, 2, 3, 5, 8, 13,")
+
+
+@dataclass
+class VerifyReport:
+    """Logit agreement of a GGUF with its HF original."""
+
+    quant: str
+    tokens: int = 0
+    tokenization_match: bool = True
+    nmse: float = 0.0
+    top1: float = 1.0
+    kl: float = 0.0
+    greedy_match: bool = True
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    m = x.max(-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
+
+
+def compare_logits(ref: np.ndarray, got: np.ndarray) -> tuple[float, float, float]:
+    """(NMSE, top-1 agreement, mean KL(ref‖got)) of two ``[tokens, vocab]`` arrays.
+
+    Example:
+        >>> a = np.random.default_rng(0).normal(size=(4, 10))
+        >>> compare_logits(a, a)
+        (0.0, 1.0, 0.0)
+    """
+    n = min(ref.shape[-1], got.shape[-1])  # padded vocab rows are never predicted
+    ref, got = ref[..., :n].astype(np.float64), got[..., :n].astype(np.float64)
+    nmse = float(np.mean((ref - got) ** 2) / max(np.var(ref), 1e-30))
+    top1 = float(np.mean(ref.argmax(-1) == got.argmax(-1)))
+    lr, lg = _log_softmax(ref), _log_softmax(got)
+    kl = float(np.mean(np.sum(np.exp(lr) * (lr - lg), -1)))
+    return nmse, top1, max(kl, 0.0)
+
+
+def gguf_logits(path: Path, ids: list[int], *, n_threads: int = 2) -> np.ndarray:
+    """llama.cpp's logits for every position of ``ids`` (one sequence)."""
+    from localllm import runtime
+
+    m = runtime.LlamaModel(path)
+    try:
+        ctx = runtime.Context(m, n_ctx=max(64, len(ids) + 8), n_threads=n_threads, n_batch=max(64, len(ids)))
+        b = runtime.Batch(max(64, len(ids)))
+        try:
+            for i, t in enumerate(ids):
+                b.add(t, i, 0, True)
+            ctx.decode(b)
+            return np.stack([ctx.logits(i).copy() for i in range(len(ids))])
+        finally:
+            b.close()
+            ctx.close()
+    finally:
+        m.close()
+
+
+def verify(src: str | Path, gguf_path: str | Path, *, quant: str, greedy_tokens: int = 8) -> VerifyReport:
+    """Compare ``gguf_path`` with the HF checkpoint ``src`` on :data:`PROMPTS`."""
+    try:
+        import torch
+        import transformers
+    except ImportError:
+        raise PrerequisiteError("--verify needs torch and transformers",
+                                hint="pip install 'localllm[verify]'") from None
+    from localllm import Model
+
+    rep = VerifyReport(quant)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(src)
+    model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    model.eval()
+    refs, gots = [], []
+    with Model(Path(gguf_path), n_ctx=256, n_gpu_layers=0) as gm:
+        for p in PROMPTS:
+            ids = list(hf_tok(p, add_special_tokens=True)["input_ids"])
+            if gm.tokenize(p, add_bos=True) != ids:
+                rep.tokenization_match = False
+        ids_all = [list(hf_tok(p, add_special_tokens=True)["input_ids"]) for p in PROMPTS]
+    for ids in ids_all:
+        with torch.no_grad():
+            refs.append(model(torch.tensor([ids])).logits[0].float().numpy())
+        gots.append(gguf_logits(Path(gguf_path), ids))
+        rep.tokens += len(ids)
+    rep.nmse, rep.top1, rep.kl = compare_logits(np.concatenate(refs), np.concatenate(gots))
+    # greedy continuation of the first prompt, token by token on both sides
+    ids = list(ids_all[0])
+    for _ in range(greedy_tokens):
+        with torch.no_grad():
+            a = int(model(torch.tensor([ids])).logits[0, -1].argmax())
+        b = int(gguf_logits(Path(gguf_path), ids)[-1].argmax())
+        if a != b:
+            rep.greedy_match = False
+            break
+        ids.append(a)
+    max_nmse, min_top1, max_kl = THRESHOLDS[quant]
+    if not math.isfinite(rep.nmse) or rep.nmse > max_nmse:
+        rep.failures.append(f"logit NMSE {rep.nmse:.2e} > {max_nmse:.0e}")
+    if rep.top1 < min_top1:
+        rep.failures.append(f"top-1 agreement {rep.top1:.3f} < {min_top1}")
+    if rep.kl > max_kl:
+        rep.failures.append(f"mean KL {rep.kl:.2e} > {max_kl}")
+    if not rep.tokenization_match:
+        rep.failures.append("tokenization differs from HF")
+    return rep
