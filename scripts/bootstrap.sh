@@ -83,7 +83,7 @@ bootstrap() {
       say "cmake is required to build llama.cpp, and it was not found."
       how_to_install cmake; return 1
     fi
-    say "building $LLAMA_PIN (compiles llama.cpp: about 5 minutes on 2 cores, once per machine)"
+    say "installing $LLAMA_PIN (compiling llama.cpp takes about 5 minutes on 2 cores, unless pip has the wheel cached)"
     if ! "$vpy" -m pip install "$LLAMA_PIN" >>"$log" 2>&1; then
       say "building $LLAMA_PIN failed. The first errors from $log:"
       grep -m 5 -iE 'error[: ]' "$log" | cut -c1-200 >&2

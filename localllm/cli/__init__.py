@@ -43,7 +43,7 @@ def _register() -> None:
             if e.name != f"localllm.cli.{name}":
                 raise
             continue
-        for c in getattr(mod, "commands", [mod.command]):
+        for c in getattr(mod, "commands", None) or [mod.command]:
             cli.add_command(c)
 
 
