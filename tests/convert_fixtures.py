@@ -150,8 +150,12 @@ def build_checkpoint(arch: str, root: Path, *, dtype: str = "float32", seed: int
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.copy_(torch.randn_like(p) * 0.1)  # norms far from 0/1, so a missing +1 shows
+            elif any(k in name for k in ("q_proj", "k_proj", "qkv_proj", "embed", "lm_head")):
+                # sharp attention and peaked logits, as in trained models: a wrong rope
+                # layout then changes the output, and top-1 is not decided by ties
+                p.copy_(torch.randn_like(p) * 0.5)
             else:
-                p.copy_(torch.randn_like(p) * 0.05)
+                p.copy_(torch.randn_like(p) * 0.15)
     model = model.to(getattr(torch, dtype))
     model.save_pretrained(root)
     for f in tok_dir.iterdir():

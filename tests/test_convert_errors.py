@@ -1,0 +1,106 @@
+"""Converter failure modes: clear errors naming the file, nothing left at OUT."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from localllm.converter import convert
+from localllm.converter.checkpoint import Checkpoint, bf16_to_f32
+from localllm.converter.tensors import permute_qk
+from localllm.converter.tokenizer import detect_pre
+from localllm.errors import CheckpointError, InvalidArgumentError, UnsupportedArchitectureError
+
+
+def _safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
+    header, blobs, off = {}, [], 0
+    for name, a in tensors.items():
+        b = a.astype(np.float32).tobytes()
+        header[name] = {"dtype": "F32", "shape": list(a.shape), "data_offsets": [off, off + len(b)]}
+        blobs.append(b)
+        off += len(b)
+    h = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(h)) + h + b"".join(blobs))
+
+
+def _folder(tmp: Path, arch: str = "LlamaForCausalLM") -> Path:
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "config.json").write_text(json.dumps({"architectures": [arch], "hidden_size": 8,
+                                                 "num_hidden_layers": 1, "num_attention_heads": 2,
+                                                 "intermediate_size": 16, "vocab_size": 4}))
+    _safetensors(tmp / "model.safetensors", {"model.embed_tokens.weight": np.zeros((4, 8))})
+    return tmp
+
+
+def test_unknown_architecture_lists_supported(tmp_path: Path) -> None:
+    with pytest.raises(UnsupportedArchitectureError, match="Qwen3ForCausalLM") as e:
+        convert(_folder(tmp_path / "m", "FooForCausalLM"), tmp_path / "o.gguf", quant="F32")
+    assert "FooForCausalLM" in str(e.value)
+    assert not (tmp_path / "o.gguf").exists()
+
+
+def test_bad_json_names_file(tmp_path: Path) -> None:
+    root = _folder(tmp_path / "m")
+    (root / "config.json").write_text('{"architectures": [')
+    with pytest.raises(CheckpointError, match=r"config\.json: bad JSON at line 1"):
+        Checkpoint.open(root)
+
+
+def test_truncated_safetensors_names_file(tmp_path: Path) -> None:
+    root = _folder(tmp_path / "m")
+    data = (root / "model.safetensors").read_bytes()
+    (root / "model.safetensors").write_bytes(data[:-10])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor 'model\.embed_tokens\.weight'"):
+        Checkpoint.open(root)
+
+
+def test_missing_shard_and_index_mismatch(tmp_path: Path) -> None:
+    root = _folder(tmp_path / "m")
+    (root / "model.safetensors").rename(root / "model-00001-of-00002.safetensors")
+    index = {"weight_map": {"model.embed_tokens.weight": "model-00001-of-00002.safetensors",
+                           "lm_head.weight": "model-00002-of-00002.safetensors"}}
+    (root / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="model-00002-of-00002.safetensors: shard listed .* is missing"):
+        Checkpoint.open(root)
+    index["weight_map"]["lm_head.weight"] = "model-00001-of-00002.safetensors"
+    (root / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="does not contain tensor 'lm_head.weight'"):
+        Checkpoint.open(root)
+
+
+def test_no_weights(tmp_path: Path) -> None:
+    root = _folder(tmp_path / "m")
+    (root / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="no model\\*.safetensors"):
+        Checkpoint.open(root)
+
+
+def test_unknown_quant() -> None:
+    with pytest.raises(InvalidArgumentError, match="Q4_K_M"):
+        convert("/nonexistent", "/tmp/x.gguf", quant="Q3_XS")
+
+
+def test_permutation_and_bf16_are_exact() -> None:
+    w = np.arange(16.0).reshape(8, 2)
+    p = permute_qk(w, 2)
+    # head 0 rows 0..3: [0, 2, 1, 3] (half-split → interleaved); head 1 likewise
+    assert p[:, 0].tolist() == [0, 4, 2, 6, 8, 12, 10, 14]
+    x = np.array([1.5, -2.25, 2.0 ** 100], dtype=np.float32)  # exactly representable in bf16
+    assert (bf16_to_f32((x.view(np.uint32) >> 16).astype(np.uint16)) == x).all()
+
+
+def test_pre_tokenizer_from_declaration() -> None:
+    from localllm.converter.tokenizer import _LLAMA3_RE, _QWEN2_RE
+
+    def split(rx: str) -> dict:
+        return {"pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": rx}, "behavior": "Isolated"},
+            {"type": "ByteLevel", "add_prefix_space": False, "use_regex": False}]}}
+    assert detect_pre(split(_LLAMA3_RE))[0] == "llama-bpe"
+    assert detect_pre(split(_QWEN2_RE))[0] == "qwen2"
+    name, notes = detect_pre(split(r"\p{L}+"))
+    assert name is None and "not recognized" in notes[0]
