@@ -191,13 +191,15 @@ class LlamaModel:
     """
 
     def __init__(self, path: str | os.PathLike[str], *, n_gpu_layers: int = 0,
-                 vocab_only: bool = False, use_mmap: bool = True) -> None:
+                 vocab_only: bool = False, use_mmap: bool = True, use_extra_bufts: bool = True) -> None:
         sink = _backend()
         self.path = Path(path)
         params = C.llama_model_default_params()
         params.n_gpu_layers = int(n_gpu_layers)
         params.vocab_only = bool(vocab_only)
         params.use_mmap = bool(use_mmap)
+        # False keeps weights unrepacked: slower on some CPUs, but the same kernel runs for 1 and n rows
+        params.use_extra_bufts = bool(use_extra_bufts)
         mark = sink.mark()
         ptr = C.llama_model_load_from_file(os.fsencode(self.path), params)
         if not ptr:
