@@ -48,9 +48,20 @@ def main() -> None:
     ap.add_argument("--outtype", default="f16", choices=["f32", "f16", "q8_0"])
     ap.add_argument("--build-hidden", type=int, default=512)
     ap.add_argument("--build-layers", type=int, default=8)
+    ap.add_argument("--build-only", type=Path, help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.build_only:
+        build(a.build_only, a.build_hidden, a.build_layers)
+        return
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = a.ckpt or build(Path(tmp) / "hf", a.build_hidden, a.build_layers)
+        ckpt = a.ckpt
+        if ckpt is None:
+            # built in a child: Linux keeps the peak-RSS mark across fork+exec, so this
+            # process must stay small for the children's numbers to be their own
+            ckpt = Path(tmp) / "hf"
+            subprocess.run([sys.executable, __file__, "--build-only", str(ckpt), "--build-hidden",
+                            str(a.build_hidden), "--build-layers", str(a.build_layers)], check=True,
+                           stderr=subprocess.DEVNULL)
         size = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
         env = dict(os.environ, PYTHONPATH=str(REF / "gguf-py"), NO_LOCAL_GGUF="")
         ours = run([sys.executable, "-m", "localllm", "convert", str(ckpt), "-o", f"{tmp}/ours.gguf",
