@@ -17,10 +17,11 @@ import threading
 class HFTokenizer:
     """A ``tokenizers.Tokenizer`` with llama.cpp's add_bos/add_eos and special semantics."""
 
-    def __init__(self, json_text: str, *, bos: int, eos: int, add_bos: bool, add_eos: bool) -> None:
+    def __init__(self, json_text: str | None, *, bos: int, eos: int, add_bos: bool, add_eos: bool,
+                 tokenizer=None) -> None:
         from tokenizers import Tokenizer  # optional extra: hf-tokenizer
 
-        self._tok = Tokenizer.from_str(json_text)
+        self._tok = tokenizer if tokenizer is not None else Tokenizer.from_str(json_text)
         self._lock = threading.Lock()  # encode_special_tokens is a flag on the shared object
         self.bos, self.eos, self.add_bos, self.add_eos = bos, eos, add_bos, add_eos
 
