@@ -1,9 +1,10 @@
 """``convert()``: a HF checkpoint folder → one GGUF file, with a tokenizer probe.
 
 Steps: read config and tensor headers → pick the architecture rule → build the
-vocabulary → write a vocab-only GGUF and probe the tokenizer against HF →
-stream the tensors into the output (directly for F32/F16/BF16/Q8_0, or into an
-intermediate that llama.cpp quantizes) → rename into place.
+vocabulary → stream the tensors into an unnamed file next to the output
+(directly for F32/F16/BF16/Q8_0, or into an intermediate that llama.cpp
+quantizes) → probe the tokenizer against HF on that file and patch the result
+into its metadata → link it into place.
 
 Example:
     >>> r = convert("hf/SmolLM2-135M", "smol.gguf", quant="Q8_0")       # doctest: +SKIP
@@ -13,7 +14,6 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import os
 import resource
 import sys
@@ -25,12 +25,12 @@ from typing import Any
 import gguf
 
 from localllm.converter.checkpoint import Checkpoint, config_dtype, text_config
-from localllm.converter.probe import ProbeResult, probe_gguf
+from localllm.converter.probe import ProbeResult, probe_gguf, skip_reason
 from localllm.converter.rules import ArchRule, rule_for
 from localllm.converter.tensors import DIRECT_TYPES, OutTensor, hparams, plan_tensors
 from localllm.converter.tokenizer import Vocab, load_vocab, write_vocab
-from localllm.converter.writer import (QUANTS, atomic_output, check_space, parse_quant, tensor_types,
-                                       write_gguf)
+from localllm.converter.writer import (QUANTS, atomic_output, check_space, parse_quant, patch_u32,
+                                       scratch_file, tensor_types, write_gguf)
 from localllm.errors import ConversionCheckError
 
 CONVERTER_VERSION = "1"
@@ -69,19 +69,32 @@ def _source_type(ck: Checkpoint, outs: list[OutTensor]) -> str:
     return "F32" if "F32" in kinds or not kinds else "BF16" if "BF16" in kinds else "F16"
 
 
-def _general(name: str, ftype: int, probe: ProbeResult | None, src: Path) -> dict[str, Any]:
-    g: dict[str, Any] = {"general.name": name, "general.file_type": int(ftype),
-                         "general.quantization_version": gguf.GGML_QUANT_VERSION,
-                         "localllm.converter.version": CONVERTER_VERSION,
-                         "general.source.url": src.name}
-    if probe is not None:
-        if probe.skipped:
-            g["localllm.tokenizer_probe.skipped"] = probe.skipped
-        else:
-            g["localllm.tokenizer_probe.cases"] = probe.cases
-            g["localllm.tokenizer_probe.llama_cpp_mismatches"] = probe.llama_cpp_mismatches
-            g["localllm.tokenizer_probe.hf_path_mismatches"] = probe.hf_path_mismatches
+# the probe's counters: written as placeholders first in the metadata (so they can
+# be found without reading the vocabulary) and patched in place after probing
+PROBE_KEYS = ("localllm.tokenizer_probe.cases", "localllm.tokenizer_probe.llama_cpp_mismatches",
+              "localllm.tokenizer_probe.hf_path_mismatches")
+
+
+def _general(name: str, ftype: int, probe_skipped: str | None, src: Path) -> dict[str, Any]:
+    g: dict[str, Any] = {}
+    if probe_skipped:
+        g["localllm.tokenizer_probe.skipped"] = probe_skipped
+    else:
+        g.update(dict.fromkeys(PROBE_KEYS, 0))
+    g.update({"general.name": name, "general.file_type": int(ftype),
+              "general.quantization_version": gguf.GGML_QUANT_VERSION,
+              "localllm.converter.version": CONVERTER_VERSION, "general.source.url": src.name})
     return g
+
+
+def _probe_into(path: Path, hf_json: str | None) -> ProbeResult:
+    """Probe the tokenizer of the written (unnamed or temp) file and record the
+    result in its metadata, so the vocabulary is written only once."""
+    probe = probe_gguf(path, hf_json)
+    if not probe.skipped:
+        patch_u32(path, dict(zip(PROBE_KEYS, (probe.cases, probe.llama_cpp_mismatches,
+                                              probe.hf_path_mismatches))))
+    return probe
 
 
 def convert(src: str | os.PathLike[str], out: str | os.PathLike[str], *, quant: str = "Q4_K_M",
@@ -133,40 +146,32 @@ def convert(src: str | os.PathLike[str], out: str | os.PathLike[str], *, quant: 
     def vocab_writer(w: gguf.GGUFWriter) -> None:
         write_vocab(w, vocab, ck.path)
 
-    # 1) the tokenizer probe runs on a vocab-only file first, so its result can
-    #    be recorded in the real file's metadata
-    vtmp = out.with_name(f".{out.name}.{os.getpid()}.vocab")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        write_gguf(vtmp, arch=rule.gguf_arch, kv=kv, general=_general(model_name, ftype, None, ck.path),
-                   write_vocab=vocab_writer, tensors=[])
-        probe = probe_gguf(vtmp, vocab.hf_json)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            vtmp.unlink()
-
-    # 2) the weights, streamed (into an intermediate when llama.cpp quantizes)
     bar = None
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=need, unit="B", unit_scale=True, desc=f"convert {stage}", file=sys.stderr)
     on_tensor = (lambda t: bar.update(t.nbytes)) if bar else None
-    general = _general(model_name, ftype if direct else QUANTS[stage][0], probe, ck.path)
-    mid = out.with_name(f".{out.name}.{os.getpid()}.{stage.lower()}")
+    general = _general(model_name, ftype if direct else QUANTS[stage][0], skip_reason(vocab.hf_json), ck.path)
     try:
         with atomic_output(out) as tmp:
-            write_gguf(tmp if direct else mid, arch=rule.gguf_arch, kv=kv, general=general,
-                       write_vocab=vocab_writer, tensors=outs, on_tensor=on_tensor)
-            if not direct:
-                if bar:
-                    bar.set_description(f"quantize {quant}")
-                from localllm import runtime
-                runtime.quantize(mid, tmp, ftype, nthread=threads or 0)
+            if direct:
+                write_gguf(tmp, arch=rule.gguf_arch, kv=kv, general=general, write_vocab=vocab_writer,
+                           tensors=outs, on_tensor=on_tensor)
+                probe = _probe_into(tmp, vocab.hf_json)
+            else:
+                # the weights in the source precision, then llama.cpp quantizes
+                # (it copies the metadata, the probe result included)
+                with scratch_file(out, stage.lower()) as mid:
+                    write_gguf(mid, arch=rule.gguf_arch, kv=kv, general=general, write_vocab=vocab_writer,
+                               tensors=outs, on_tensor=on_tensor)
+                    probe = _probe_into(mid, vocab.hf_json)
+                    if bar:
+                        bar.set_description(f"quantize {quant}")
+                    from localllm import runtime
+                    runtime.quantize(mid, tmp, ftype, nthread=threads or 0)
     finally:
         if bar:
             bar.close()
-        with contextlib.suppress(FileNotFoundError):
-            mid.unlink()
     types = tensor_types(out)
     if not direct:
         target = quant.split("_")[0] + "_" + quant.split("_")[1] if "_K" in quant else quant

@@ -66,16 +66,30 @@ def hf_encode(tok, text: str, *, special: bool) -> list[int]:
         tok.encode_special_tokens = False
 
 
+def skip_reason(hf_json: str | None) -> str | None:
+    """Why the probe cannot run (known before writing), or None when it can.
+
+    Example:
+        >>> skip_reason(None)
+        'no tokenizer.json to compare against'
+    """
+    if hf_json is None:
+        return "no tokenizer.json to compare against"
+    try:
+        import tokenizers  # noqa: F401
+    except ImportError:
+        return "the tokenizers package is not installed"
+    return None
+
+
 def probe_gguf(path: Path, hf_json: str | None, corpus: tuple[str, ...] = CORPUS) -> ProbeResult:
     """Tokenize ``corpus`` with HF (from ``hf_json``) and with llama.cpp (vocab of
     ``path``, loaded vocab-only) and record every difference; also check that
     :class:`localllm.Model`'s HF path reproduces HF exactly."""
-    if hf_json is None:
-        return ProbeResult(skipped="no tokenizer.json to compare against")
-    try:
-        from tokenizers import Tokenizer
-    except ImportError:
-        return ProbeResult(skipped="the tokenizers package is not installed")
+    reason = skip_reason(hf_json)
+    if reason is not None:
+        return ProbeResult(skipped=reason)
+    from tokenizers import Tokenizer
     from localllm import runtime
     from localllm.hftok import HFTokenizer
 

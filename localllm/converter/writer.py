@@ -12,6 +12,7 @@ import contextlib
 import errno
 import os
 import shutil
+import struct
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -49,21 +50,110 @@ def parse_quant(name: str) -> str:
     return q
 
 
+def _anonymous_fd(directory: Path) -> int | None:
+    """An unnamed file in ``directory`` (Linux ``O_TMPFILE``), or None where the
+    OS or filesystem has none. It has no directory entry until it is linked, so
+    not even SIGKILL or a power cut can leave it behind."""
+    flag = getattr(os, "O_TMPFILE", None)
+    if flag is None or not os.path.isdir("/proc/self/fd"):
+        return None
+    try:
+        return os.open(directory, flag | os.O_RDWR, 0o644)
+    except OSError as e:
+        if e.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT):
+            return None
+        raise
+
+
+def _disk_full(e: OSError, out: Path) -> BaseException:
+    if e.errno == errno.ENOSPC:
+        return DiskFullError(f"{out.parent}: the disk is full; nothing was written to {out}",
+                             hint="free some space or write elsewhere (-o)", path=str(out))
+    return e
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale(out: Path) -> None:
+    # named temp files exist only where O_TMPFILE does not; a killed run's are
+    # removed by the next one (the pid in the name says whether its owner lives)
+    for p in out.parent.glob(f".{out.name}.*.*"):
+        pid = p.name[len(out.name) + 2:].split(".")[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            with contextlib.suppress(OSError):
+                p.unlink()
+
+
 @contextlib.contextmanager
-def atomic_output(out: Path) -> Iterator[Path]:
-    """A temp path next to ``out``, renamed onto ``out`` on success and removed
-    on any failure (including Ctrl-C), so ``out`` is complete or absent."""
+def scratch_file(out: Path, tag: str) -> Iterator[Path]:
+    """A path to write a file that must never outlive this process (e.g. the
+    intermediate before llama.cpp quantizes): unnamed where the OS allows it.
+
+    Example:
+        >>> with scratch_file(Path("out.gguf"), "f32") as mid:      # doctest: +SKIP
+        ...     write_gguf(mid, ...)
+    """
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")
+    fd = _anonymous_fd(out.parent)
+    if fd is not None:
+        try:
+            yield Path(f"/proc/self/fd/{fd}")
+        except OSError as e:
+            raise _disk_full(e, out) from None
+        finally:
+            os.close(fd)
+        return
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.{tag}")
     try:
         yield tmp
+    except OSError as e:
+        raise _disk_full(e, out) from None
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+@contextlib.contextmanager
+def atomic_output(out: Path) -> Iterator[Path]:
+    """A path to write ``out``'s content to; it becomes ``out`` only on success,
+    so ``out`` is complete or absent. On Linux the file is unnamed (O_TMPFILE)
+    until then, so Ctrl-C, SIGKILL or a full disk leave no temp file either;
+    elsewhere it is ``.OUT.<pid>.partial``, removed on failure or by the next run.
+
+    Example:
+        >>> with atomic_output(Path("out.gguf")) as tmp:          # doctest: +SKIP
+        ...     tmp.write_bytes(b"GGUF...")
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(out)
+    fd = _anonymous_fd(out.parent)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")
+    try:
+        if fd is not None:
+            yield Path(f"/proc/self/fd/{fd}")
+            # link the finished file under a temp name, then rename it over out
+            # (linkat cannot replace; the named window is two syscalls long)
+            dfd = os.open(out.parent, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.link(f"/proc/self/fd/{fd}", tmp.name, src_dir_fd=dfd, dst_dir_fd=dfd, follow_symlinks=True)
+            finally:
+                os.close(dfd)
+        else:
+            yield tmp
         os.replace(tmp, out)
     except OSError as e:
-        if e.errno == errno.ENOSPC:
-            raise DiskFullError(f"{out.parent}: the disk is full; nothing was written to {out}",
-                                hint="free some space or write elsewhere (-o)", path=str(out)) from None
-        raise
+        raise _disk_full(e, out) from None
     finally:
+        if fd is not None:
+            os.close(fd)
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
 
@@ -120,6 +210,46 @@ def write_gguf(path: Path, *, arch: str, kv: dict[str, Any], general: dict[str, 
         w.flush()
     finally:
         w.close()
+
+
+_SCALAR_SIZES = {gguf.GGUFValueType.UINT8: 1, gguf.GGUFValueType.INT8: 1, gguf.GGUFValueType.BOOL: 1,
+                 gguf.GGUFValueType.UINT16: 2, gguf.GGUFValueType.INT16: 2, gguf.GGUFValueType.UINT32: 4,
+                 gguf.GGUFValueType.INT32: 4, gguf.GGUFValueType.FLOAT32: 4, gguf.GGUFValueType.UINT64: 8,
+                 gguf.GGUFValueType.INT64: 8, gguf.GGUFValueType.FLOAT64: 8}
+
+
+def patch_u32(path: Path, values: dict[str, int]) -> None:
+    """Overwrite uint32 metadata values of a written GGUF in place. Same size, so
+    nothing moves: this lets a result known only after writing (the tokenizer
+    probe) go into the file without writing it twice. The keys must come before
+    the first array (write them first), so only a few entries are read.
+
+    Example:
+        >>> patch_u32(Path("m.gguf"), {"localllm.tokenizer_probe.cases": 96})   # doctest: +SKIP
+    """
+    left = dict(values)
+    with open(path, "r+b") as f:
+        magic, _version, _n_tensors, n_kv = struct.unpack("<4sIQQ", f.read(24))
+        if magic != b"GGUF":
+            raise ValueError(f"{path}: not a little-endian GGUF file")
+        for _ in range(n_kv):
+            (klen,) = struct.unpack("<Q", f.read(8))
+            key = f.read(klen).decode("utf-8")
+            (vtype,) = struct.unpack("<I", f.read(4))
+            if key in left:
+                if vtype != gguf.GGUFValueType.UINT32:
+                    raise ValueError(f"{path}: {key} is not a uint32")
+                f.write(struct.pack("<I", left.pop(key)))
+                if not left:
+                    return
+            elif vtype == gguf.GGUFValueType.STRING:
+                (n,) = struct.unpack("<Q", f.read(8))
+                f.seek(n, os.SEEK_CUR)
+            elif vtype in _SCALAR_SIZES:
+                f.seek(_SCALAR_SIZES[gguf.GGUFValueType(vtype)], os.SEEK_CUR)
+            else:
+                break  # an array: the keys were not written first
+    raise KeyError(f"{path}: keys not found before the first array: {sorted(left)}")
 
 
 def tensor_types(path: Path) -> dict[str, int]:
