@@ -128,6 +128,7 @@ class Model:
         self._lock = threading.Lock()
         self._closed = False
         self._ctx = self._emb_ctx = self._m = None
+        self._beam_ctx = None
         self._hf = None
         path = store.resolve(model, models_dir=models_dir)
         header = validate.read_header(path)  # llama.cpp never sees a file that fails this bounded check
@@ -188,10 +189,10 @@ class Model:
     def close(self) -> None:
         """Free the llama.cpp objects. Safe to call twice."""
         self._closed = True
-        for obj in (getattr(self, "_batch", None), self._emb_ctx, self._ctx, self._m):
+        for obj in (getattr(self, "_batch", None), self._emb_ctx, self._beam_ctx, self._ctx, self._m):
             if obj is not None:
                 obj.close()
-        self._ctx = self._emb_ctx = None
+        self._ctx = self._emb_ctx = self._beam_ctx = None
 
     def __enter__(self) -> Model:
         return self
@@ -409,7 +410,8 @@ class Model:
 
     def generate(self, prompt: str, max_tokens: int | None = 256, temperature: float = 0.8,
                  top_p: float = 0.95, top_k: int = 40, min_p: float = 0.05, repeat_penalty: float = 1.0,
-                 stop: str | Sequence[str] | None = None, seed: int | None = None) -> str:
+                 stop: str | Sequence[str] | None = None, seed: int | None = None,
+                 num_beams: int | None = None) -> str:
         """Continue ``prompt`` (raw text, no chat template) and return the new text.
 
         ``temperature=0`` is greedy, hence reproducible. ``max_tokens=None``
@@ -418,8 +420,46 @@ class Model:
         Example:
             >>> m.generate("Once upon a time", max_tokens=16, temperature=0)   # doctest: +SKIP
         """
+        if num_beams is not None:
+            return self.beam_search(prompt, num_beams=num_beams, max_tokens=max_tokens, stop=stop)
         return self.complete(prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                              min_p=min_p, repeat_penalty=repeat_penalty, stop=stop, seed=seed).text
+
+    MAX_BEAMS = 8
+
+    def beam_search(self, prompt: str, *, num_beams: int = 4, max_tokens: int | None = 256,
+                    stop: str | Sequence[str] | None = None) -> str:
+        """The most likely continuation found by beam search (``generate(..., num_beams=K)``).
+
+        ``num_beams=1`` is greedy decoding. Sampling parameters do not apply.
+
+        Example:
+            >>> m.generate("The capital of France is", max_tokens=8, num_beams=4)   # doctest: +SKIP
+        """
+        from localllm.beam import beam_search
+
+        if isinstance(num_beams, bool) or not isinstance(num_beams, int) or not 1 <= num_beams <= self.MAX_BEAMS:
+            raise InvalidArgumentError(f"num_beams must be an integer in 1..{self.MAX_BEAMS}", param="num_beams")
+        stops = _check_sampling(max_tokens, 0.0, 1.0, 0, 0.0, 1.0, stop)
+        self._enter()
+        try:
+            ids = self._prompt_ids(prompt)
+            n_ctx = self._ctx.n_ctx
+            if len(ids) >= n_ctx:
+                raise ContextOverflowError(f"the prompt is {len(ids)} tokens but the context holds {n_ctx}",
+                                           prompt_tokens=len(ids), n_ctx=n_ctx)
+            if self._beam_ctx is None:  # K beams + K scratch sequences sharing one unified KV cache
+                self._beam_ctx = self._rt.Context(self._m, n_ctx=n_ctx, n_threads=self.n_threads,
+                                                  n_seq_max=2 * self.MAX_BEAMS)
+            ctx = self._beam_ctx
+            ctx.clear()
+            toks, _ = beam_search(ctx, self._m, ids, num_beams=num_beams,
+                                  max_tokens=max_tokens if max_tokens is not None else n_ctx)
+            text = TextStream(stops)
+            out = text.feed(self._m.detokenize(toks))
+            return out + text.flush()
+        finally:
+            self._lock.release()
 
     def stream(self, prompt: str, max_tokens: int | None = 256, temperature: float = 0.8,
                top_p: float = 0.95, top_k: int = 40, min_p: float = 0.05, repeat_penalty: float = 1.0,

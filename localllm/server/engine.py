@@ -38,6 +38,9 @@ class ServerSettings:
     max_body_bytes: int = 4 << 20
     model_alias: str | None = None
     load_async: bool = True  # /health answers 503 while the model loads
+    # llama.cpp's repacked weights run different kernels for 1 row and for 4+ rows, so a
+    # request's greedy output would depend on what else is in the batch; off by default
+    repack: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -52,7 +55,7 @@ class Engine:
         path: Path = store.resolve(cfg.model, models_dir=cfg.models_dir)
         header = validate.read_header(path)  # llama.cpp never sees a file that fails the bounded check
         self.path = path
-        self.model = runtime.LlamaModel(path)
+        self.model = runtime.LlamaModel(path, use_extra_bufts=cfg.repack)
         m = self.model
         n_ctx = cfg.ctx or min(m.n_ctx_train or 4096, 4096)
         if m.n_ctx_train and n_ctx > m.n_ctx_train:

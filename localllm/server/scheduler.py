@@ -33,6 +33,7 @@ from localllm.errors import (ContextOverflowError, InvalidArgumentError, LocalLL
 from localllm.textstream import TextStream
 
 log = logging.getLogger("localllm.server")
+MAX_BEAMS = 8  # beam jobs use sequence ids n_slots .. n_slots + 2 * MAX_BEAMS - 1
 
 
 @dataclass
@@ -149,7 +150,8 @@ class Scheduler:
         self.max_queue = max_queue
         # unified KV: every sequence can reach n_ctx_seq and the sum never exceeds the total
         self.ctx = runtime.Context(model, n_ctx=n_ctx_seq * n_slots, n_threads=n_threads, n_batch=n_batch,
-                                   n_ubatch=n_batch, n_seq_max=n_slots, kv_unified=kv_unified)
+                                   n_ubatch=n_batch, n_seq_max=n_slots + 2 * MAX_BEAMS,
+                                   kv_unified=kv_unified)
         self.batch = runtime.Batch(self.ctx.n_batch, 1)
         self.slots = [_Slot(i) for i in range(n_slots)]
         self.waiting: deque[Job] = deque()
@@ -208,6 +210,14 @@ class Scheduler:
                 if job.cancelled.is_set():
                     self.waiting.popleft()
                     continue
+                if job.params.num_beams > 1:
+                    self.waiting.popleft()
+                    self.cv.release()  # submit() must not block behind a long beam search
+                    try:
+                        self._beam(job)
+                    finally:
+                        self.cv.acquire()
+                    continue
                 free = [s for s in self.slots if not s.busy]
                 width = max(job.params.best_of, job.params.n)
                 if len(free) < width:
@@ -215,6 +225,32 @@ class Scheduler:
                 self.waiting.popleft()
                 self._start(job, free, width)
             self.stats["queue_depth"] = len(self.waiting)
+
+    def _beam(self, job: Job) -> None:
+        """Run a beam-search job to the end on this thread. It pauses the other
+        sequences for its duration (beams reorder KV every step); see docs/serve.md."""
+        from localllm.beam import beam_search
+
+        p = job.params
+        base = self.n_slots
+        try:
+            limit = min(p.max_tokens or self.n_ctx_seq, self.n_ctx_seq - len(job.prompt))
+            toks, reason = beam_search(self.ctx, self.model, job.prompt, num_beams=p.num_beams, max_tokens=limit,
+                                       seq_ids=range(base, base + 2 * p.num_beams), n_ctx=self.n_ctx_seq)
+        except LocalLLMError as e:
+            job.queue.put(Event("error", error=e))
+            return
+        finally:
+            self.ctx.seq_rm(base, -1, -1)
+        job.t_first = time.perf_counter()
+        job.completion_tokens = len(toks)
+        text = TextStream(p.stop)
+        out = text.feed(self.model.detokenize(toks))
+        out += text.flush()
+        if text.stopped:
+            reason = "stop"
+        job.queue.put(Event("text", 0, out))
+        job.queue.put(Event("done", 0, finish_reason=reason, tokens=len(toks)))
 
     def _start(self, job: Job, free: list[_Slot], width: int) -> None:
         prompt = job.prompt

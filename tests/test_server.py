@@ -1,0 +1,248 @@
+"""``localllm serve`` against the official ``openai`` client on loopback."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+
+from serverutil import get, live_server, post, stream_lines, wait_for
+
+openai = pytest.importorskip("openai")
+
+MODEL = "smollm2-135m"
+Q = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def server():
+    with live_server(model=MODEL, parallel=4, ctx=512, max_queue=8) as live:
+        yield live
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.api, api_key="unused", max_retries=0, timeout=120)
+
+
+def test_models_and_health(server, client):
+    ids = [m.id for m in client.models.list().data]
+    assert ids == ["smollm2-135m:q8_0"]
+    r = get(server.url + "/health")
+    assert r.status_code == 200 and r.json()["status"] == "ok"
+
+
+def test_chat(client):
+    r = client.chat.completions.create(model=MODEL, messages=Q, max_tokens=8, temperature=0)
+    assert r.object == "chat.completion"
+    assert r.choices[0].message.role == "assistant" and r.choices[0].message.content
+    assert r.choices[0].finish_reason in ("stop", "length")
+    assert r.usage.completion_tokens <= 8 and r.usage.prompt_tokens > 5
+
+
+def test_chat_stream_matches_non_stream(client):
+    whole = client.chat.completions.create(model=MODEL, messages=Q, max_tokens=12, temperature=0)
+    pieces, finish, usage = [], None, None
+    for ch in client.chat.completions.create(model=MODEL, messages=Q, max_tokens=12, temperature=0, stream=True,
+                                              stream_options={"include_usage": True}):
+        if ch.usage:
+            usage = ch.usage
+        for c in ch.choices:
+            pieces.append(c.delta.content or "")
+            finish = c.finish_reason or finish
+    assert "".join(pieces) == whole.choices[0].message.content
+    assert finish == whole.choices[0].finish_reason
+    assert usage is not None and usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_raw_sse_ends_with_done(server):
+    with stream_lines(server.api + "/chat/completions", {"messages": Q, "max_tokens": 3, "stream": True}) as it:
+        lines = [ln for ln in it if ln]
+    assert lines[-1] == "data: [DONE]"
+    assert all(ln.startswith("data: ") for ln in lines)
+
+
+def test_second_turn_reuses_kv(client):
+    msgs = [{"role": "user", "content": "Name a colour."}]
+    a = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=6, temperature=0)
+    msgs += [{"role": "assistant", "content": a.choices[0].message.content},
+             {"role": "user", "content": "And another one?"}]
+    b = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=6, temperature=0)
+    assert b.usage.prompt_tokens_details.cached_tokens >= a.usage.prompt_tokens - 2
+
+
+def test_completions_n_and_best_of(client):
+    r = client.completions.create(model=MODEL, prompt="1, 2, 3,", max_tokens=6, temperature=0)
+    assert r.choices[0].text.startswith(" 4, 5")
+    r = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=6, temperature=1.0,
+                                  n=3, seed=7)
+    assert sorted(c.index for c in r.choices) == [0, 1, 2]
+    assert len({c.text for c in r.choices}) > 1  # different seeds per choice
+    r = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=6, temperature=1.0,
+                                  n=2, best_of=4, seed=7)
+    assert len(r.choices) == 2 and r.usage.completion_tokens <= 24
+
+
+def test_beam_search_field(client):
+    r = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=6,
+                                  temperature=0, extra_body={"num_beams": 1})
+    b = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=6,
+                                  extra_body={"num_beams": 3})
+    assert b.choices[0].text and b.choices[0].finish_reason in ("stop", "length")
+    g = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=6, temperature=0)
+    assert r.choices[0].text == g.choices[0].text
+
+
+def test_extension_fields_and_json(client):
+    r = client.completions.create(model=MODEL, prompt="Hi", max_tokens=5, temperature=0,
+                                  extra_body={"top_k": 5, "min_p": 0.1, "repeat_penalty": 1.1,
+                                              "ignore_eos": True})
+    assert r.usage.completion_tokens == 5 and r.choices[0].finish_reason == "length"
+    schema = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+              "required": ["name", "age"]}
+    r = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "A person as JSON"}], max_tokens=48, temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "p", "schema": schema}})
+    obj = json.loads(r.choices[0].message.content)
+    assert set(obj) == {"name", "age"} and isinstance(obj["age"], int)
+    r = client.completions.create(model=MODEL, prompt="Answer:", max_tokens=8, temperature=0,
+                                  extra_body={"grammar": 'root ::= "yes" | "no"'})
+    assert r.choices[0].text in ("yes", "no")
+
+
+def test_embeddings(client):
+    r = client.embeddings.create(model=MODEL, input=["hello", "world"])
+    assert len(r.data) == 2 and len(r.data[0].embedding) == 576
+    assert abs(sum(x * x for x in r.data[0].embedding) - 1) < 1e-3
+
+
+@pytest.mark.parametrize("body,status,param", [
+    ({"messages": Q, "max_tokens": -1}, 400, "max_tokens"),
+    ({"messages": Q, "temperature": "hot"}, 400, "temperature"),
+    ({"messages": "hi"}, 400, "messages"),
+    ({}, 400, "messages"),
+    ({"messages": Q, "model": "gpt-4"}, 404, "model"),
+    ({"messages": Q, "n": 99}, 400, "n"),
+    ({"messages": Q, "response_format": {"type": "xml"}}, 400, "response_format"),
+    ({"messages": Q, "grammar": "root ::= ("}, 400, "grammar"),
+])
+def test_bad_input_is_4xx_json(server, body, status, param):
+    r = post(server.api + "/chat/completions", json=body, timeout=60)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert param in (err["param"] or "")
+
+
+def test_invalid_json_and_unknown_route(server):
+    r = post(server.api + "/chat/completions", content=b"{not json", timeout=10,
+                   headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    assert get(server.api + "/nope").status_code == 404
+    assert get(server.api + "/chat/completions").status_code == 405
+
+
+def test_prompt_longer_than_context_is_400(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt="word " * 600, max_tokens=4)
+    assert e.value.body["code"] == "context_length_exceeded"
+
+
+def test_metrics(server, client):
+    client.completions.create(model=MODEL, prompt="Hi", max_tokens=2)
+    text = get(server.url + "/metrics").text
+    for name in ("localllm_requests_total", "localllm_generated_tokens_total", "localllm_prompt_tokens_total",
+                 "localllm_time_to_first_token_seconds_bucket", "localllm_decode_step_seconds_bucket",
+                 "localllm_queue_depth", "localllm_busy_slots"):
+        assert name in text
+
+
+PROMPTS = ["The capital of France is", "1, 2, 3, 4,", "My favourite colour is", "Python is a",
+           "Once upon a time", "The best way to learn", "Water boils at", "In 1969, the first"]
+
+
+def test_eight_concurrent_clients_match_alone(client):
+    """Greedy output is the same alone and in a batch (weights are not repacked, see docs/serve.md)."""
+    def ask(p: str) -> str:
+        return client.completions.create(model=MODEL, prompt=p, max_tokens=16, temperature=0,
+                                         extra_body={"ignore_eos": True}).choices[0].text
+
+    alone = [ask(p) for p in PROMPTS]
+    together: list[str | None] = [None] * len(PROMPTS)
+    threads = [threading.Thread(target=lambda i=i: together.__setitem__(i, ask(PROMPTS[i])))
+               for i in range(len(PROMPTS))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert together == alone
+    assert len(set(alone)) == len(alone)  # independent answers, not one request's text repeated
+
+
+def test_disconnect_frees_slot(server):
+    def busy() -> int:
+        return get(server.url + "/health").json()["slots_processing"]
+
+    assert wait_for(lambda: busy() == 0)
+    with stream_lines(server.api + "/completions",
+                      {"prompt": "Count: 1, 2,", "max_tokens": 400, "stream": True, "ignore_eos": True}) as it:
+        for _ in range(12):
+            next(it)
+        assert busy() == 1
+    t0 = time.monotonic()
+    assert wait_for(lambda: busy() == 0, timeout=1.0)
+    assert time.monotonic() - t0 < 1.0
+
+
+def test_queue_overflow_is_503_with_retry_after():
+    with live_server(model=MODEL, parallel=1, ctx=256, max_queue=1) as live:
+        body = {"prompt": "Count: 1, 2,", "max_tokens": 150, "ignore_eos": True}
+        results: list[int] = []
+
+        def call() -> None:
+            results.append(post(live.api + "/completions", json=body, timeout=120).status_code)
+
+        threads = [threading.Thread(target=call) for _ in range(2)]  # one runs, one waits
+        for t in threads:
+            t.start()
+        assert wait_for(lambda: get(live.url + "/health").json()["queue"] == 1, timeout=10)
+        r = post(live.api + "/completions", json=body, timeout=10)
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert r.json()["error"]["code"] == "server_busy"
+        for t in threads:
+            t.join()
+        assert results == [200, 200]
+
+
+def test_api_key_413_and_public_health():
+    with live_server(model=MODEL, parallel=1, ctx=256, api_key="s3cret", max_body_bytes=4096) as live:
+        assert get(live.url + "/health").status_code == 200
+        assert get(live.url + "/").status_code == 200
+        r = get(live.api + "/models")
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+        assert get(live.api + "/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        good = openai.OpenAI(base_url=live.api, api_key="s3cret", max_retries=0)
+        assert good.models.list().data
+        bad = openai.OpenAI(base_url=live.api, api_key="nope", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            bad.models.list()
+        r = post(live.api + "/completions", headers={"Authorization": "Bearer s3cret"},
+                       json={"prompt": "x" * 10000, "max_tokens": 1})
+        assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
+
+
+def test_health_is_503_while_loading():
+    from localllm.server import ServerSettings, create_app, shutdown
+
+    app = create_app(ServerSettings(model=MODEL, parallel=1, ctx=128, load_async=True))
+    try:
+        c = app.test_client()
+        first = c.get("/health")
+        assert first.status_code in (200, 503)
+        if first.status_code == 503:
+            assert first.json["status"] == "loading"
+            assert c.get("/v1/models").status_code == 503
+    finally:
+        shutdown(app)
