@@ -131,8 +131,10 @@ ARCHS: dict[str, tuple[str, dict, str]] = {
 }
 
 
-def build_checkpoint(arch: str, root: Path, *, dtype: str = "float32", seed: int = 0) -> Path:
-    """Save a tiny random model of ``arch`` with its tokenizer into ``root``."""
+def build_checkpoint(arch: str, root: Path, *, dtype: str = "float32", seed: int = 0,
+                     config: dict | None = None, safetensors: bool = True, max_shard_size: str | None = None) -> Path:
+    """Save a tiny random model of ``arch`` with its tokenizer into ``root``
+    (``config`` overrides config fields; ``safetensors=False`` writes pytorch .bin)."""
     import torch
     import transformers
 
@@ -141,7 +143,7 @@ def build_checkpoint(arch: str, root: Path, *, dtype: str = "float32", seed: int
     tj = json.loads((tok_dir / "tokenizer.json").read_text())
     n_vocab = max(max(tj["model"]["vocab"].values()), max([a["id"] for a in tj["added_tokens"]] or [0])) + 1
     cfg_cls = getattr(transformers, cls_name)
-    kw = {**BASE, **extra, "vocab_size": n_vocab}
+    kw = {**BASE, **extra, "vocab_size": n_vocab, **(config or {})}
     tokcfg = json.loads((tok_dir / "tokenizer_config.json").read_text())
     cfg = cfg_cls(**kw)
     torch.manual_seed(seed)
@@ -157,11 +159,35 @@ def build_checkpoint(arch: str, root: Path, *, dtype: str = "float32", seed: int
             else:
                 p.copy_(torch.randn_like(p) * 0.15)
     model = model.to(getattr(torch, dtype))
-    model.save_pretrained(root)
+    if safetensors:
+        model.save_pretrained(root, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+    else:
+        _save_bin(model, root, max_shard_size is not None)
     for f in tok_dir.iterdir():
         shutil.copy(f, root / f.name)
     _ = tokcfg
     return root
+
+
+def _save_bin(model, root: Path, sharded: bool) -> None:
+    """pytorch_model.bin (or two shards with an index), as older checkpoints ship."""
+    import torch
+
+    root.mkdir(parents=True, exist_ok=True)
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(root)
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if not sharded:
+        torch.save(sd, root / "pytorch_model.bin")
+        return
+    names = list(sd)
+    half = len(names) // 2
+    wm = {}
+    for i, part in enumerate((names[:half], names[half:])):
+        fname = f"pytorch_model-{i + 1:05d}-of-00002.bin"
+        torch.save({k: sd[k] for k in part}, root / fname)
+        wm.update(dict.fromkeys(part, fname))
+    (root / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wm}))
 
 
 def hf_logits(root: Path, ids: list[int]) -> np.ndarray:

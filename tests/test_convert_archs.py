@@ -105,3 +105,80 @@ def test_k_quant_through_llama_cpp(built, tmp_path: Path) -> None:
     assert any("other types" in n for n in res.notes)
     assert np.mean(ref.argmax(-1) == gguf_logits(res.path, ids).argmax(-1)) >= 0.7
     assert not list(tmp_path.glob(".*"))  # no temp files left
+
+
+def _rewrite_config(root: Path, edit) -> None:
+    import json
+
+    p = root / "config.json"
+    cfg = json.loads(p.read_text())
+    edit(cfg)
+    p.write_text(json.dumps(cfg))
+
+
+def test_llama3_rope_frequencies(tmp_path: Path) -> None:
+    """llama3 rope scaling → a rope_freqs tensor; logits match in both config styles,
+    and dropping the scaling (seeded bug) breaks the match."""
+    from localllm import validate
+
+    # original context 16 with head_dim 16 puts the wavelengths (6.3, 20, 63, ...)
+    # in all three regimes (kept, smoothed, divided by factor), and 48 positions
+    # turn the scaled ones far enough for a missing scaling to show
+    rp = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+          "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+    root = build_checkpoint("llama", tmp_path / "hf", config={"rope_parameters": rp})
+    ids = np.random.default_rng(2).integers(5, 380, 48).tolist()
+    ref = hf_logits(root, ids)
+    res = convert(root, tmp_path / "new.gguf", quant="F32")
+    assert "rope_freqs.weight" in {t.name for t in validate.read_header(res.path).tensors}
+    assert nmse(ref, gguf_logits(res.path, ids)) <= 1e-5
+
+    def to_4x(cfg: dict) -> None:  # transformers 4.x spelling of the same settings
+        p = cfg.pop("rope_parameters")
+        cfg["rope_theta"] = p.pop("rope_theta")
+        cfg["rope_scaling"] = p
+    _rewrite_config(root, to_4x)
+    assert nmse(ref, gguf_logits(convert(root, tmp_path / "old.gguf", quant="F32").path, ids)) <= 1e-5
+
+    _rewrite_config(root, lambda cfg: cfg.update(rope_scaling=None))
+    bad = convert(root, tmp_path / "bad.gguf", quant="F32")
+    assert nmse(ref, gguf_logits(bad.path, ids)) > 1e-4
+
+
+def test_phi3_longrope_factors(tmp_path: Path) -> None:
+    """Phi-3 longrope: rope_factors_short/long tensors and the attention factor;
+    logits match transformers (short factors: the context is below the original)."""
+    from localllm import validate
+
+    rng = np.random.default_rng(3)
+    short = (1.0 + 2.0 * rng.random(8)).round(3).tolist()  # head_dim 16 → 8 factors, far from 1
+    long = (2.0 + 4.0 * rng.random(8)).round(3).tolist()
+    rp = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": short, "long_factor": long,
+          "original_max_position_embeddings": 512}
+    # llama.cpp picks the long factors when its context (padded up to 256) exceeds
+    # the original; transformers when the sequence does: 512 keeps both on "short"
+    root = build_checkpoint("phi3", tmp_path / "hf", config={
+        "rope_parameters": rp, "original_max_position_embeddings": 512, "max_position_embeddings": 2048})
+    ids = np.random.default_rng(4).integers(5, 380, 48).tolist()
+    ref = hf_logits(root, ids)
+    res = convert(root, tmp_path / "m.gguf", quant="F32")
+    hdr = validate.read_header(res.path)
+    assert {"rope_factors_short.weight", "rope_factors_long.weight"} <= {t.name for t in hdr.tensors}
+    assert hdr.metadata["phi3.rope.scaling.original_context_length"] == 512
+    assert nmse(ref, gguf_logits(res.path, ids)) <= 1e-5
+
+    # seeded bug: factors of 1 (no longrope) must not pass
+    _rewrite_config(root, lambda cfg: cfg["rope_parameters"].update(short_factor=[1.0] * 8))
+    bad = convert(root, tmp_path / "bad.gguf", quant="F32")
+    assert nmse(ref, gguf_logits(bad.path, ids)) > 1e-4
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_pytorch_bin_checkpoint(sharded: bool, tmp_path: Path) -> None:
+    """pytorch_model.bin (single, or shards with an index) converts like safetensors."""
+    root = build_checkpoint("qwen2", tmp_path / "hf", safetensors=False, max_shard_size="1" if sharded else None)
+    assert not list(root.glob("*.safetensors"))
+    assert (root / "pytorch_model.bin.index.json").exists() == sharded
+    ids = list(range(10, 40))
+    res = convert(root, tmp_path / "m.gguf", quant="F32")
+    assert nmse(hf_logits(root, ids), gguf_logits(res.path, ids)) <= 1e-5

@@ -308,7 +308,13 @@ def resolve_source(src: str, revision: str | None = None) -> Path:
     patterns = ["config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json",
                 "added_tokens.json", "chat_template.*", "*.safetensors", "*.safetensors.index.json"]
     try:
-        return Path(snapshot_download(src, revision=revision, allow_patterns=patterns))
+        path = Path(snapshot_download(src, revision=revision, allow_patterns=patterns))
+        if not any(path.glob("*.safetensors")):
+            # a repo with only pytorch .bin weights: fetch those too (not always,
+            # since repos with both would download the same weights twice)
+            path = Path(snapshot_download(src, revision=revision,
+                                          allow_patterns=patterns + ["pytorch_model*.bin", "*.bin.index.json"]))
+        return path
     except Exception as e:  # hub errors are many; the message says which
         raise CheckpointError(f"{src}: cannot download from the Hugging Face hub ({type(e).__name__}: {e})",
                               hint="check the repo id and network, or pass a local folder", path=src) from None

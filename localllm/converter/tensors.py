@@ -6,7 +6,7 @@ tensor when the writer asks for it, so only one tensor is in memory.
 
 Example:
     >>> outs = plan_tensors(ck, rule, cfg, "F16", n_vocab=49152)    # doctest: +SKIP
-    >>> outs[0].name
+    >>> outs[0].name                                                # doctest: +SKIP
     'token_embd.weight'
 """
 
@@ -109,6 +109,38 @@ def choose_qtype(gguf_name: str, shape: tuple[int, ...], want: gguf.GGMLQuantiza
     return want
 
 
+def expected_shape(name: str, src: str, cfg: dict[str, Any]) -> tuple[int, ...] | None:
+    """The shape (numpy order) the config implies for GGUF tensor ``name`` (from
+    HF tensor ``src``), or None when the config does not fix it.
+
+    Example:
+        >>> expected_shape("blk.0.ffn_down.weight", "model.layers.0.mlp.down_proj.weight",
+        ...                {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4})
+        (64, 128)
+    """
+    hidden = int(cfg["hidden_size"])
+    n_head = int(cfg["num_attention_heads"])
+    n_kv = int(cfg.get("num_key_value_heads") or n_head)
+    head_dim = int(cfg.get("head_dim") or hidden // n_head)
+    ff = cfg.get("intermediate_size")
+    q, k = n_head * head_dim, n_kv * head_dim
+    part = name.split(".")[-2] if name.startswith("blk.") else name.rsplit(".", 1)[0]
+    bias = name.endswith(".bias")
+    rows = {"attn_q": q, "attn_k": k, "attn_v": k, "attn_qkv": q + 2 * k, "attn_output": hidden,
+            "ffn_gate": ff, "ffn_up": None if ff is None else int(ff) * (2 if "gate_up" in src else 1),
+            "ffn_down": hidden}.get(part)
+    if part in ("attn_q_norm", "attn_k_norm"):
+        return (head_dim,)
+    if part.endswith("_norm") and not bias:
+        return (hidden,)
+    if rows is None:
+        return None
+    if bias:
+        return (int(rows),)
+    cols = {"attn_output": q, "ffn_down": ff}.get(part, hidden)
+    return None if cols is None else (int(rows), int(cols))
+
+
 def plan_tensors(ck: Checkpoint, rule: ArchRule, cfg: dict[str, Any], qtype: gguf.GGMLQuantizationType,
                  *, n_vocab: int) -> list[OutTensor]:
     """Map every checkpoint tensor to its GGUF tensor; raise on anything unknown
@@ -138,6 +170,14 @@ def plan_tensors(ck: Checkpoint, rule: ArchRule, cfg: dict[str, Any], qtype: ggu
             raise CheckpointError(f"{ref.file}: tensor {src!r} is {ref.dtype}; only f32/f16/bf16 weights convert",
                                   hint="dequantize the checkpoint first", path=str(ref.file))
         shape = ref.shape
+        want = expected_shape(name, src, cfg)
+        if want is not None and shape != want:
+            raise CheckpointError(
+                f"{ref.file}: tensor {src!r} is {list(shape)} but config.json implies {list(want)} "
+                f"(hidden_size {hidden}, heads {n_head}/{n_head_kv}, head_dim {head_dim}, "
+                f"intermediate_size {cfg.get('intermediate_size')})",
+                hint="the weights and config.json do not belong together, or the file is corrupt",
+                path=str(ref.file), tensor=src)
         fixes: list[Callable[[np.ndarray], np.ndarray]] = []
         if rule.permute_qk and re.search(r"\.(attn_q|attn_k)\.(weight|bias)$", name):
             heads = n_head if ".attn_q." in name else n_head_kv
