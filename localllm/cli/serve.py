@@ -33,12 +33,15 @@ def _is_loopback(host: str) -> bool:
 @click.option("--cors-origin", "cors_origins", multiple=True, help="Allowed browser origin (repeatable, or '*').")
 @click.option("--max-body", "max_body_bytes", type=click.IntRange(1024), default=4 << 20, show_default=True,
               help="Largest request body in bytes (413 beyond).")
+@click.option("--repack", is_flag=True,
+              help="Use llama.cpp's repacked weights: faster on some CPUs, but greedy output then depends "
+                   "on what else is in the batch (see docs/serve.md).")
 @click.option("--insecure", is_flag=True, help="Allow binding a non-loopback address without --api-key.")
 @click.option("--server", "server_kind", type=click.Choice(["auto", "waitress", "werkzeug"]), default="auto",
               show_default=True, help="HTTP server (waitress when installed).")
 @model_options
 def command(model: str | None, model_path: str | None, host: str, port: int, api_key: str | None,
-            parallel: int, max_queue: int, cors_origins: tuple[str, ...], max_body_bytes: int, insecure: bool,
+            parallel: int, max_queue: int, cors_origins: tuple[str, ...], max_body_bytes: int, repack: bool, insecure: bool,
             server_kind: str, n_ctx: int | None, n_threads: int | None, gpu_layers: int | str,
             models_dir: str | None) -> None:
     """Serve MODEL (a name or .gguf path; the default model if omitted) on http://HOST:PORT.
@@ -60,7 +63,7 @@ def command(model: str | None, model_path: str | None, host: str, port: int, api
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cfg = ServerSettings(model=model_path or model, models_dir=models_dir, host=host, port=port,
                          api_key=api_key, parallel=parallel, ctx=n_ctx, max_queue=max_queue, threads=n_threads,
-                         cors_origins=cors_origins, max_body_bytes=max_body_bytes)
+                         cors_origins=cors_origins, max_body_bytes=max_body_bytes, repack=repack)
     app = create_app(cfg)
     url = f"http://{'localhost' if _is_loopback(host) else host}:{port}/"
     click.echo(f"localllm serve: {url} (OpenAI API at {url}v1, Ctrl-C stops)", err=True)

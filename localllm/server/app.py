@@ -251,7 +251,7 @@ def create_app(cfg: ServerSettings | None = None) -> Flask:
 
     def _generate(eng: Engine, prompt: list[int], params: Any, stream: bool, include_usage: bool,
                   chat: bool) -> Response:
-        job = eng.scheduler.submit(Job(prompt, params))
+        job = eng.scheduler.submit(Job(prompt, params, stream=stream))
         m = state.metrics
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())

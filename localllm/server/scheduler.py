@@ -70,9 +70,12 @@ class Event:
 class Job:
     """One request: a prompt and its parameters; events come back on a queue."""
 
-    def __init__(self, prompt: list[int], params: GenParams) -> None:
+    def __init__(self, prompt: list[int], params: GenParams, stream: bool = True) -> None:
         self.prompt = prompt
         self.params = params
+        # a non-streaming job gets its text in one event at the end: waking the HTTP
+        # thread for every token would fight the decode thread for the GIL
+        self.stream = stream
         self.queue: queue.Queue[Event] = queue.Queue()
         self.cancelled = threading.Event()
         self.t_submit = time.perf_counter()
@@ -153,6 +156,7 @@ class Scheduler:
                                    n_ubatch=n_batch, n_seq_max=n_slots + 2 * MAX_BEAMS,
                                    kv_unified=kv_unified)
         self.batch = runtime.Batch(self.ctx.n_batch, 1)
+        self._warm_up()
         self.slots = [_Slot(i) for i in range(n_slots)]
         self.waiting: deque[Job] = deque()
         self.active: list[_Seq] = []
@@ -162,6 +166,16 @@ class Scheduler:
         self.stats = {"busy_slots": 0, "queue_depth": 0, "steps": 0}
         self.thread = threading.Thread(target=self._loop, name="localllm-scheduler", daemon=True)
         self.thread.start()
+
+    def _warm_up(self) -> None:
+        """One small decode at load, so the first request does not pay for llama.cpp's
+        first-use setup (graph allocation, weight repacking)."""
+        b = self.batch
+        b.clear()
+        for i in range(min(8, b.capacity)):
+            b.add(max(self.model.bos, 0), i, 0, i == 7)
+        self.ctx.decode(b)
+        self.ctx.clear()
 
     # ------------------------------------------------------------------ public
     def submit(self, job: Job) -> Job:
@@ -412,7 +426,7 @@ class Scheduler:
             s.next_token = tok
 
     def _emit(self, s: _Seq, text: str, events: list[tuple[Job, Event]]) -> None:
-        if s.job.params.best_of > s.job.params.n:
+        if s.job.params.best_of > s.job.params.n or not s.job.stream:
             s.out.append(text)
         else:
             events.append((s.job, Event("text", s.index, text)))
@@ -424,6 +438,8 @@ class Scheduler:
         s.finish = reason
         p = s.job.params
         if p.best_of <= p.n:
+            if not s.job.stream and s.out:
+                events.append((s.job, Event("text", s.index, "".join(s.out))))
             events.append((s.job, Event("done", s.index, finish_reason=reason, tokens=s.n_gen)))
             return
         group = s.job.seqs
