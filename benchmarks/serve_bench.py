@@ -127,7 +127,7 @@ def ttft(port: int, n_tokens_words: int, rng: random.Random) -> float:
 
 
 def measure(name: str, port: int, args: argparse.Namespace) -> dict[str, float]:
-    rng = random.Random(args.seed)
+    rng = random.Random(args.seed + len(name))
     aggregate(port, 1, 1, rng)  # warm-up
     out = {f"{c} clients tok/s": aggregate(port, c, args.rounds, rng) for c in (1, 4)}
     out["TTFT 200-token prompt ms"] = 1000 * statistics.median(ttft(port, args.prompt_words, rng)
@@ -146,6 +146,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="requests per client")
     ap.add_argument("--prompt-words", type=int, default=200, help="~1 token per word for these words")
     ap.add_argument("--repack", action="store_true", help="pass --repack to localllm serve")
+    ap.add_argument("--repeat", type=int, default=3, help="alternating measurements per server (median)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
@@ -154,7 +155,6 @@ def main() -> None:
 
     gguf = store.resolve(args.model)
     exe = build_llama_server(args.sdist)
-    results = {}
     servers = {
         "llama-server": [str(exe), "-m", str(gguf), "-t", str(args.threads), "-tb", str(args.threads),
                          "-np", str(args.parallel), "-c", str(args.ctx * args.parallel), "--host", "127.0.0.1",
@@ -163,17 +163,27 @@ def main() -> None:
                            "--threads", str(args.threads), "--parallel", str(args.parallel),
                            "--ctx", str(args.ctx), "--host", "127.0.0.1"] + (["--repack"] if args.repack else []),
     }
-    for name, cmd in servers.items():
-        port = free_port()
-        proc = subprocess.Popen(cmd + ["--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            wait_healthy(f"http://127.0.0.1:{port}", proc)
-            results[name] = measure(name, port, args)
-        finally:
+    # both servers stay up (an idle one uses no CPU) and are measured alternately, several
+    # times, so a burst of load from elsewhere on the machine hits both; medians are reported
+    procs, ports = {}, {}
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in servers}
+    try:
+        for name, cmd in servers.items():
+            ports[name] = free_port()
+            procs[name] = subprocess.Popen(cmd + ["--port", str(ports[name])], stdout=subprocess.DEVNULL,
+                                           stderr=subprocess.DEVNULL)
+            wait_healthy(f"http://127.0.0.1:{ports[name]}", procs[name])
+        for rep in range(args.repeat):
+            for name in servers:
+                runs[name].append(measure(f"{name} (run {rep + 1})", ports[name], args))
+    finally:
+        for proc in procs.values():
             proc.terminate()
             proc.wait(timeout=30)
+    results = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in runs.items()}
     base, ours = results["llama-server"], results["localllm serve"]
-    print(f"\nmodel {gguf.name}, {args.threads} threads, {args.parallel} slots, 64-token completions")
+    print(f"\nmedians of {args.repeat} runs; model {gguf.name}, {args.threads} threads, {args.parallel} slots, "
+          f"64-token completions{', localllm --repack' if args.repack else ''}")
     for key in ("1 clients tok/s", "4 clients tok/s"):
         print(f"  {key:26s} llama-server {base[key]:7.1f}  localllm {ours[key]:7.1f}  ratio {ours[key] / base[key]:.2f}")
     key = "TTFT 200-token prompt ms"
