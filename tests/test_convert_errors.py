@@ -104,3 +104,28 @@ def test_pre_tokenizer_from_declaration() -> None:
     assert detect_pre(split(_QWEN2_RE))[0] == "qwen2"
     name, notes = detect_pre(split(r"\p{L}+"))
     assert name is None and "not recognized" in notes[0]
+
+
+def test_bin_without_torch_says_how_to_proceed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    root = _folder(tmp_path / "m")
+    (root / "model.safetensors").unlink()
+    (root / "pytorch_model.bin").write_bytes(b"PK\x03\x04 not read")
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch → ImportError
+    with pytest.raises(Exception, match="need torch to read") as e:
+        Checkpoint.open(root)
+    assert "safetensors" in (getattr(e.value, "hint", "") or "")
+
+
+def test_tensor_shape_check_names_file(tmp_path: Path) -> None:
+    """Without torch: a q_proj whose rows disagree with the head count names its file."""
+    from localllm.converter.rules import rule_for
+    from localllm.converter.tensors import Q, plan_tensors
+
+    root = _folder(tmp_path / "m")
+    _safetensors(root / "model.safetensors", {"model.embed_tokens.weight": np.zeros((4, 8)),
+                                              "model.layers.0.self_attn.q_proj.weight": np.zeros((6, 8))})
+    ck = Checkpoint.open(root)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: .*q_proj.* \[6, 8\]"):
+        plan_tensors(ck, rule_for(ck.config), ck.config, Q.F32, n_vocab=4)

@@ -29,9 +29,9 @@ from localllm.converter.probe import ProbeResult, probe_gguf, skip_reason
 from localllm.converter.rules import ArchRule, rule_for
 from localllm.converter.tensors import DIRECT_TYPES, OutTensor, hparams, plan_tensors
 from localllm.converter.tokenizer import Vocab, load_vocab, write_vocab
-from localllm.converter.writer import (QUANTS, atomic_output, check_space, parse_quant, patch_u32,
-                                       scratch_file, tensor_types, write_gguf)
-from localllm.errors import ConversionCheckError
+from localllm.converter.writer import (QUANTS, atomic_output, check_space, disk_nearly_full,
+                                       parse_quant, patch_u32,                                        scratch_file, tensor_types, write_gguf)
+from localllm.errors import ConversionCheckError, DiskFullError, ModelLoadError
 
 CONVERTER_VERSION = "1"
 # the type the intermediate file gets when llama.cpp does the final quantization:
@@ -168,7 +168,14 @@ def convert(src: str | os.PathLike[str], out: str | os.PathLike[str], *, quant: 
                     if bar:
                         bar.set_description(f"quantize {quant}")
                     from localllm import runtime
-                    runtime.quantize(mid, tmp, ftype, nthread=threads or 0)
+                    try:
+                        runtime.quantize(mid, tmp, ftype, nthread=threads or 0)
+                    except ModelLoadError as e:
+                        if disk_nearly_full(out.parent):
+                            raise DiskFullError(f"{out.parent}: the disk is full; nothing was written to {out}",
+                                                hint="free some space or write elsewhere (-o)",
+                                                path=str(out)) from e
+                        raise
     finally:
         if bar:
             bar.close()

@@ -181,6 +181,24 @@ def _add_kv(w: gguf.GGUFWriter, key: str, value: Any) -> None:
         raise TypeError(f"{key}: cannot write {type(value).__name__}")
 
 
+class _WriteThrough(np.ndarray):
+    """An array whose ``tofile`` goes through the file object's ``write``: numpy's
+    own ``tofile`` turns a full disk into "N requested and 0 written" with no
+    errno, which would hide ENOSPC (and our clear DiskFullError)."""
+
+    def tofile(self, fid: Any, sep: str = "", format: str = "%s") -> None:  # noqa: A002
+        fid.write(memoryview(np.ascontiguousarray(self).view(np.uint8)).cast("B"))
+
+
+def disk_nearly_full(path: Path, margin: int = 64 << 20) -> bool:
+    """Whether the disk holding ``path`` has less than ``margin`` bytes free
+    (llama.cpp reports a failed write without its cause; this supplies it)."""
+    try:
+        return shutil.disk_usage(path if path.is_dir() else path.parent).free < margin
+    except OSError:
+        return False
+
+
 def write_gguf(path: Path, *, arch: str, kv: dict[str, Any], general: dict[str, Any],
                write_vocab: Callable[[gguf.GGUFWriter], None], tensors: list[OutTensor],
                on_tensor: Callable[[OutTensor], None] | None = None) -> None:
@@ -201,7 +219,7 @@ def write_gguf(path: Path, *, arch: str, kv: dict[str, Any], general: dict[str, 
             data = t.compute()
             if data.nbytes != t.nbytes:
                 raise RuntimeError(f"{t.name}: computed {data.nbytes} bytes, planned {t.nbytes}")
-            w.write_tensor_data(data)
+            w.write_tensor_data(data.view(_WriteThrough))
             del data
             if t.source is not None:
                 t.source.release()
