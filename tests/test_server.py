@@ -246,3 +246,21 @@ def test_health_is_503_while_loading():
             assert c.get("/v1/models").status_code == 503
     finally:
         shutdown(app)
+
+
+def test_cli_refuses_public_bind_without_key():
+    from click.testing import CliRunner
+
+    from localllm.cli.serve import command
+
+    r = CliRunner().invoke(command, ["--host", "0.0.0.0"])
+    assert r.exit_code == 2 and "--api-key" in r.output
+
+
+def test_beam_search_k1_is_greedy(default_model_path):
+    from localllm import Model
+
+    with Model(default_model_path, n_ctx=256) as m:
+        for p in ("The capital of France is", "Python is a"):
+            assert m.generate(p, max_tokens=16, num_beams=1) == m.generate(p, max_tokens=16, temperature=0)
+        assert m.generate("1, 2, 3,", max_tokens=8, num_beams=3).startswith(" 4, 5")

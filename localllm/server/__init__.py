@@ -9,7 +9,7 @@ Example:
     >>> app = create_app(ServerSettings(model="smollm2-135m"))      # doctest: +SKIP
 """
 
-from localllm.server.app import create_app, shutdown
+from localllm.server.app import create_app, make_app, shutdown
 from localllm.server.engine import ServerSettings
 
-__all__ = ["create_app", "shutdown", "ServerSettings"]
+__all__ = ["create_app", "make_app", "shutdown", "ServerSettings"]

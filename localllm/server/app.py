@@ -333,6 +333,21 @@ def create_app(cfg: ServerSettings | None = None) -> Flask:
     return app
 
 
+def make_app(**settings: Any) -> Flask:
+    """``create_app(ServerSettings(**settings))`` for WSGI servers that take a call
+    string with literal arguments; ``api_key`` defaults to ``$LOCALLLM_API_KEY``.
+
+    Example:
+        gunicorn -w 1 -k gthread --threads 32 'localllm.server:make_app(model="smollm2-135m")'
+    """
+    import os
+
+    settings.setdefault("api_key", os.environ.get("LOCALLLM_API_KEY") or None)
+    if "cors_origins" in settings:
+        settings["cors_origins"] = tuple(settings["cors_origins"])
+    return create_app(ServerSettings(**settings))
+
+
 def _jsonify(obj: Any) -> Response:
     return Response(json.dumps(obj, ensure_ascii=False), mimetype="application/json")
 
