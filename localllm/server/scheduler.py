@@ -33,7 +33,7 @@ from localllm.errors import (ContextOverflowError, InvalidArgumentError, LocalLL
 from localllm.textstream import TextStream
 
 log = logging.getLogger("localllm.server")
-MAX_BEAMS = 8  # beam jobs use sequence ids n_slots .. n_slots + 2 * MAX_BEAMS - 1
+MAX_BEAMS = 8
 
 
 @dataclass
@@ -145,16 +145,19 @@ class Scheduler:
     """Owns the context; ``submit`` from any thread, decoding on one worker thread."""
 
     def __init__(self, model: runtime.LlamaModel, *, n_slots: int, n_ctx_seq: int, n_threads: int,
-                 max_queue: int = 16, n_batch: int = 512, kv_unified: bool = True,
+                 max_queue: int = 16, n_batch: int = 512, kv_unified: bool = False,
                  on_step: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.model = model
         self.n_slots = n_slots
         self.n_ctx_seq = n_ctx_seq
         self.max_queue = max_queue
-        # unified KV: every sequence can reach n_ctx_seq and the sum never exceeds the total
+        # one KV stream per slot (like llama-server -np N): a sequence's cells stay in position
+        # order whatever the others do, so its attention sums round the same alone or batched
+        # (a unified cache interleaves cells and measurably changes greedy output)
         self.ctx = runtime.Context(model, n_ctx=n_ctx_seq * n_slots, n_threads=n_threads, n_batch=n_batch,
-                                   n_ubatch=n_batch, n_seq_max=n_slots + 2 * MAX_BEAMS,
-                                   kv_unified=kv_unified)
+                                   n_ubatch=n_batch, n_seq_max=n_slots, kv_unified=kv_unified)
+        self.n_threads = n_threads
+        self._beam_ctx: runtime.Context | None = None
         self.batch = runtime.Batch(self.ctx.n_batch, 1)
         self._warm_up()
         self.slots = [_Slot(i) for i in range(n_slots)]
@@ -210,6 +213,8 @@ class Scheduler:
             self.cv.notify()
         self.thread.join(timeout=10)
         self.batch.close()
+        if self._beam_ctx is not None:
+            self._beam_ctx.close()
         self.ctx.close()
 
     def busy_slots(self) -> int:
@@ -246,16 +251,17 @@ class Scheduler:
         from localllm.beam import beam_search
 
         p = job.params
-        base = self.n_slots
         try:
+            if self._beam_ctx is None:  # its own unified cache: beams share cells, K scratch ids reorder them
+                self._beam_ctx = runtime.Context(self.model, n_ctx=self.n_ctx_seq, n_threads=self.n_threads,
+                                                 n_seq_max=2 * MAX_BEAMS, kv_unified=True)
+            self._beam_ctx.clear()
             limit = min(p.max_tokens or self.n_ctx_seq, self.n_ctx_seq - len(job.prompt))
-            toks, reason = beam_search(self.ctx, self.model, job.prompt, num_beams=p.num_beams, max_tokens=limit,
-                                       seq_ids=range(base, base + 2 * p.num_beams), n_ctx=self.n_ctx_seq)
+            toks, reason = beam_search(self._beam_ctx, self.model, job.prompt, num_beams=p.num_beams,
+                                       max_tokens=limit, n_ctx=self.n_ctx_seq)
         except LocalLLMError as e:
             job.queue.put(Event("error", error=e))
             return
-        finally:
-            self.ctx.seq_rm(base, -1, -1)
         job.t_first = time.perf_counter()
         job.completion_tokens = len(toks)
         text = TextStream(p.stop)
