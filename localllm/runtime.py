@@ -459,6 +459,7 @@ class Sampler:
         _backend()
         chain = C.llama_sampler_chain_init(C.llama_sampler_chain_default_params())
         self._ptr = chain
+        self.argmax_only = False
         self._keep: list = []
         try:
             if logit_bias:
@@ -475,6 +476,10 @@ class Sampler:
                 if not g:
                     raise InvalidArgumentError("the grammar does not parse", param="grammar")
                 self._add(g)
+            # plain greedy needs no chain state: argmax over the zero-copy logits
+            # view is 5-10x cheaper than llama.cpp building a candidates array
+            # of the whole vocabulary every token (300 us at a 262k vocab)
+            self.argmax_only = temperature <= 0.0 and not logit_bias and repeat_penalty == 1.0 and not grammar
             if temperature <= 0.0:
                 self._add(C.llama_sampler_init_greedy())
             else:
@@ -496,6 +501,8 @@ class Sampler:
 
     def sample(self, ctx: Context, i: int = -1) -> int:
         """Sample from batch row ``i``'s logits and accept the token."""
+        if self.argmax_only:
+            return int(ctx.logits(i).argmax())
         return int(C.llama_sampler_sample(self._ptr, ctx.ptr, i))
 
     def accept(self, token: int) -> None:
