@@ -129,3 +129,26 @@ def test_tensor_shape_check_names_file(tmp_path: Path) -> None:
     ck = Checkpoint.open(root)
     with pytest.raises(CheckpointError, match=r"model\.safetensors: .*q_proj.* \[6, 8\]"):
         plan_tensors(ck, rule_for(ck.config), ck.config, Q.F32, n_vocab=4)
+
+
+@pytest.mark.parametrize("qtype", ["F32", "F16", "Q8_0"])
+def test_row_chunks_equal_whole_tensor(tmp_path: Path, qtype: str) -> None:
+    """Large tensors are converted in row chunks (memory); the bytes are the same,
+    with the embedding trim and the Gemma +1 applied, and pages released per chunk."""
+    from localllm.converter.tensors import Q, OutTensor
+
+    rng = np.random.default_rng(0)
+    root = _folder(tmp_path / "m")
+    _safetensors(root / "model.safetensors", {"model.embed_tokens.weight": rng.standard_normal((100, 64))})
+    ref = Checkpoint.open(root).tensors["model.embed_tokens.weight"]
+    released: list[tuple[int, int]] = []
+    inner = ref._release
+    ref._release = lambda off, n: (released.append((off, n)), inner and inner(off, n))  # type: ignore[assignment, func-returns-value]
+    t = OutTensor("token_embd.weight", (90, 64), getattr(Q, qtype), ref, [lambda a: a[:90], lambda a: a + 1.0])
+    chunks = list(t.chunks(max_bytes=64 * 4 * 16))  # 16 rows a chunk
+    assert len(chunks) == 6
+    assert b"".join(c.tobytes() for c in chunks) == t.compute().tobytes()
+    assert sum(c.nbytes for c in chunks) == t.nbytes
+    assert released[0] == (0, 16 * 64 * 4) and len(released) == 6
+    t.row_local = False  # e.g. the Q/K permutation: one piece
+    assert len(list(t.chunks(max_bytes=64 * 4 * 16))) == 1

@@ -64,21 +64,37 @@ class TensorRef:
     shape: tuple[int, ...]
     file: Path
     _loader: Callable[[], np.ndarray] = field(repr=False, default=None)  # type: ignore[assignment]
-    _release: Callable[[], None] | None = field(repr=False, default=None)
+    _release: Callable[[int, int], None] | None = field(repr=False, default=None)  # (byte offset, length)
 
     @property
     def n_elements(self) -> int:
         return int(np.prod(self.shape)) if self.shape else 1
 
-    def release(self) -> None:
-        """Drop this tensor's pages from memory: file-backed pages count toward
-        RSS until the kernel reclaims them, and we will not read them again."""
-        if self._release is not None:
-            self._release()
+    def release(self, rows: slice | None = None) -> None:
+        """Drop this tensor's pages (or those of ``rows``) from memory: file-backed
+        pages count toward RSS until the kernel reclaims them, and we will not
+        read them again."""
+        if self._release is None:
+            return
+        nbytes = self.n_elements * _ST_DTYPES[self.dtype].itemsize
+        if rows is None or not self.shape:
+            self._release(0, nbytes)
+            return
+        row = nbytes // self.shape[0]
+        lo, hi, _ = rows.indices(self.shape[0])
+        self._release(lo * row, (hi - lo) * row)
 
-    def load(self) -> np.ndarray:
-        """The tensor as float32 (float inputs) or its own dtype (integer inputs)."""
+    def load(self, rows: slice | None = None) -> np.ndarray:
+        """The tensor (or only ``rows`` of it, read from the mapping without
+        touching the rest) as float32 (float inputs) or its own dtype (integers).
+
+        Example:
+            >>> ref.load(slice(0, 2)).shape                       # doctest: +SKIP
+            (2, 576)
+        """
         arr = self._loader()
+        if rows is not None:
+            arr = arr[rows]
         if self.dtype == "BF16":
             return bf16_to_f32(arr)
         if arr.dtype in (np.float16, np.float64):
@@ -136,16 +152,18 @@ class _SafetensorsFile:
         return load
 
 
-    def _dropper(self, start: int, length: int) -> Callable[[], None]:
-        def drop() -> None:
+    def _dropper(self, start: int, length: int) -> Callable[[int, int], None]:
+        def drop(off: int, n: int) -> None:
             mm = getattr(self.mm, "_mmap", None)
-            if mm is None or not hasattr(mm, "madvise") or length <= 0:
+            if mm is None or not hasattr(mm, "madvise") or n <= 0:
                 return
+            # only whole pages inside the range: a neighbour's shared page stays
             page = mmap.PAGESIZE
-            lo = (start // page) * page
-            hi = min(start + length, len(mm))
-            with contextlib.suppress(OSError, ValueError):
-                mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+            lo = -(-(start + off) // page) * page
+            hi = min(start + off + min(n, length - off), len(mm)) // page * page
+            if hi > lo:
+                with contextlib.suppress(OSError, ValueError):
+                    mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
         return drop
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,20 +76,46 @@ class OutTensor:
     source: TensorRef | None
     fixes: list[Callable[[np.ndarray], np.ndarray]] = field(default_factory=list)
     const: np.ndarray | None = None  # computed tensors (rope_freqs)
+    row_local: bool = True  # every fix maps row i to row i (so rows can be converted in chunks)
 
     @property
     def nbytes(self) -> int:
         return int(np.prod(gguf.quant_shape_to_byte_shape(self.shape, self.qtype)))
 
-    def compute(self) -> np.ndarray:
-        """Read, fix and encode the tensor (bytes in ``qtype``, ready to write)."""
-        arr = self.const if self.const is not None else self.source.load()  # type: ignore[union-attr]
+    def compute(self, rows: slice | None = None) -> np.ndarray:
+        """Read, fix and encode the tensor, or only ``rows`` of it (bytes in
+        ``qtype``, ready to write)."""
+        if self.const is not None:
+            arr = self.const if rows is None else self.const[rows]
+        else:
+            arr = self.source.load(rows)  # type: ignore[union-attr]
         for fix in self.fixes:
             arr = fix(arr)
         arr = np.ascontiguousarray(arr, dtype=np.float32)
         if self.qtype == Q.F32:
             return arr
         return gguf.quants.quantize(arr, self.qtype)
+
+    def chunks(self, max_bytes: int = 32 << 20) -> Iterator[np.ndarray]:
+        """The encoded tensor in row chunks of about ``max_bytes`` of float32, so
+        a large tensor (a 262k-row embedding: 670 MB as f32) never exists whole
+        in memory; one chunk when a fix needs the whole tensor (Q/K permutation).
+
+        Example:
+            >>> b"".join(c.tobytes() for c in out.chunks()) == out.compute().tobytes()   # doctest: +SKIP
+            True
+        """
+        n_rows = self.shape[0] if len(self.shape) > 1 else 1
+        row_f32 = 4 * int(np.prod(self.shape[1:])) if len(self.shape) > 1 else 0
+        if not self.row_local or n_rows == 1 or row_f32 * n_rows <= max_bytes:
+            yield self.compute()
+            return
+        step = max(1, max_bytes // row_f32)
+        for r in range(0, n_rows, step):
+            rows = slice(r, min(r + step, n_rows))
+            yield self.compute(rows)
+            if self.source is not None:
+                self.source.release(rows)  # the mapped pages read so far would count toward RSS
 
 
 def _keep_f32(gguf_name: str, ndim: int) -> bool:
@@ -179,12 +205,14 @@ def plan_tensors(ck: Checkpoint, rule: ArchRule, cfg: dict[str, Any], qtype: ggu
                 hint="the weights and config.json do not belong together, or the file is corrupt",
                 path=str(ref.file), tensor=src)
         fixes: list[Callable[[np.ndarray], np.ndarray]] = []
+        row_local = True
         if rule.permute_qk and re.search(r"\.(attn_q|attn_k)\.(weight|bias)$", name):
             heads = n_head if ".attn_q." in name else n_head_kv
             if shape[0] != heads * head_dim:
                 raise CheckpointError(f"{ref.file}: {src} has {shape[0]} rows, config implies {heads}×{head_dim}",
                                       path=str(ref.file))
             fixes.append(lambda a, h=heads: permute_qk(a, h))
+            row_local = False
         if rule.norm_plus_one and name.endswith("_norm.weight"):
             fixes.append(lambda a: a + 1.0)
         if name == "token_embd.weight":
@@ -197,7 +225,7 @@ def plan_tensors(ck: Checkpoint, rule: ArchRule, cfg: dict[str, Any], qtype: ggu
             elif shape[0] < n_vocab:
                 raise CheckpointError(f"{ref.file}: {src} has {shape[0]} rows but the tokenizer has {n_vocab} tokens",
                                       path=str(ref.file))
-        outs.append(OutTensor(name, shape, choose_qtype(name, shape, qtype), ref, fixes))
+        outs.append(OutTensor(name, shape, choose_qtype(name, shape, qtype), ref, fixes, row_local=row_local))
         seen.add(name)
     if "token_embd.weight" not in seen:
         raise CheckpointError(f"{ck.path}: no embedding tensor (model.embed_tokens.weight) found", path=str(ck.path))

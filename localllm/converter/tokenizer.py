@@ -120,7 +120,10 @@ def _added(tj: dict[str, Any]) -> dict[int, tuple[str, bool]]:
     return {int(a["id"]): (a["content"], bool(a.get("special"))) for a in tj.get("added_tokens", [])}
 
 
-def _from_tokenizer_json(tj: dict[str, Any], path: Path) -> Vocab:
+def _from_tokenizer_json(tj: dict[str, Any], path: Path, scores_from: int = 0) -> Vocab:
+    """``scores_from``: SentencePiece-style scores are only needed from this id
+    on (tokenizer.model supplies the others); Gemma-3 has 514k merges, and
+    ranking them all costs ~200 MB for nothing."""
     model = tj.get("model") or {}
     mtype = model.get("type")
     added = _added(tj)
@@ -136,15 +139,22 @@ def _from_tokenizer_json(tj: dict[str, Any], path: Path) -> Vocab:
         tokens = [""] * size
         for tok, i in vocab.items():
             tokens[i] = tok
-        merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+        raw_merges = model.get("merges", [])
         byte_level = "ByteLevel" in json.dumps(tj.get("decoder"))
         kind = "gpt2" if byte_level and not model.get("byte_fallback") else "llama"
+        merges = [m if isinstance(m, str) else " ".join(m) for m in raw_merges] if kind == "gpt2" else []
         if kind == "llama":
             # SentencePiece merges by highest score; HF BPE by lowest merge rank
+            # (ranked only for the tokens that need a score)
+            need = set(tokens[scores_from:])
             rank: dict[str, int] = {}
-            for r, m in enumerate(merges):
-                rank.setdefault(m.replace(" ", ""), r)
-            scores = [-float(rank.get(t, 0 if len(t) <= 1 else len(merges))) for t in tokens]
+            for r, m in enumerate(raw_merges):
+                joined = m.replace(" ", "") if isinstance(m, str) else "".join(m)
+                if joined in need:
+                    rank.setdefault(joined, r)
+            n_merges = len(raw_merges)
+            scores = [0.0] * min(scores_from, len(tokens)) + [
+                -float(rank.get(t, 0 if len(t) <= 1 else n_merges)) for t in tokens[scores_from:]]
     else:
         raise CheckpointError(f"{path}: tokenizer model type {mtype!r} is not supported "
                               f"(SentencePiece/Unigram and BPE are)", path=str(path))
@@ -197,16 +207,15 @@ def load_vocab(root: Path, *, n_rows: int, trim: bool = False, add_space_prefix:
     tcfg_path = root / "tokenizer_config.json"
     tcfg = read_json(tcfg_path) if tcfg_path.exists() else {}
     if tj is not None:
-        v = _from_tokenizer_json(tj, tj_path)
-        if v.model == "llama" and sp_path.exists():
+        sp = _try_sentencepiece(sp_path) if sp_path.exists() else None
+        v = _from_tokenizer_json(tj, tj_path, scores_from=len(sp.tokens) if sp is not None else 0)
+        if v.model == "llama" and sp is not None:
             # tokenizer.model is SentencePiece's own truth for scores and types
-            sp = _try_sentencepiece(sp_path)
-            if sp is not None:
-                n = len(sp.tokens)
-                v.tokens[:n], v.types[:n] = sp.tokens, sp.types
-                v.scores[:n] = sp.scores  # type: ignore[index]
-                for i, (_, special) in _added(tj).items():  # tokenizer.json knows which are special
-                    v.types[i] = CONTROL if special else USER_DEFINED
+            n = len(sp.tokens)
+            v.tokens[:n], v.types[:n] = sp.tokens, sp.types
+            v.scores[:n] = sp.scores  # type: ignore[index]
+            for i, (_, special) in _added(tj).items():  # tokenizer.json knows which are special
+                v.types[i] = CONTROL if special else USER_DEFINED
         v.hf_json = tj_path.read_text(encoding="utf-8")
     elif sp_path.exists():
         v = _from_sentencepiece(sp_path)
