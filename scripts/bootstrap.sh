@@ -55,7 +55,9 @@ bootstrap() {
   [ -n "$extras" ] && spec=".[$extras]"
   want="$(cat "$LOCALLLM_ROOT/setup.cfg" "$LOCALLLM_ROOT/scripts/bootstrap.sh" | cksum | cut -d' ' -f1)-$extras"
   stamp="$VENV/.localllm-bootstrap"
-  if [ -x "$VENV/bin/localllm" ] && [ -f "$stamp" ] && grep -qx -- "$want" "$stamp"; then
+  # the test extra includes everything the serve extra has
+  if [ -x "$VENV/bin/localllm" ] && [ -f "$stamp" ] && { grep -qx -- "$want" "$stamp" || \
+       { [ "$extras" = serve ] && grep -qx -- "${want%-serve}-test" "$stamp"; }; }; then
     return 0
   fi
   local py
