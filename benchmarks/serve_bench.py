@@ -126,8 +126,9 @@ def ttft(port: int, n_tokens_words: int, rng: random.Random) -> float:
     return first or float("nan")
 
 
-def measure(name: str, port: int, args: argparse.Namespace) -> dict[str, float]:
-    rng = random.Random(args.seed + len(name))
+def measure(name: str, port: int, args: argparse.Namespace, rep: int) -> dict[str, float]:
+    # fresh prompts every run: both servers cache prompts, and TTFT must measure prompt processing
+    rng = random.Random(args.seed + 1000 * rep + len(name))
     aggregate(port, 1, 1, rng)  # warm-up
     out = {f"{c} clients tok/s": aggregate(port, c, args.rounds, rng) for c in (1, 4)}
     out["TTFT 200-token prompt ms"] = 1000 * statistics.median(ttft(port, args.prompt_words, rng)
@@ -175,7 +176,7 @@ def main() -> None:
             wait_healthy(f"http://127.0.0.1:{ports[name]}", procs[name])
         for rep in range(args.repeat):
             for name in servers:
-                runs[name].append(measure(f"{name} (run {rep + 1})", ports[name], args))
+                runs[name].append(measure(f"{name} (run {rep + 1})", ports[name], args, rep))
     finally:
         for proc in procs.values():
             proc.terminate()

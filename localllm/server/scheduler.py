@@ -308,6 +308,9 @@ class Scheduler:
         for s in seqs:
             s.slot.busy = True
         self.active.extend(seqs)
+        # batch rows in sequence-id order: with one KV stream per sequence llama.cpp splits a
+        # batch into equal micro-batches over consecutive sequences; any other order costs extra splits
+        self.active.sort(key=lambda x: x.slot.seq)
         self.stats["busy_slots"] = self.busy_slots()
 
     # ------------------------------------------------------------------ the loop
