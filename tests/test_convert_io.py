@@ -113,6 +113,15 @@ def test_killed_named_fallback_is_cleaned_by_next_run(tiny: Path, tmp_path: Path
     assert [p.name for p in tmp_path.iterdir()] == ["m.gguf"]
 
 
+def test_link_refused_falls_back_to_copy(tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A filesystem that refuses to link the unnamed file still gets OUT (copied)."""
+    def refuse(*a, **k) -> None:
+        raise OSError(errno.EPERM, "Operation not permitted")
+    monkeypatch.setattr(os, "link", refuse)
+    res = convert(tiny, tmp_path / "m.gguf", quant="Q8_0")
+    assert [p.name for p in tmp_path.iterdir()] == ["m.gguf"] and res.size_bytes == (tmp_path / "m.gguf").stat().st_size
+
+
 # ---------------------------------------------------------------- full disk
 
 class _FillingFile:

@@ -122,6 +122,14 @@ def scratch_file(out: Path, tag: str) -> Iterator[Path]:
             tmp.unlink()
 
 
+def _copy_fd(fd: int, dst: Path) -> None:
+    size = os.fstat(fd).st_size
+    with open(dst, "wb") as f:
+        off = 0
+        while off < size:
+            off += os.sendfile(f.fileno(), fd, off, size - off)
+
+
 @contextlib.contextmanager
 def atomic_output(out: Path) -> Iterator[Path]:
     """A path to write ``out``'s content to; it becomes ``out`` only on success,
@@ -145,6 +153,10 @@ def atomic_output(out: Path) -> Iterator[Path]:
             dfd = os.open(out.parent, os.O_RDONLY | os.O_DIRECTORY)
             try:
                 os.link(f"/proc/self/fd/{fd}", tmp.name, src_dir_fd=dfd, dst_dir_fd=dfd, follow_symlinks=True)
+            except OSError as e:
+                if e.errno == errno.ENOSPC:
+                    raise
+                _copy_fd(fd, tmp)  # a filesystem that refuses the link: copy instead
             finally:
                 os.close(dfd)
         else:
