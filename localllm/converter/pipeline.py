@@ -28,9 +28,9 @@ from localllm.converter.checkpoint import Checkpoint, config_dtype, text_config
 from localllm.converter.probe import ProbeResult, probe_gguf, skip_reason
 from localllm.converter.rules import ArchRule, rule_for
 from localllm.converter.tensors import DIRECT_TYPES, OutTensor, hparams, plan_tensors
-from localllm.converter.tokenizer import Vocab, load_vocab, write_vocab
+from localllm.converter.tokenizer import load_vocab, write_vocab
 from localllm.converter.writer import (QUANTS, atomic_output, check_space, disk_nearly_full,
-                                       parse_quant, patch_u32,                                        scratch_file, tensor_types, write_gguf)
+                                       parse_quant, patch_u32, scratch_file, tensor_types, write_gguf)
 from localllm.errors import ConversionCheckError, DiskFullError, ModelLoadError
 
 CONVERTER_VERSION = "1"
