@@ -87,10 +87,23 @@ def _general(name: str, ftype: int, probe_skipped: str | None, src: Path) -> dic
     return g
 
 
+def _trim_heap() -> None:
+    """Give freed heap back to the OS (glibc keeps it otherwise): the probe's two
+    tokenizers are gone, and llama.cpp's quantize would be added on top."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+
+
 def _probe_into(path: Path, hf_json: str | None) -> ProbeResult:
     """Probe the tokenizer of the written (unnamed or temp) file and record the
     result in its metadata, so the vocabulary is written only once."""
     probe = probe_gguf(path, hf_json)
+    _trim_heap()
     if not probe.skipped:
         patch_u32(path, dict(zip(PROBE_KEYS, (probe.cases, probe.llama_cpp_mismatches,
                                               probe.hf_path_mismatches))))
