@@ -8,7 +8,7 @@ into its metadata → link it into place.
 
 Example:
     >>> r = convert("hf/SmolLM2-135M", "smol.gguf", quant="Q8_0")       # doctest: +SKIP
-    >>> r.arch, r.quant
+    >>> r.arch, r.quant                                         # doctest: +SKIP
     ('llama', 'Q8_0')
 """
 

@@ -3,7 +3,7 @@
 
 Example:
     >>> r = probe_gguf(Path("out.gguf"), hf_json)            # doctest: +SKIP
-    >>> r.llama_cpp_mismatches, r.cases
+    >>> r.llama_cpp_mismatches, r.cases                          # doctest: +SKIP
     (1, 96)
 """
 

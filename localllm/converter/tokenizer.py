@@ -9,7 +9,7 @@ so :class:`localllm.Model` can tokenize exactly as HF does.
 
 Example:
     >>> v = load_vocab(Path("hf-model"), n_rows=49152)      # doctest: +SKIP
-    >>> v.model, v.pre
+    >>> v.model, v.pre                                          # doctest: +SKIP
     ('gpt2', 'smollm')
 """
 
