@@ -3,7 +3,7 @@ on the same token ids and compare their next-token distributions.
 
 Example:
     >>> rep = verify("hf-model", "model.gguf", quant="Q8_0")      # doctest: +SKIP
-    >>> rep.ok, rep.nmse
+    >>> rep.ok, rep.nmse                                        # doctest: +SKIP
     (True, 2.1e-05)
 """
 
