@@ -9,7 +9,7 @@ servers on the same GGUF with the same threads and slots, and measures:
 
 Usage:
     python benchmarks/serve_bench.py --sdist /tmp/sdist/llama_cpp_python-0.3.36 \\
-        --model smollm2-135m:q4_0 --threads 2 [--repack]
+        --model smollm2-135m:q4_0 --threads 2 [--no-repack]
 
 Nothing is written to the checkout; the build lives in ``~/.cache/localllm-bench``.
 """
@@ -146,7 +146,7 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=1024, help="context per sequence")
     ap.add_argument("--rounds", type=int, default=3, help="requests per client")
     ap.add_argument("--prompt-words", type=int, default=200, help="~1 token per word for these words")
-    ap.add_argument("--repack", action="store_true", help="pass --repack to localllm serve")
+    ap.add_argument("--no-repack", dest="repack", action="store_false", help="pass --no-repack to localllm serve")
     ap.add_argument("--repeat", type=int, default=3, help="alternating measurements per server (median)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -162,7 +162,7 @@ def main() -> None:
                          "--no-webui"],
         "localllm serve": [sys.executable, "-m", "localllm", "serve", "--model-path", str(gguf),
                            "--threads", str(args.threads), "--parallel", str(args.parallel),
-                           "--ctx", str(args.ctx), "--host", "127.0.0.1"] + (["--repack"] if args.repack else []),
+                           "--ctx", str(args.ctx), "--host", "127.0.0.1"] + ([] if args.repack else ["--no-repack"]),
     }
     # both servers stay up (an idle one uses no CPU) and are measured alternately, several
     # times, so a burst of load from elsewhere on the machine hits both; medians are reported
@@ -184,7 +184,7 @@ def main() -> None:
     results = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in runs.items()}
     base, ours = results["llama-server"], results["localllm serve"]
     print(f"\nmedians of {args.repeat} runs; model {gguf.name}, {args.threads} threads, {args.parallel} slots, "
-          f"64-token completions{', localllm --repack' if args.repack else ''}")
+          f"64-token completions{'' if args.repack else ', localllm --no-repack'}")
     for key in ("1 clients tok/s", "4 clients tok/s"):
         print(f"  {key:26s} llama-server {base[key]:7.1f}  localllm {ours[key]:7.1f}  ratio {ours[key] / base[key]:.2f}")
     key = "TTFT 200-token prompt ms"

@@ -164,7 +164,7 @@ PROMPTS = ["The capital of France is", "1, 2, 3, 4,", "My favourite colour is", 
 
 
 def test_eight_concurrent_clients_match_alone(client):
-    """Greedy output is the same alone and in a batch (weights are not repacked, see docs/serve.md)."""
+    """Greedy output is the same alone and in a batch (one KV stream per slot, see docs/serve.md)."""
     def ask(p: str) -> str:
         return client.completions.create(model=MODEL, prompt=p, max_tokens=16, temperature=0,
                                          extra_body={"ignore_eos": True}).choices[0].text

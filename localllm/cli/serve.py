@@ -33,9 +33,9 @@ def _is_loopback(host: str) -> bool:
 @click.option("--cors-origin", "cors_origins", multiple=True, help="Allowed browser origin (repeatable, or '*').")
 @click.option("--max-body", "max_body_bytes", type=click.IntRange(1024), default=4 << 20, show_default=True,
               help="Largest request body in bytes (413 beyond).")
-@click.option("--repack", is_flag=True,
-              help="Use llama.cpp's repacked weights: faster on some CPUs, but greedy output then depends "
-                   "on what else is in the batch (see docs/serve.md).")
+@click.option("--repack/--no-repack", default=True, show_default=True,
+              help="llama.cpp's repacked weights (faster Q4_0/Q4_K on AVX2). --no-repack uses the same "
+                   "kernel for every batch size (see docs/serve.md).")
 @click.option("--insecure", is_flag=True, help="Allow binding a non-loopback address without --api-key.")
 @click.option("--server", "server_kind", type=click.Choice(["auto", "waitress", "werkzeug"]), default="auto",
               show_default=True, help="HTTP server (waitress when installed).")
