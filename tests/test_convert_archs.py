@@ -105,6 +105,12 @@ def test_k_quant_through_llama_cpp(built, tmp_path: Path) -> None:
     assert any("other types" in n for n in res.notes)
     assert np.mean(ref.argmax(-1) == gguf_logits(res.path, ids).argmax(-1)) >= 0.7
     assert not list(tmp_path.glob(".*"))  # no temp files left
+    from localllm import validate
+
+    # the probe result, patched into the intermediate, was carried over by llama.cpp
+    meta = validate.read_header(res.path).metadata
+    assert meta["localllm.tokenizer_probe.cases"] == res.probe.cases > 0
+    assert meta["localllm.tokenizer_probe.hf_path_mismatches"] == res.probe.hf_path_mismatches
 
 
 def _rewrite_config(root: Path, edit) -> None:

@@ -198,6 +198,21 @@ def test_tensor_size_disagreeing_with_config_names_file(tiny: Path, tmp_path: Pa
     assert not (tmp_path / "m.gguf").exists()
 
 
+def test_vocabulary_written_once(tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The probe runs on the written file and its result is patched in: one vocab write."""
+    from localllm import validate
+    from localllm.converter import pipeline
+
+    calls = []
+    orig = pipeline.write_vocab
+    monkeypatch.setattr(pipeline, "write_vocab", lambda *a, **k: (calls.append(1), orig(*a, **k))[1])
+    res = convert(tiny, tmp_path / "m.gguf", quant="F16")
+    assert len(calls) == 1
+    meta = validate.read_header(res.path).metadata
+    assert meta["localllm.tokenizer_probe.cases"] == res.probe.cases > 0
+    assert meta["localllm.tokenizer_probe.llama_cpp_mismatches"] == res.probe.llama_cpp_mismatches
+
+
 # ---------------------------------------------------------------- --name, hub
 
 def test_name_adds_to_store(tiny: Path, tmp_path: Path) -> None:
