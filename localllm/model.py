@@ -127,9 +127,8 @@ class Model:
         self._rt = runtime
         self._lock = threading.Lock()
         self._closed = False
-        self._ctx = self._emb_ctx = self._m = None
+        self._ctx = self._emb = self._m = None
         self._beam_ctx = None
-        self._hf = None
         path = store.resolve(model, models_dir=models_dir)
         header = validate.read_header(path)  # llama.cpp never sees a file that fails this bounded check
         if n_ctx is not None and (isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 16):
@@ -164,20 +163,11 @@ class Model:
         self.path = path
         meta = self._m.meta()
         self._meta = meta
-        self._template = self._m.chat_template()
-        self.template_source = "gguf"
-        if self._template is None:
-            name, self._template = chatmod.guess_template(
-                lambda t: len(self._m.tokenize(t, add_special=False, parse_special=True)) == 1)
-            self.template_source = f"built-in {name} (the GGUF has no chat template)"
-        from localllm import hftok
+        from localllm.prompting import Prompter
 
-        # exact HF tokenization when the GGUF embeds its tokenizer.json and `tokenizers` is installed
-        self._hf = hftok.from_metadata(header.metadata, bos=self._m.bos, eos=self._m.eos,
-                                       add_bos=self._m.add_bos, add_eos=self._m.add_eos)
-        self.tokenizer_source = "huggingface" if self._hf is not None else "llama.cpp"
-        self._bos_text = self._m.token_text(self._m.bos) if self._m.bos >= 0 else ""
-        self._eos_text = self._m.token_text(self._m.eos) if self._m.eos >= 0 else ""
+        self._prompter = Prompter(self._m, header.metadata)
+        self.template_source = self._prompter.template_source
+        self.tokenizer_source = self._prompter.tokenizer_source
         self.info = ModelInfo(
             path=str(path), name=meta.get("general.name", path.stem), arch=meta.get("general.architecture", "?"),
             parameters=self._m.n_params, quant=header.quant,
@@ -189,10 +179,10 @@ class Model:
     def close(self) -> None:
         """Free the llama.cpp objects. Safe to call twice."""
         self._closed = True
-        for obj in (getattr(self, "_batch", None), self._emb_ctx, self._beam_ctx, self._ctx, self._m):
+        for obj in (getattr(self, "_batch", None), self._emb, self._beam_ctx, self._ctx, self._m):
             if obj is not None:
                 obj.close()
-        self._ctx = self._emb_ctx = self._beam_ctx = None
+        self._ctx = self._emb = self._beam_ctx = None
 
     def __enter__(self) -> Model:
         return self
@@ -218,13 +208,7 @@ class Model:
         if not isinstance(text, str):
             raise InvalidArgumentError("text must be a string", param="text")
         self._check_open()
-        return self._tokenize(text, add_special=add_bos and self._m.add_bos, special=special)
-
-    def _tokenize(self, text: str, *, add_special: bool, special: bool) -> list[int]:
-        # one place chooses the tokenizer: the embedded HF one (exact) or llama.cpp's
-        if self._hf is not None:
-            return self._hf.encode(text, add_special=add_special, special=special)
-        return self._m.tokenize(text, add_special=add_special, parse_special=special)
+        return self._prompter.tokenize(text, add_special=add_bos and self._m.add_bos, special=special)
 
     def detokenize(self, ids: Sequence[int]) -> str:
         """Token ids → text.
@@ -363,27 +347,18 @@ class Model:
         return result, it
 
     def _prompt_ids(self, prompt: str) -> list[int]:
-        if not isinstance(prompt, str):
-            raise InvalidArgumentError("prompt must be a string", param="prompt")
-        ids = self._m.tokenize(prompt, add_special=self._m.add_bos, parse_special=False)
-        if not ids:
-            raise InvalidArgumentError("the prompt is empty", param="prompt")
-        return ids
+        return self._prompter.text_ids(prompt)
 
     def _chat_ids(self, messages: Any, system: str | None = None) -> list[int]:
         msgs = chatmod.normalize_messages(messages)
         if system is not None and not (msgs and msgs[0]["role"] == "system"):
             msgs = [{"role": "system", "content": system}, *msgs]
-        text = self.render_chat(msgs)
-        # templates usually write the BOS themselves; don't add a second one
-        add_bos = self._m.add_bos and not (self._bos_text and text.startswith(self._bos_text))
-        return self._tokenize(text, add_special=add_bos, special=True)
+        return self._prompter.chat_ids(msgs)
 
     def render_chat(self, messages: Any, *, add_generation_prompt: bool = True) -> str:
         """The prompt text the model's chat template makes of ``messages``."""
         self._check_open()
-        return chatmod.render_chat(self._template, messages, bos_token=self._bos_text,
-                                   eos_token=self._eos_text, add_generation_prompt=add_generation_prompt)
+        return self._prompter.render(messages, add_generation_prompt=add_generation_prompt)
 
     # ------------------------------------------------------------------ public generation API
     def complete(self, prompt: str, *, max_tokens: int | None = 256, temperature: float = 0.8,
@@ -540,32 +515,11 @@ class Model:
             raise InvalidArgumentError("texts must be a string or a non-empty list of strings", param="input")
         self._enter()
         try:
-            if self._emb_ctx is None:
-                n = self._ctx.n_ctx
-                # mean pooling needs a whole sequence in one micro-batch
-                self._emb_ctx = self._rt.Context(self._m, n_ctx=n, n_batch=n, n_ubatch=n,
-                                                 n_threads=self.n_threads, embeddings=True)
-            ctx = self._emb_ctx
-            batch = self._rt.Batch(ctx.n_batch)
-            out = []
-            try:
-                for t in texts:
-                    ids = self._m.tokenize(t, add_special=True, parse_special=False) or [max(self._m.bos, 0)]
-                    if len(ids) > ctx.n_ctx:
-                        raise ContextOverflowError(
-                            f"an input is {len(ids)} tokens but the context holds {ctx.n_ctx}",
-                            prompt_tokens=len(ids), n_ctx=ctx.n_ctx, param="input")
-                    ctx.clear()
-                    batch.clear()
-                    for i, tok in enumerate(ids):
-                        batch.add(tok, i, 0, True)
-                    ctx.decode(batch)
-                    v = ctx.embedding(0)
-                    norm = float((v * v).sum()) ** 0.5 or 1.0
-                    out.append((v / norm).tolist())
-            finally:
-                batch.close()
-            return out
+            if self._emb is None:
+                from localllm.embeddings import Embedder
+
+                self._emb = Embedder(self._m, self._prompter, n_ctx=self._ctx.n_ctx, n_threads=self.n_threads)
+            return self._emb.embed(texts)[0]
         finally:
             self._lock.release()
 

@@ -217,10 +217,10 @@ def test_bad_constructor_values(tiny_gguf: Path) -> None:
 
 def test_template_is_sandboxed(model: Model, monkeypatch: pytest.MonkeyPatch) -> None:
     evil = "{{ messages.__class__.__mro__[1].__subclasses__() }}"
-    monkeypatch.setattr(model, "_template", evil)
+    monkeypatch.setattr(model._prompter, "template", evil)
     with pytest.raises(TemplateError):
         model.chat([{"role": "user", "content": "hi"}], max_tokens=1)
-    monkeypatch.setattr(model, "_template", "{{ raise_exception('no system role') }}")
+    monkeypatch.setattr(model._prompter, "template", "{{ raise_exception('no system role') }}")
     with pytest.raises(TemplateError, match="no system role"):
         model.chat([{"role": "user", "content": "hi"}], max_tokens=1)
 

@@ -65,13 +65,9 @@ class Engine:
         self.n_ctx = n_ctx
         self.n_threads = cfg.threads or settings.default_threads()
         meta = m.meta()
-        template = m.chat_template()
-        if template is None:  # same fallback as Model: a built-in template that fits the vocabulary
-            _, template = chatmod.guess_template(
-                lambda t: len(m.tokenize(t, add_special=False, parse_special=True)) == 1)
-        self.template = template
-        self.bos_text = m.token_text(m.bos) if m.bos >= 0 else ""
-        self.eos_text = m.token_text(m.eos) if m.eos >= 0 else ""
+        from localllm.prompting import Prompter
+
+        self.prompter = Prompter(m, header.metadata)  # the same tokenizer and template as Model
         if (path.parent / "manifest.json").is_file():  # in the store: NAME:VERSION
             self.model_id = f"{path.parent.parent.name}:{path.parent.name}"
         else:
@@ -83,7 +79,10 @@ class Engine:
                      "parallel": cfg.parallel, "n_params": m.n_params, "size": m.size}
         self.scheduler = Scheduler(m, n_slots=cfg.parallel, n_ctx_seq=n_ctx, n_threads=self.n_threads,
                                    max_queue=cfg.max_queue, on_step=on_step)
-        self._emb_ctx: Any = None
+        from localllm.embeddings import Embedder
+
+        # embeddings run in the caller's thread on a context of their own
+        self._embedder = Embedder(self.model, self.prompter, n_ctx=min(self.n_ctx, 2048), n_threads=self.n_threads)
         self._emb_lock = threading.Lock()
 
     # ------------------------------------------------------------------ prompts
@@ -92,56 +91,22 @@ class Engine:
 
     def chat_prompt(self, messages: Any) -> list[int]:
         """OpenAI messages → token ids through the model's own template (sandboxed)."""
-        msgs = chatmod.normalize_messages(messages)
-        text = chatmod.render_chat(self.template, msgs, bos_token=self.bos_text, eos_token=self.eos_text,
-                                   add_generation_prompt=True)
-        # templates usually write the BOS themselves; don't add a second one
-        add_bos = self.model.add_bos and not (self.bos_text and text.startswith(self.bos_text))
-        return self.model.tokenize(text, add_special=add_bos, parse_special=True)
+        return self.prompter.chat_ids(chatmod.normalize_messages(messages))
 
     def text_prompt(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, list):
             return prompt
-        return self.model.tokenize(prompt, add_special=self.model.add_bos, parse_special=False)
+        return self.prompter.tokenize(prompt, add_special=self.model.add_bos, special=False)
 
     # ------------------------------------------------------------------ embeddings
     def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
         """Mean-pooled, L2-normalised embeddings and the token count. Runs in the
         caller's thread on its own context (the model's weights are shared, read-only)."""
-        rt, m = self._rt, self.model
-        out: list[list[float]] = []
-        total = 0
         with self._emb_lock:
-            if self._emb_ctx is None:
-                n = min(self.n_ctx, 2048)
-                # mean pooling needs a whole input in one micro-batch
-                self._emb_ctx = rt.Context(m, n_ctx=n, n_batch=n, n_ubatch=n, n_threads=self.n_threads,
-                                           embeddings=True)
-            ctx = self._emb_ctx
-            batch = rt.Batch(ctx.n_batch)
-            try:
-                for i, t in enumerate(texts):
-                    ids = m.tokenize(t, add_special=True, parse_special=False) or [max(m.bos, 0)]
-                    if len(ids) > ctx.n_ctx:
-                        raise ContextOverflowError(f"input[{i}] is {len(ids)} tokens but embeddings take at "
-                                                   f"most {ctx.n_ctx}", param="input")
-                    total += len(ids)
-                    ctx.clear()
-                    batch.clear()
-                    for j, tok in enumerate(ids):
-                        batch.add(tok, j, 0, True)
-                    ctx.decode(batch)
-                    v = ctx.embedding(0)
-                    norm = float((v * v).sum()) ** 0.5 or 1.0
-                    out.append((v / norm).tolist())
-            finally:
-                batch.close()
-        return out, total
+            return self._embedder.embed(texts)
 
     def close(self) -> None:
         self.scheduler.close()
         with self._emb_lock:
-            if self._emb_ctx is not None:
-                self._emb_ctx.close()
-                self._emb_ctx = None
+            self._embedder.close()
         self.model.close()
