@@ -8,8 +8,7 @@ servers on the same GGUF with the same threads and slots, and measures:
 * time to first token for a 200-token prompt (streamed, fresh prompt each time).
 
 Usage:
-    python benchmarks/serve_bench.py --sdist /tmp/sdist/llama_cpp_python-0.3.36 \\
-        --model smollm2-135m:q4_0 --threads 2 [--no-repack]
+    python benchmarks/serve_bench.py --model smollm2-135m:q4_0 --threads 2 [--no-repack]
 
 Nothing is written to the checkout; the build lives in ``~/.cache/localllm-bench``.
 """
@@ -19,7 +18,6 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import os
 import random
 import socket
 import statistics
@@ -30,28 +28,12 @@ import time
 import urllib.request
 from pathlib import Path
 
-CACHE = Path(os.environ.get("LOCALLLM_BENCH_CACHE", Path.home() / ".cache" / "localllm-bench"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from native import build  # noqa: E402  (llama.cpp's tools from the pinned sdist, in a cache dir)
+
 WORDS = ("apple river stone cloud music paper light window garden silver yellow mountain ocean story "
          "engine forest bridge candle mirror rocket").split()
-
-
-def build_llama_server(sdist: Path) -> Path:
-    """cmake + ninja the ``llama-server`` target once per sdist version."""
-    src = sdist / "vendor" / "llama.cpp"
-    if not (src / "CMakeLists.txt").is_file():
-        sys.exit(f"no llama.cpp source under {src}")
-    build = CACHE / f"build-{sdist.name.rsplit('-', 1)[-1]}"
-    exe = build / "bin" / "llama-server"
-    if exe.is_file():
-        return exe
-    CACHE.mkdir(parents=True, exist_ok=True)
-    gen = ["-G", "Ninja"] if subprocess.run(["which", "ninja"], capture_output=True).returncode == 0 else []
-    subprocess.run(["cmake", "-S", str(src), "-B", str(build), *gen, "-DCMAKE_BUILD_TYPE=Release",
-                    "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
-                    "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON"], check=True)
-    subprocess.run(["cmake", "--build", str(build), "--target", "llama-server", "-j", str(os.cpu_count() or 2)],
-                   check=True)
-    return exe
 
 
 def free_port() -> int:
@@ -139,7 +121,6 @@ def measure(name: str, port: int, args: argparse.Namespace, rep: int) -> dict[st
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sdist", type=Path, default=Path("/tmp/sdist/llama_cpp_python-0.3.36"))
     ap.add_argument("--model", default="smollm2-135m:q4_0")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--parallel", type=int, default=4)
@@ -155,7 +136,7 @@ def main() -> None:
     from localllm import store
 
     gguf = store.resolve(args.model)
-    exe = build_llama_server(args.sdist)
+    exe = build("llama-server")["llama-server"]
     servers = {
         "llama-server": [str(exe), "-m", str(gguf), "-t", str(args.threads), "-tb", str(args.threads),
                          "-np", str(args.parallel), "-c", str(args.ctx * args.parallel), "--host", "127.0.0.1",

@@ -449,7 +449,7 @@ def import_file(path: str | os.PathLike[str], name: str, version: str | None = N
         else:
             shutil.copyfile(src, tmp)
 
-    f = add(produce, name, version.lower(), source={"path": str(src)}, root=root)
+    add(produce, name, version.lower(), source={"path": str(src)}, root=root)
     return show(f"{name}:{version.lower()}", root)
 
 

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from localllm import chat as chatmod
 from localllm import settings
-from localllm.errors import ContextOverflowError, InvalidArgumentError
+from localllm.errors import InvalidArgumentError
 
 log = logging.getLogger("localllm.server")
 
