@@ -197,23 +197,29 @@ def test_disconnect_frees_slot(server):
 
 
 def test_queue_overflow_is_503_with_retry_after():
-    with live_server(model=MODEL, parallel=1, ctx=256, max_queue=1) as live:
-        body = {"prompt": "Count: 1, 2,", "max_tokens": 150, "ignore_eos": True}
-        results: list[int] = []
+    with live_server(model=MODEL, parallel=1, ctx=1024, max_queue=1) as live:
+        # two streaming requests that would run for seconds: one holds the slot, one waits;
+        # they stay until the test lets go (a fixed-length request could finish mid-check)
+        body = {"prompt": "Count: 1, 2,", "max_tokens": 900, "ignore_eos": True, "stream": True}
+        release = threading.Event()
+        first_lines: list[str] = []
 
-        def call() -> None:
-            results.append(post(live.api + "/completions", json=body, timeout=120).status_code)
+        def hold() -> None:
+            with stream_lines(live.api + "/completions", body) as it:
+                first_lines.append(next(it))
+                release.wait(60)
 
-        threads = [threading.Thread(target=call) for _ in range(2)]  # one runs, one waits
+        threads = [threading.Thread(target=hold) for _ in range(2)]
         for t in threads:
             t.start()
         assert wait_for(lambda: get(live.url + "/health").json()["queue"] == 1, timeout=10)
-        r = post(live.api + "/completions", json=body, timeout=10)
+        r = post(live.api + "/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=10)
         assert r.status_code == 503 and r.headers["retry-after"] == "1"
         assert r.json()["error"]["code"] == "server_busy"
+        release.set()  # the holders disconnect; the waiting one gets the slot, then leaves too
         for t in threads:
-            t.join()
-        assert results == [200, 200]
+            t.join(timeout=60)
+        assert len(first_lines) == 2 and all(line.startswith("data: ") for line in first_lines)
 
 
 def test_api_key_413_and_public_health():

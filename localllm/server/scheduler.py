@@ -199,7 +199,10 @@ class Scheduler:
         with self.cv:
             if self.stopping:
                 raise ServiceUnavailableError("the server is shutting down")
-            if len(self.waiting) >= self.max_queue:
+            # a job not yet moved into a free slot is not waiting for one: count free
+            # slots as room too, or a burst into an idle server would get 503s
+            free = sum(1 for slot in self.slots if not slot.busy)
+            if len(self.waiting) >= self.max_queue + free:
                 raise QueueFullError(f"all {self.n_slots} slots are busy and {len(self.waiting)} requests "
                                      f"are waiting", retry_after=1)
             self.waiting.append(job)
