@@ -164,3 +164,12 @@ def test_interactive_chat_reset_stop_and_exit() -> None:
         if proc.poll() is None:
             proc.kill()
         os.close(master)
+
+
+def test_serve_refuses_a_bad_model_at_once(tmp_path: Path) -> None:
+    # not a server that starts and then answers 503 forever
+    assert "does not exist" in _one_error_line(cli("serve", "--model-path", "/nope/model.gguf", "--port", "0",
+                                                   timeout=30))
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 40)
+    assert "GGUF" in _one_error_line(cli("serve", "--model-path", str(bad), "--port", "0", timeout=30))

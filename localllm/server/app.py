@@ -102,6 +102,11 @@ def create_app(cfg: ServerSettings | None = None) -> Flask:
         >>> app = create_app(ServerSettings(model="smollm2-135m", parallel=2))  # doctest: +SKIP
     """
     cfg = cfg or ServerSettings()
+    from localllm import store, validate
+
+    # a wrong path or a bad file is the caller's mistake: fail now (cheap: the header
+    # only), not later in the background where it would only show as a 503
+    validate.read_header(store.resolve(cfg.model, models_dir=cfg.models_dir))
     app = Flask("localllm.server", static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = cfg.max_body_bytes
     state = _State(cfg)
