@@ -11,7 +11,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -25,12 +25,13 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 
 def beam_search(ctx: runtime.Context, model: runtime.LlamaModel, prompt: Sequence[int], *, num_beams: int,
                 max_tokens: int, seq_ids: Sequence[int] | None = None, n_ctx: int | None = None,
-                start_pos: int = 0) -> tuple[list[int], str]:
+                start_pos: int = 0, should_stop: Callable[[], bool] | None = None) -> tuple[list[int], str]:
     """Decode ``prompt[start_pos:]`` into ``seq_ids[0]`` (its first ``start_pos``
     tokens already in that sequence's KV), then beam-search up to ``max_tokens``.
     Returns the best hypothesis's tokens and "stop" or "length". Uses
     ``2 * num_beams`` sequence ids (default ``0 .. 2K-1``) and leaves only the
-    prompt in ``seq_ids[0]``.
+    prompt in ``seq_ids[0]``. ``should_stop`` is polled every step (a client that
+    went away, a server shutting down): the best hypothesis so far is returned.
 
     Example:
         >>> beam_search(ctx, m, ids, num_beams=1, max_tokens=8)   # doctest: +SKIP
@@ -62,6 +63,8 @@ def beam_search(ctx: runtime.Context, model: runtime.LlamaModel, prompt: Sequenc
         done: list[tuple[list[int], float, str]] = []
         eog = model._eog
         for step in range(max_tokens):
+            if should_stop is not None and should_stop():
+                break
             cands: list[tuple[float, int, int]] = []  # (score, parent beam, token)
             for b, (toks, score) in enumerate(alive):
                 lp = _log_softmax(ctx.logits(rows[b]))

@@ -70,6 +70,31 @@ class Completion:
         return d
 
 
+class _Stream(Iterator[str]):
+    """The iterator ``stream``/``chat_stream`` return. The Model's lock is taken
+    when the call is made; a generator that is never started never runs its
+    ``finally``, so closing or dropping an unstarted stream releases it here."""
+
+    def __init__(self, gen: Iterator[str], lock: threading.Lock) -> None:
+        self._gen, self._lock, self._started = gen, lock, False
+
+    def __next__(self) -> str:
+        self._started = True
+        return next(self._gen)
+
+    def close(self) -> None:
+        if not self._started:
+            self._started = True  # release once
+            self._lock.release()
+        self._gen.close()  # type: ignore[attr-defined]
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
 def _check_sampling(max_tokens: int | None, temperature: float, top_p: float, top_k: int,
                     min_p: float, repeat_penalty: float, stop: str | Sequence[str] | None) -> list[str]:
     def bad(param: str, msg: str) -> InvalidArgumentError:
@@ -453,7 +478,7 @@ class Model:
         except BaseException:
             self._lock.release()
             raise
-        return it
+        return _Stream(it, self._lock)
 
     def chat_complete(self, messages: Sequence[dict[str, Any]], *, system: str | None = None,
                       max_tokens: int | None = 512, temperature: float = 0.8, top_p: float = 0.95,
@@ -499,7 +524,7 @@ class Model:
         except BaseException:
             self._lock.release()
             raise
-        return it
+        return _Stream(it, self._lock)
 
     # ------------------------------------------------------------------ embeddings
     def embed(self, texts: str | Sequence[str]) -> list[list[float]]:

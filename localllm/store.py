@@ -445,11 +445,16 @@ def import_file(path: str | os.PathLike[str], name: str, version: str | None = N
 
     def produce(tmp: Path) -> None:
         if move:
-            shutil.move(str(src), tmp)
-        else:
-            shutil.copyfile(src, tmp)
+            try:  # same filesystem: a second name, no copy; the original stays until the import is whole
+                os.link(src, tmp)
+                return
+            except OSError:
+                pass
+        shutil.copyfile(src, tmp)
 
     add(produce, name, version.lower(), source={"path": str(src)}, root=root)
+    if move:  # only now: a failed or interrupted import must never lose the user's file
+        src.unlink(missing_ok=True)
     return show(f"{name}:{version.lower()}", root)
 
 

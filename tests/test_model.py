@@ -239,3 +239,12 @@ def test_all_errors_share_the_base_class() -> None:
         if isinstance(obj, type) and issubclass(obj, Exception) and obj.__module__ == E.__name__:
             assert issubclass(obj, LocalLLMError)
             assert isinstance(obj.status, int)
+
+
+def test_an_unstarted_stream_does_not_keep_the_model_busy(model: Model) -> None:
+    it = model.stream("hi", max_tokens=2)
+    del it  # never iterated
+    model.generate("hi", max_tokens=1)
+    it = model.chat_stream([{"role": "user", "content": "hi"}], max_tokens=2)
+    it.close()
+    assert model.generate("hi", max_tokens=1, temperature=0) is not None

@@ -47,6 +47,27 @@ def test_import_writes_manifest(tiny_gguf: Path, root: Path) -> None:
     assert not list(root.glob(".tmp-*"))
 
 
+def test_import_move_never_loses_the_file(tmp_path: Path, tiny_gguf: Path, root: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    src = tmp_path / "mine.gguf"
+    shutil.copyfile(tiny_gguf, src)
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt  # Ctrl-C while the import hashes the file
+
+    with monkeypatch.context() as m:
+        m.setattr(store, "sha256_file", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            store.import_file(src, "mine", root=root, move=True)
+    assert src.is_file() and src.read_bytes() == tiny_gguf.read_bytes()  # still the user's
+    assert store.find("mine:f32", root) is None
+    store.import_file(src, "mine", root=root, move=True)
+    assert not src.exists()
+    assert store.resolve("mine", models_dir=root).read_bytes() == tiny_gguf.read_bytes()
+
+
 def test_import_refuses_invalid_file_and_duplicates(tmp_path: Path, tiny_gguf: Path, root: Path) -> None:
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF" + b"\xff" * 100)

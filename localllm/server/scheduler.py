@@ -108,6 +108,10 @@ class Job:
             yield ev
 
 
+def _as_error(e: Exception) -> LocalLLMError:
+    return e if isinstance(e, LocalLLMError) else RuntimeFailure(f"decoding failed: {type(e).__name__}: {e}")
+
+
 class _Slot:
     """A KV partition: sequence ``seq`` and the tokens whose KV it holds."""
 
@@ -215,6 +219,11 @@ class Scheduler:
             self.stopping = True
             self.cv.notify()
         self.thread.join(timeout=10)
+        if self.thread.is_alive():
+            # still inside llama.cpp: freeing its context now would crash the process;
+            # leaking it at exit is the lesser harm
+            log.warning("the scheduler thread did not stop in 10 s; leaving its llama.cpp context allocated")
+            return
         self.batch.close()
         if self._beam_ctx is not None:
             self._beam_ctx.close()
@@ -261,9 +270,10 @@ class Scheduler:
             self._beam_ctx.clear()
             limit = min(p.max_tokens or self.n_ctx_seq, self.n_ctx_seq - len(job.prompt))
             toks, reason = beam_search(self._beam_ctx, self.model, job.prompt, num_beams=p.num_beams,
-                                       max_tokens=limit, n_ctx=self.n_ctx_seq)
-        except LocalLLMError as e:
-            job.queue.put(Event("error", error=e))
+                                       max_tokens=limit, n_ctx=self.n_ctx_seq,
+                                       should_stop=lambda: self.stopping or job.cancelled.is_set())
+        except Exception as e:  # whatever happens, this job gets an answer and the loop lives on
+            job.queue.put(Event("error", error=_as_error(e)))
             return
         job.t_first = time.perf_counter()
         job.completion_tokens = len(toks)
@@ -290,8 +300,8 @@ class Scheduler:
         chosen = free[:width]
         try:
             seqs = [_Seq(job, i, s, self.model) for i, s in enumerate(chosen)]
-        except LocalLLMError as e:
-            job.queue.put(Event("error", error=e))
+        except Exception as e:
+            job.queue.put(Event("error", error=_as_error(e)))
             return
         lead = seqs[0]
         keep = lcp(lead.slot)
@@ -324,15 +334,15 @@ class Scheduler:
                     self.cv.wait()
                 if self.stopping:
                     break
-            self._admit()
-            self._reap()
-            if not self.active:
-                continue
             try:
+                self._admit()
+                self._reap()
+                if not self.active:
+                    continue
                 self._step()
-            except Exception as e:  # a decode failure ends every running request, not the server
-                log.exception("decode step failed")
-                err = e if isinstance(e, LocalLLMError) else RuntimeFailure(f"decoding failed: {e}")
+            except Exception as e:  # a failure ends every running request, not the server
+                log.exception("scheduler step failed")
+                err = _as_error(e)
                 for s in list(self.active):
                     s.job.queue.put(Event("error", error=err))
                     s.job.cancel()
