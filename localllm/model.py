@@ -168,18 +168,15 @@ class Model:
         # on a GPU build that runs out of memory, retry with fewer layers and say so (a warning)
         self._m, gpu_layers, notes = placement.load_with_fallback(
             lambda n: runtime.LlamaModel(path, n_gpu_layers=n), gpu_layers,
-            n_layer=int(validate.read_header(path).get("block_count", 0)) if gpu_layers else None)
+            n_layer=int(header.get("block_count", 0)) if gpu_layers else None)
         for note in notes:
             import warnings
 
             warnings.warn(note, RuntimeWarning, stacklevel=2)
             self.placement_reason = note
-        if n_ctx is None:
-            n_ctx = min(self._m.n_ctx_train or 4096, 4096)
-        if self._m.n_ctx_train and n_ctx > self._m.n_ctx_train:
-            raise InvalidArgumentError(
-                f"n_ctx {n_ctx} is larger than the {self._m.n_ctx_train} tokens this model was trained on",
-                param="n_ctx", hint=f"use --ctx {self._m.n_ctx_train} or less")
+        from localllm.plan import context_size
+
+        n_ctx = context_size(n_ctx, self._m.n_ctx_train)
         self._ctx = runtime.Context(self._m, n_ctx=n_ctx, n_threads=n_threads)
         self._batch = runtime.Batch(self._ctx.n_batch)
         self._cached: list[int] = []  # tokens whose KV is in sequence 0

@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from localllm import hardware
+from localllm.errors import InvalidArgumentError
 from localllm.validate import Header, read_header
 
 _BLK = re.compile(r"^blk\.(\d+)\.")
@@ -52,6 +53,29 @@ _REPACK_ARM = {2: "Q4_0", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 20: "IQ4_NL", 39: 
 # built-in models (docs/plan.md) and consistent with the structures in llama-vocab.cpp
 _VOCAB_PER_TOKEN = 160
 _VOCAB_PER_MERGE = 120
+DEFAULT_MAX_CONTEXT = 4096  # a laptop-sized KV cache; ask for more with --ctx / n_ctx
+
+
+def default_context(trained: int) -> int:
+    """The context used when none is asked for: the trained one, capped at 4096."""
+    return min(trained or DEFAULT_MAX_CONTEXT, DEFAULT_MAX_CONTEXT)
+
+
+def context_size(requested: int | None, trained: int, *, param: str = "n_ctx") -> int:
+    """The context a model runs at (``Model`` and ``serve``): ``requested`` or the
+    default, refused past the trained length.
+
+    Example:
+        >>> context_size(None, 8192), context_size(2048, 8192)
+        (4096, 2048)
+    """
+    n = requested or default_context(trained)
+    if trained and n > trained:
+        raise InvalidArgumentError(f"{param} {n} is larger than the {trained} tokens this model was trained on",
+                                   param=param, hint=f"use {param} {trained} or less")
+    return n
+
+
 _FIXED_OVERHEAD = 4 * 2**20  # contexts, thread pool, graph metadata
 _GPU_HEADROOM = 512 * 2**20  # CUDA context and driver allocations outside llama.cpp's buffers (not measured here)
 # approximate bits per weight of common quants, for "another quant would fit"
@@ -247,7 +271,7 @@ def make_plan(path: str | os.PathLike[str], *, n_ctx: int | None = None, gpu_mem
     h = read_header(path)
     n_layer = int(h.get("block_count", 0))
     trained = int(h.get("context_length", 0) or 0)
-    n_ctx = n_ctx or min(trained or 4096, 4096)
+    n_ctx = n_ctx or default_context(trained)  # planning past the trained length is allowed (a what-if)
     cpu = hardware.cpu()
     est = estimate(h, n_ctx, n_ubatch=n_ubatch, cpu=cpu)
     ram = ram_available if ram_available is not None else hardware.memory()["available"]

@@ -16,7 +16,6 @@ from typing import Any, Callable
 
 from localllm import chat as chatmod
 from localllm import settings
-from localllm.errors import InvalidArgumentError
 
 log = logging.getLogger("localllm.server")
 
@@ -58,10 +57,9 @@ class Engine:
         self.path = path
         self.model = runtime.LlamaModel(path, use_extra_bufts=cfg.repack)
         m = self.model
-        n_ctx = cfg.ctx or min(m.n_ctx_train or 4096, 4096)
-        if m.n_ctx_train and n_ctx > m.n_ctx_train:
-            raise InvalidArgumentError(f"--ctx {n_ctx} is larger than the {m.n_ctx_train} tokens this model "
-                                       f"was trained on", param="ctx")
+        from localllm.plan import context_size
+
+        n_ctx = context_size(cfg.ctx, m.n_ctx_train, param="--ctx")
         self.n_ctx = n_ctx
         self.n_threads = cfg.threads or settings.default_threads()
         meta = m.meta()
