@@ -254,6 +254,17 @@ class LlamaModel:
     def is_eog(self, token: int) -> bool:
         return bool(self._eog[token])
 
+    def eog_tokens(self) -> list[int]:
+        """Every end-of-generation token id (EOS, EOT, ...)."""
+        return [int(t) for t in np.flatnonzero(self._eog)]
+
+    @property
+    def eog_mask(self) -> np.ndarray:
+        """A read-only bool mask over the vocabulary: end-of-generation tokens."""
+        v = self._eog.view()
+        v.flags.writeable = False
+        return v
+
     def tokenize(self, text: str | bytes, *, add_special: bool, parse_special: bool) -> list[int]:
         data = text.encode("utf-8") if isinstance(text, str) else text
         cap = len(data) + 8
@@ -448,12 +459,18 @@ class Context:
 # --------------------------------------------------------------------------- sampling
 
 class Sampler:
-    """llama.cpp's sampler chain: penalties → grammar → top-k → top-p → min-p →
-    temperature → dist, or greedy at temperature 0. Sampling happens in C on
-    the context's logits (no per-token copy to Python)."""
+    """llama.cpp's sampler chain: logit bias → penalties → grammar → top-k →
+    top-p → min-p → temperature → dist, or greedy at temperature 0. Sampling
+    happens in C on the context's logits (no per-token copy to Python).
+
+    ``repeat_penalty``, ``presence_penalty`` and ``frequency_penalty`` are
+    llama.cpp's penalty sampler over the last ``repeat_last_n`` tokens;
+    :meth:`prime` feeds it the prompt so that the prompt counts too.
+    """
 
     def __init__(self, model: LlamaModel, *, temperature: float = 0.8, top_k: int = 40,
                  top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0,
+                 presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
                  repeat_last_n: int = 64, seed: int | None = None, grammar: str | None = None,
                  logit_bias: dict[int, float] | None = None) -> None:
         _backend()
@@ -461,6 +478,8 @@ class Sampler:
         self._ptr = chain
         self.argmax_only = False
         self._keep: list = []
+        self._penalties = None
+        self._last_n = repeat_last_n
         try:
             if logit_bias:
                 arr = (C.llama_logit_bias * len(logit_bias))()
@@ -468,9 +487,12 @@ class Sampler:
                     arr[j].token, arr[j].bias = int(tok), float(bias)
                 self._keep.append(arr)
                 self._add(C.llama_sampler_init_logit_bias(model.n_vocab, len(logit_bias), arr))
-            if repeat_penalty != 1.0:
-                self._add(C.llama_sampler_init_penalties(model.n_vocab, repeat_last_n, repeat_penalty,
-                                                         0.0, 0.0))
+            penalized = repeat_last_n > 0 and (repeat_penalty != 1.0 or presence_penalty != 0.0
+                                               or frequency_penalty != 0.0)
+            if penalized:
+                self._penalties = C.llama_sampler_init_penalties(model.n_vocab, repeat_last_n, repeat_penalty,
+                                                                 frequency_penalty, presence_penalty)
+                self._add(self._penalties)
             if grammar:
                 g = C.llama_sampler_init_grammar(model._vocab, grammar.encode("utf-8"), b"root")
                 if not g:
@@ -479,7 +501,7 @@ class Sampler:
             # plain greedy needs no chain state: argmax over the zero-copy logits
             # view is 5-10x cheaper than llama.cpp building a candidates array
             # of the whole vocabulary every token (300 us at a 262k vocab)
-            self.argmax_only = temperature <= 0.0 and repeat_penalty == 1.0 and not grammar
+            self.argmax_only = temperature <= 0.0 and not penalized and not grammar
             # greedy with a logit bias (ignore_eos bans the end tokens with -inf): the same float32
             # additions llama.cpp's logit_bias sampler makes, on a preallocated buffer, then argmax
             # (first maximum, like the greedy sampler); 10x cheaper than the C chain per token
@@ -512,6 +534,12 @@ class Sampler:
     def _add(self, s) -> None:
         C.llama_sampler_chain_add(self._ptr, s)  # the chain owns s from here
 
+    def prime(self, tokens: Sequence[int]) -> None:
+        """Count ``tokens`` (the prompt) in the penalty window; the grammar does not see them."""
+        if self._penalties is not None:
+            for t in tokens[-self._last_n:]:
+                C.llama_sampler_accept(self._penalties, int(t))
+
     def sample(self, ctx: Context, i: int = -1) -> int:
         """Sample from batch row ``i``'s logits and accept the token."""
         if self.argmax_only:
@@ -521,11 +549,58 @@ class Sampler:
             return int(self._biased.argmax())
         return int(C.llama_sampler_sample(self._ptr, ctx.ptr, i))
 
-    def accept(self, token: int) -> None:
-        C.llama_sampler_accept(self._ptr, token)
+    def close(self) -> None:
+        if self._ptr is not None:
+            C.llama_sampler_free(self._ptr)
+            self._ptr = None
+            self._penalties = None
 
-    def reset(self) -> None:
-        C.llama_sampler_reset(self._ptr)
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+# llama_token_data as numpy sees it: the whole vocabulary is checked without a Python loop
+_TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+
+
+class Grammar:
+    """One GBNF grammar's parse state, for callers that rank tokens themselves
+    (beam search): which tokens it allows next, accept one, clone the state.
+
+    Example:
+        >>> g = Grammar(model, 'root ::= "yes" | "no"')      # doctest: +SKIP
+        >>> g.allowed(np.array([yes_id, eos_id]))              # doctest: +SKIP
+        array([ True, False])
+    """
+
+    def __init__(self, model: LlamaModel, text: str | None = None, *, _ptr=None) -> None:
+        _backend()
+        self.model = model
+        if _ptr is None:
+            _ptr = C.llama_sampler_init_grammar(model._vocab, (text or "").encode("utf-8"), b"root")
+            if not _ptr:
+                raise InvalidArgumentError("the grammar does not parse", param="grammar")
+        self._ptr = _ptr
+
+    def allowed(self, tokens: np.ndarray) -> np.ndarray:
+        """A bool mask over ``tokens``: which ones the grammar accepts next
+        (an end-of-generation token only where the grammar is complete)."""
+        arr = np.zeros(len(tokens), dtype=_TOKEN_DATA)
+        arr["id"] = tokens
+        tda = C.llama_token_data_array(data=arr.ctypes.data_as(ctypes.POINTER(C.llama_token_data)),
+                                       size=len(tokens), selected=-1, sorted=False)
+        C.llama_sampler_apply(self._ptr, ctypes.byref(tda))
+        return np.isfinite(arr["logit"])
+
+    def accept(self, token: int) -> None:
+        """Advance past ``token``, which must be allowed (llama.cpp aborts otherwise)."""
+        C.llama_sampler_accept(self._ptr, int(token))
+
+    def clone(self) -> Grammar:
+        return Grammar(self.model, _ptr=C.llama_sampler_clone(self._ptr))
 
     def close(self) -> None:
         if self._ptr is not None:

@@ -25,6 +25,11 @@ class TextStream:
         self.text = ""  # everything released so far
         self.stopped = False
 
+    @property
+    def position(self) -> int:
+        """Characters decoded so far (released or held back)."""
+        return len(self.text) + len(self._pending)
+
     def feed(self, data: bytes) -> str:
         """Add token bytes; return the newly released text ('' if held back)."""
         if self.stopped:

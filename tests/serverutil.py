@@ -23,11 +23,11 @@ class Live:
 
 @contextlib.contextmanager
 def live_server(**settings: object) -> Iterator[Live]:
-    """Start create_app(ServerSettings(**settings)) on 127.0.0.1:<free port> in a thread."""
+    """Start create_app(ServerSettings.create(**settings)) on 127.0.0.1:<free port> in a thread."""
     from localllm.server import ServerSettings, create_app, shutdown
 
     settings.setdefault("load_async", False)
-    app = create_app(ServerSettings(**settings))  # type: ignore[arg-type]
+    app = create_app(ServerSettings.create(**settings))
     srv = make_server("127.0.0.1", 0, app, threaded=True)
     t = threading.Thread(target=srv.serve_forever, name="test-http", daemon=True)
     t.start()

@@ -1,57 +1,103 @@
-"""The Flask app: OpenAI-compatible endpoints over the batching scheduler.
+"""The app factory: settings, the loaded engine, auth, CORS and errors.
+Routes live in :mod:`.routes` (a blueprint), response shapes in :mod:`.openai_format`.
 
 Example:
-    >>> app = create_app(ServerSettings(parallel=2))            # doctest: +SKIP
+    >>> cfg = ServerSettings.create(model="smollm2-135m", parallel=2, ctx=1024)
+    >>> (cfg.model.n_seq, cfg.model.n_ctx, cfg.port)
+    (2, 1024, 7860)
+    >>> app = create_app(cfg)                                   # doctest: +SKIP
     >>> app.test_client().get("/health").status_code            # doctest: +SKIP
     503
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import json
 import logging
 import threading
 import time
-import uuid
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
-from flask import Flask, Response, request, send_from_directory
-from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from flask import Flask, Response, request
+from werkzeug.exceptions import HTTPException
 
 from localllm.errors import (AuthenticationError, InvalidArgumentError, LocalLLMError, MethodNotAllowedError,
-                             ModelNotFoundError, NotFoundError, PayloadTooLargeError, QueueFullError,
-                             ServiceUnavailableError)
-from localllm.server import protocol
-from localllm.server.engine import Engine, ServerSettings
+                             NotFoundError, PayloadTooLargeError, QueueFullError, ServiceUnavailableError)
+from localllm.loader import ModelSettings
 from localllm.server.metrics import Metrics
-from localllm.server.scheduler import Job
 
 log = logging.getLogger("localllm.server")
-STATIC = Path(__file__).resolve().parent.parent / "static"
 PUBLIC = ("/", "/health", "/favicon.ico")
 
+# ServerSettings.create's short names for ModelSettings fields (the CLI's flag names)
+_MODEL_ALIASES = {"ctx": "n_ctx", "threads": "n_threads", "gpu_layers": "n_gpu_layers", "parallel": "n_seq"}
 
-class _State:
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """How to serve: the model's settings (``model.n_seq`` is ``--parallel``,
+    ``model.n_ctx`` the context of each sequence) and the server's own options."""
+
+    model: ModelSettings = field(default_factory=ModelSettings)
+    host: str = "127.0.0.1"
+    port: int = 7860
+    api_key: str | None = None
+    max_queue: int = 16
+    cors_origins: tuple[str, ...] = ()
+    max_body_bytes: int = 4 << 20
+    model_alias: str | None = None
+    load_async: bool = True  # /health answers 503 while the model loads
+
+    @classmethod
+    def create(cls, **kw: Any) -> ServerSettings:
+        """Both kinds of settings from one flat set of keywords (``parallel=4, ctx=2048, port=...``)."""
+        model_fields = {f.name for f in dataclasses.fields(ModelSettings)}
+        mkw: dict[str, Any] = {}
+        for k in list(kw):
+            name = _MODEL_ALIASES.get(k, k)
+            if name in model_fields and not (k == "model" and isinstance(kw[k], ModelSettings)):
+                mkw[name] = kw.pop(k)
+        if "cors_origins" in kw:
+            kw["cors_origins"] = tuple(kw["cors_origins"])
+        return cls(model=kw.pop("model", None) or ModelSettings(**mkw), **kw)
+
+
+class State:
     """What one app holds: settings, metrics, and the engine once loaded."""
 
     def __init__(self, cfg: ServerSettings) -> None:
+        from localllm.core.engine import Engine
+
         self.cfg = cfg
         self.metrics = Metrics()
         self.engine: Engine | None = None
         self.load_error: LocalLLMError | None = None
         self.created = int(time.time())
         self.loaded = threading.Event()
+        self.aliases: set[str] = set()
 
     def load(self) -> None:
+        from localllm.core.engine import Engine
+
         try:
-            eng = Engine(self.cfg, on_step=self.metrics.on_step)
-            self.metrics.bind(lambda: eng.scheduler.stats["queue_depth"], eng.scheduler.busy_slots,
-                              eng.scheduler.n_slots)
+            eng = Engine(self.cfg.model, threaded=True, max_queue=self.cfg.max_queue, on_step=self.metrics.on_step)
+            sched = eng.scheduler
+            self.metrics.bind(lambda: sched.stats["queue_depth"], sched.busy_slots, sched.n_slots)
+            for note in eng.notes:
+                log.warning("%s", note)
+            info = eng.info
+            self.model_id = self.cfg.model_alias or info.id
+            self.aliases = {self.model_id, self.model_id.split(":")[0], info.id, info.path, info.name,
+                            str(self.cfg.model.model or "")} - {""}
+            from pathlib import Path
+
+            self.aliases |= {Path(info.path).stem, Path(info.path).name}
             self.engine = eng
-            log.info("model %s loaded (%s sequences x %s tokens)", eng.model_id, self.cfg.parallel, eng.n_ctx)
+            log.info("model %s loaded (%s sequences x %s tokens, %s GPU layers)", self.model_id, info.sequences,
+                     info.context, info.gpu_layers)
         except LocalLLMError as e:
             log.error("could not load the model: %s", e)
             self.load_error = e
@@ -61,7 +107,7 @@ class _State:
         finally:
             self.loaded.set()
 
-    def need_engine(self) -> Engine:
+    def need_engine(self) -> Any:
         if self.engine is None:
             if self.load_error is not None:
                 raise ServiceUnavailableError(f"the model failed to load: {self.load_error}")
@@ -69,19 +115,7 @@ class _State:
         return self.engine
 
 
-def _json_body() -> dict[str, Any]:
-    try:
-        raw = request.get_data(cache=True)
-    except RequestEntityTooLarge:
-        raise PayloadTooLargeError("the request body is too large") from None
-    try:
-        body = json.loads(raw)
-    except (ValueError, RecursionError):  # ValueError covers bad UTF-8 and bad JSON
-        raise InvalidArgumentError("the request body is not valid JSON") from None
-    return dict(protocol.check_object(body))
-
-
-def _error_response(e: LocalLLMError) -> Response:
+def error_response(e: LocalLLMError) -> Response:
     resp = Response(json.dumps(e.to_dict()), status=e.status, mimetype="application/json")
     if isinstance(e, (QueueFullError, ServiceUnavailableError)):
         resp.headers["Retry-After"] = str(getattr(e, "retry_after", 1))
@@ -90,38 +124,10 @@ def _error_response(e: LocalLLMError) -> Response:
     return resp
 
 
-def _sse(obj: Any) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
-
-
-def create_app(cfg: ServerSettings | None = None) -> Flask:
-    """A Flask app serving ``cfg.model``; the model loads in a background thread
-    (``/health`` is 503 until it is ready) unless ``cfg.load_async`` is False.
-
-    Example:
-        >>> app = create_app(ServerSettings(model="smollm2-135m", parallel=2))  # doctest: +SKIP
-    """
-    cfg = cfg or ServerSettings()
-    from localllm import store, validate
-
-    # a wrong path or a bad file is the caller's mistake: fail now (cheap: the header
-    # only), not later in the background where it would only show as a 503
-    validate.read_header(store.resolve(cfg.model, models_dir=cfg.models_dir))
-    app = Flask("localllm.server", static_folder=None)
-    app.config["MAX_CONTENT_LENGTH"] = cfg.max_body_bytes
-    state = _State(cfg)
-    app.extensions["localllm"] = state
-    if cfg.load_async:
-        threading.Thread(target=state.load, name="localllm-load", daemon=True).start()
-    else:
-        state.load()
-        if state.load_error is not None:
-            raise state.load_error
-
+def _install_hooks(app: Flask, cfg: ServerSettings, state: State) -> None:
     key = cfg.api_key.encode() if cfg.api_key else None
 
-    # ------------------------------------------------------------------ cross-cutting
-    def _cors(resp: Response) -> Response:
+    def cors(resp: Response) -> Response:
         origin = request.headers.get("Origin")
         if origin and ("*" in cfg.cors_origins or origin in cfg.cors_origins):
             resp.headers["Access-Control-Allow-Origin"] = "*" if "*" in cfg.cors_origins else origin
@@ -133,7 +139,7 @@ def create_app(cfg: ServerSettings | None = None) -> Flask:
     @app.before_request
     def _auth() -> Response | None:
         if request.method == "OPTIONS":
-            return _cors(Response(status=204))
+            return cors(Response(status=204))
         if key is None or request.path in PUBLIC:
             return None
         got = request.headers.get("Authorization", "")
@@ -145,13 +151,12 @@ def create_app(cfg: ServerSettings | None = None) -> Flask:
 
     @app.after_request
     def _after(resp: Response) -> Response:
-        ep = request.endpoint or "unknown"
-        state.metrics.requests.labels(endpoint=ep, status=str(resp.status_code)).inc()
-        return _cors(resp)
+        state.metrics.requests.labels(endpoint=request.endpoint or "unknown", status=str(resp.status_code)).inc()
+        return cors(resp)
 
     @app.errorhandler(LocalLLMError)
     def _on_error(e: LocalLLMError) -> Response:
-        return _error_response(e)
+        return error_response(e)
 
     @app.errorhandler(HTTPException)
     def _on_http(e: HTTPException) -> Response:
@@ -165,182 +170,46 @@ def create_app(cfg: ServerSettings | None = None) -> Flask:
         else:
             mapped = InvalidArgumentError(e.description or str(e))
             mapped.status = e.code or 400
-        return _error_response(mapped)
+        return error_response(mapped)
 
     @app.errorhandler(Exception)
     def _on_bug(e: Exception) -> Response:
         log.exception("unhandled error on %s", request.path)
-        return _error_response(LocalLLMError(f"internal error: {type(e).__name__}"))
+        return error_response(LocalLLMError(f"internal error: {type(e).__name__}"))
 
-    # ------------------------------------------------------------------ plain endpoints
-    @app.get("/")
-    def index() -> Response:
-        return send_from_directory(STATIC, "chat.html", max_age=0)
 
-    @app.get("/health")
-    def health() -> Response:
-        eng = state.engine
-        if eng is None:
-            body = {"status": "error" if state.load_error else "loading"}
-            if state.load_error:
-                body["error"] = str(state.load_error)
-            return Response(json.dumps(body), status=503, mimetype="application/json",
-                            headers={"Retry-After": "1"})
-        sched = eng.scheduler
-        busy = sched.busy_slots()
-        return Response(json.dumps({"status": "ok", "model": eng.model_id, "slots_idle": sched.n_slots - busy,
-                                    "slots_processing": busy, "queue": sched.stats["queue_depth"]}),
-                        mimetype="application/json")
+def create_app(cfg: ServerSettings | None = None) -> Flask:
+    """A Flask app serving ``cfg.model``; the model loads in a background thread
+    (``/health`` is 503 until it is ready) unless ``cfg.load_async`` is False.
 
-    @app.get("/metrics")
-    def metrics() -> Response:
-        data, ctype = state.metrics.render()
-        return Response(data, mimetype=ctype.split(";")[0], headers={"Content-Type": ctype})
+    Example:
+        >>> app = create_app(ServerSettings.create(model="smollm2-135m", parallel=2))  # doctest: +SKIP
+    """
+    from localllm import loader
+    from localllm.server.routes import api
 
-    def _model_card(eng: Engine) -> dict[str, Any]:
-        return {"id": eng.model_id, "object": "model", "created": state.created, "owned_by": "localllm",
-                "meta": eng.info}
-
-    @app.get("/v1/models")
-    def models() -> Response:
-        eng = state.need_engine()
-        return _jsonify({"object": "list", "data": [_model_card(eng)]})
-
-    @app.get("/v1/models/<path:name>")
-    def model(name: str) -> Response:
-        eng = state.need_engine()
-        if not eng.serves(name):
-            raise ModelNotFoundError(f"model {name!r} is not served here (this server runs {eng.model_id!r})",
-                                     param="model")
-        return _jsonify(_model_card(eng))
-
-    @app.post("/v1/embeddings")
-    def embeddings() -> Response:
-        body = _json_body()
-        eng = _engine_for(body)
-        texts = protocol.embedding_input(body)
-        vectors, n = eng.embed(texts)
-        return _jsonify({"object": "list", "model": eng.model_id,
-                         "data": [{"object": "embedding", "index": i, "embedding": v}
-                                  for i, v in enumerate(vectors)],
-                         "usage": {"prompt_tokens": n, "total_tokens": n}})
-
-    def _engine_for(body: dict[str, Any]) -> Engine:
-        eng = state.need_engine()
-        name = protocol.get_str(body, "model")
-        if name and not eng.serves(name):
-            raise ModelNotFoundError(f"model {name!r} is not served here (this server runs {eng.model_id!r})",
-                                     param="model")
-        return eng
-
-    # ------------------------------------------------------------------ generation
-    @app.post("/v1/chat/completions")
-    def chat_completions() -> Response:
-        body = _json_body()
-        eng = _engine_for(body)
-        params = protocol.sampling(body, default_max_tokens=None, max_n=eng.scheduler.n_slots)
-        stream, usage = protocol.stream_flags(body, params)
-        prompt = eng.chat_prompt(body.get("messages"))
-        return _generate(eng, prompt, params, stream, usage, chat=True)
-
-    @app.post("/v1/completions")
-    def completions() -> Response:
-        body = _json_body()
-        eng = _engine_for(body)
-        params = protocol.sampling(body, default_max_tokens=16, max_n=eng.scheduler.n_slots)
-        stream, usage = protocol.stream_flags(body, params)
-        prompt = eng.text_prompt(protocol.completion_prompt(body, eng.model.n_vocab))
-        if protocol.get_bool(body, "echo", False):
-            raise InvalidArgumentError("echo is not supported", param="echo")
-        return _generate(eng, prompt, params, stream, usage, chat=False)
-
-    def _generate(eng: Engine, prompt: list[int], params: Any, stream: bool, include_usage: bool,
-                  chat: bool) -> Response:
-        job = eng.scheduler.submit(Job(prompt, params, stream=stream))
-        m = state.metrics
-        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        created = int(time.time())
-        obj = "chat.completion" if chat else "text_completion"
-        disconnected: Callable[[], bool] | None = request.environ.get("waitress.client_disconnected")
-
-        def usage() -> dict[str, Any]:
-            return {"prompt_tokens": len(prompt), "completion_tokens": job.completion_tokens,
-                    "total_tokens": len(prompt) + job.completion_tokens,
-                    "prompt_tokens_details": {"cached_tokens": job.cached_tokens}}
-
-        def account() -> None:
-            m.prompt_tokens.inc(len(prompt))
-            m.cached_tokens.inc(job.cached_tokens)
-            m.generated_tokens.inc(job.completion_tokens)
-            if job.t_first is not None:
-                m.ttft.observe(job.t_first - job.t_submit)
-
-        if not stream:
-            texts = [""] * params.n
-            reasons: list[str | None] = [None] * params.n
-            try:
-                for ev in job.events(disconnected=disconnected):
-                    if ev.kind == "text":
-                        texts[ev.index] += ev.text
-                    elif ev.kind == "done":
-                        reasons[ev.index] = ev.finish_reason
-            finally:
-                job.cancel()
-                account()
-            if chat:
-                choices = [{"index": i, "message": {"role": "assistant", "content": t},
-                            "logprobs": None, "finish_reason": reasons[i]} for i, t in enumerate(texts)]
-            else:
-                choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": reasons[i]}
-                           for i, t in enumerate(texts)]
-            return _jsonify({"id": rid, "object": obj, "created": created, "model": eng.model_id,
-                             "choices": choices, "usage": usage()})
-
-        chunk_obj = "chat.completion.chunk" if chat else "text_completion"
-
-        def chunk(index: int, text: str | None, finish: str | None, role: bool = False) -> dict[str, Any]:
-            if chat:
-                delta: dict[str, Any] = {}
-                if role:
-                    delta["role"] = "assistant"
-                if text is not None:
-                    delta["content"] = text
-                choice: dict[str, Any] = {"index": index, "delta": delta, "logprobs": None,
-                                          "finish_reason": finish}
-            else:
-                choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
-            return {"id": rid, "object": chunk_obj, "created": created, "model": eng.model_id,
-                    "choices": [choice]}
-
-        def events() -> Iterator[str]:
-            try:
-                if chat:
-                    for i in range(params.n):
-                        yield _sse(chunk(i, "", None, role=True))
-                for ev in job.events(disconnected=disconnected):
-                    if ev.kind == "text":
-                        yield _sse(chunk(ev.index, ev.text, None))
-                    elif ev.kind == "done":
-                        yield _sse(chunk(ev.index, None if chat else "", ev.finish_reason))
-                if include_usage:
-                    yield _sse({"id": rid, "object": chunk_obj, "created": created, "model": eng.model_id,
-                                "choices": [], "usage": usage()})
-                yield "data: [DONE]\n\n"
-            except LocalLLMError as e:  # headers are gone: report in the stream
-                yield _sse(e.to_dict())
-            finally:
-                job.cancel()  # a client that went away frees its slot at the next step
-                account()
-
-        return Response(events(), mimetype="text/event-stream",
-                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
+    cfg = cfg or ServerSettings()
+    # a wrong path or a bad file is the caller's mistake: fail now (cheap: the header
+    # only), not later in the background where it would only show as a 503
+    loader.prepare(cfg.model)
+    app = Flask("localllm.server", static_folder=None)
+    app.config["MAX_CONTENT_LENGTH"] = cfg.max_body_bytes
+    state = State(cfg)
+    app.extensions["localllm"] = state
+    _install_hooks(app, cfg, state)
+    app.register_blueprint(api)
+    if cfg.load_async:
+        threading.Thread(target=state.load, name="localllm-load", daemon=True).start()
+    else:
+        state.load()
+        if state.load_error is not None:
+            raise state.load_error
     return app
 
 
 def make_app(**settings: Any) -> Flask:
-    """``create_app(ServerSettings(**settings))`` for WSGI servers that take a call
-    string with literal arguments; ``api_key`` defaults to ``$LOCALLLM_API_KEY``.
+    """``create_app(ServerSettings.create(**settings))`` for WSGI servers that take a
+    call string with literal arguments; ``api_key`` defaults to ``$LOCALLLM_API_KEY``.
 
     Example:
         gunicorn -w 1 -k gthread --threads 32 'localllm.server:make_app(model="smollm2-135m")'
@@ -348,18 +217,12 @@ def make_app(**settings: Any) -> Flask:
     import os
 
     settings.setdefault("api_key", os.environ.get("LOCALLLM_API_KEY") or None)
-    if "cors_origins" in settings:
-        settings["cors_origins"] = tuple(settings["cors_origins"])
-    return create_app(ServerSettings(**settings))
-
-
-def _jsonify(obj: Any) -> Response:
-    return Response(json.dumps(obj, ensure_ascii=False), mimetype="application/json")
+    return create_app(ServerSettings.create(**settings))
 
 
 def shutdown(app: Flask) -> None:
     """Stop the scheduler and free the model of an app made by :func:`create_app`."""
-    state: _State = app.extensions["localllm"]
+    state: State = app.extensions["localllm"]
     state.loaded.wait(timeout=120)
     if state.engine is not None:
         state.engine.close()

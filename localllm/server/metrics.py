@@ -33,6 +33,9 @@ class Metrics:
         self.token_latency = Histogram("localllm_decode_step_seconds",
                                        "Duration of one batched decode step (per-token latency)",
                                        buckets=_LATENCY, registry=r)
+        self.batch_sequences = Histogram("localllm_batch_sequences",
+                                         "Sequences decoded together in one decode step (continuous batching)",
+                                         buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32, 64), registry=r)
         self.queue_depth = Gauge("localllm_queue_depth", "Requests waiting for a slot", registry=r)
         self.busy_slots = Gauge("localllm_busy_slots", "Slots generating", registry=r)
         self.slots = Gauge("localllm_slots", "Slots (--parallel)", registry=r)
@@ -44,8 +47,10 @@ class Metrics:
         self.slots.set(slots)
 
     def on_step(self, info: dict) -> None:
-        if info.get("generated"):
+        """Called by the scheduler after every decode step."""
+        if info.get("sequences"):
             self.token_latency.observe(info["seconds"])
+            self.batch_sequences.observe(info["sequences"])
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

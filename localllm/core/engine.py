@@ -1,0 +1,119 @@
+"""A loaded model with its scheduler, prompts and embeddings: what ``Model``
+and the server both run on.
+
+Example:
+    >>> eng = Engine(ModelSettings(model="smollm2-135m", n_ctx=1024))        # doctest: +SKIP
+    >>> req = Request(eng.text_ids("1, 2, 3,"), SamplingParams(temperature=0, max_tokens=4))  # doctest: +SKIP
+    >>> collect(eng.run(req), 1)[0].text                                      # doctest: +SKIP
+    ' 4, 5'
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+from localllm import chat as chatmod
+from localllm import loader
+from localllm.core.request import Event, Request
+from localllm.core.scheduler import Scheduler
+from localllm.errors import InvalidArgumentError
+from localllm.loader import ModelInfo, ModelSettings
+
+
+class Engine:
+    """Loads ``settings.model`` (see :func:`localllm.loader.load`) and owns its scheduler.
+
+    ``threaded=True`` (the server) decodes on a thread of its own and takes
+    requests from any thread with :meth:`submit`; otherwise the caller drives
+    the steps with :meth:`run` (``Model``).
+    """
+
+    def __init__(self, settings: ModelSettings, *, threaded: bool = False, max_queue: int = 16,
+                 on_step: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self.settings = settings
+        self.loaded = loader.load(settings)
+        self.llama = self.loaded.llama
+        self.prompter = self.loaded.prompter
+        self.info: ModelInfo = self.loaded.info
+        self.notes = self.loaded.notes
+        self._threaded, self._max_queue, self._on_step = threaded, max_queue, on_step
+        self._emb_lock = threading.Lock()
+        self._embedder: Any = None
+        try:
+            self.scheduler = self._scheduler(settings.n_seq)
+        except BaseException:
+            self.loaded.close()
+            raise
+
+    def _scheduler(self, n_slots: int) -> Scheduler:
+        s = Scheduler(self.llama, n_slots=n_slots, n_ctx_seq=self.info.context, n_threads=self.info.threads,
+                      max_queue=self._max_queue, on_step=self._on_step)
+        if self._threaded:
+            s.start()
+        return s
+
+    # ------------------------------------------------------------------ prompts
+    def text_ids(self, prompt: str | Sequence[int]) -> list[int]:
+        """A raw prompt (no template) as token ids; a list of ids is taken as it is."""
+        if isinstance(prompt, str):
+            return self.prompter.text_ids(prompt)
+        if isinstance(prompt, Sequence) and prompt and all(isinstance(t, int) and not isinstance(t, bool)
+                                                             for t in prompt):
+            n = self.llama.n_vocab
+            if not all(0 <= t < n for t in prompt):
+                raise InvalidArgumentError(f"prompt token ids must be in 0..{n - 1}", param="prompt")
+            return list(prompt)
+        raise InvalidArgumentError("prompt must be a string or a non-empty list of token ids", param="prompt")
+
+    def chat_ids(self, messages: Any, system: str | None = None) -> list[int]:
+        """OpenAI-style messages → token ids through the model's own template (sandboxed)."""
+        msgs = chatmod.normalize_messages(messages)
+        if system is not None:
+            if not isinstance(system, str):
+                raise InvalidArgumentError("system must be a string", param="system")
+            if not (msgs and msgs[0]["role"] == "system"):
+                msgs = [{"role": "system", "content": system}, *msgs]
+        return self.prompter.chat_ids(msgs)
+
+    def render_chat(self, messages: Any, *, add_generation_prompt: bool = True) -> str:
+        return self.prompter.render(messages, add_generation_prompt=add_generation_prompt)
+
+    # ------------------------------------------------------------------ generation
+    def submit(self, req: Request) -> Request:
+        """Queue ``req`` on the decode thread (threaded engines)."""
+        return self.scheduler.submit(req)
+
+    def run(self, req: Request) -> Iterator[Event]:
+        """Generate ``req`` in this thread, yielding its events. A request wider than
+        the scheduler (``n``, ``best_of``, ``num_beams``) gets a scheduler with more
+        slots first; the model's weights are shared, only the KV cache grows."""
+        width = req.params.width
+        if width > self.scheduler.n_slots and not self._threaded:
+            from localllm.sampling import MAX_BEAMS, MAX_N
+
+            if width <= max(MAX_N, MAX_BEAMS):
+                self.scheduler.close()
+                self.scheduler = self._scheduler(width)
+        return self.scheduler.run(req)
+
+    # ------------------------------------------------------------------ embeddings
+    def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        """Mean-pooled, L2-normalised embeddings and the token count. Runs in the
+        caller's thread on a context of its own (the weights are shared, read-only)."""
+        with self._emb_lock:
+            if self._embedder is None:
+                from localllm.embeddings import Embedder
+
+                self._embedder = Embedder(self.llama, self.prompter, n_ctx=min(self.info.context, 2048),
+                                          n_threads=self.info.threads)
+            return self._embedder.embed(texts)
+
+    def close(self) -> None:
+        self.scheduler.close()
+        with self._emb_lock:
+            if self._embedder is not None:
+                self._embedder.close()
+                self._embedder = None
+        self.loaded.close()

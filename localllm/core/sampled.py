@@ -1,0 +1,148 @@
+"""Sampled choices: ``n`` choices, or ``best_of`` candidates of which the ``n``
+with the best mean log-probability are kept. Each choice is a lane of the
+shared batch with its own llama.cpp sampler chain (choice ``i`` is seeded
+``seed + i``); the prompt is decoded once and copied to the other lanes.
+
+Example:
+    >>> unit = Sampled(request, lanes, model, n_ctx=2048)     # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+from localllm import runtime
+from localllm.core import lanes as lanes_mod
+from localllm.core.logprobs import TokenLogprob, token_logprob
+from localllm.core.request import Event, Request
+from localllm.textstream import TextStream
+
+if TYPE_CHECKING:
+    from localllm.core.lanes import Lane
+
+
+class _Choice:
+    def __init__(self, index: int, lane: Lane, sampler: runtime.Sampler, stop: tuple[str, ...]) -> None:
+        self.index, self.lane, self.sampler = index, lane, sampler
+        self.text = TextStream(stop)
+        self.tokens: list[int] = []
+        self.sum_lp = 0.0
+        self.lps: list[TokenLogprob] = []      # not yet released with text
+        self.out: list[str] = []               # buffered text (non-streaming, best_of)
+        self.out_lps: list[TokenLogprob] = []
+        self.finish: str | None = None
+
+
+class Sampled:
+    """One request's sampled choices (a unit of the scheduler)."""
+
+    def __init__(self, req: Request, lanes: list[Lane], model: runtime.LlamaModel, *, n_ctx: int) -> None:
+        p = req.params
+        self.req, self.lanes, self.model, self.n_ctx = req, lanes, model, n_ctx
+        bias = dict(p.logit_bias or {})
+        if p.ignore_eos:
+            for t in model.eog_tokens():
+                bias[t] = -math.inf
+        grammar = p.grammar_text()
+        self.choices: list[_Choice] = []
+        try:
+            for i, lane in enumerate(lanes):
+                s = runtime.Sampler(model, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, min_p=p.min_p,
+                                    repeat_penalty=p.repeat_penalty, presence_penalty=p.presence_penalty,
+                                    frequency_penalty=p.frequency_penalty, repeat_last_n=p.repeat_last_n,
+                                    seed=None if p.seed is None else (p.seed + i) & 0xFFFFFFFF, grammar=grammar,
+                                    logit_bias=bias or None)
+                self.choices.append(_Choice(i, lane, s, p.stop))
+                s.prime(req.prompt)
+        except BaseException:
+            self.close()
+            raise
+        self.ranked = p.best_of > p.n
+        self.want_lp = p.logprobs or self.ranked
+        self.buffer = self.ranked or not req.stream
+        self.waiting = len(lanes) > 1  # followers wait for the lead's prompt
+        self.finished = False
+
+    def close(self) -> None:
+        for c in self.choices:
+            c.sampler.close()
+
+    # ------------------------------------------------------------------ one step
+    def after_decode(self, ctx: runtime.Context, now: float, events: list[Event]) -> None:
+        lead = self.lanes[0]
+        if self.waiting and lead.row >= 0:
+            for lane in self.lanes[1:]:
+                lanes_mod.copy(ctx, lead, lane)
+            self.waiting = False
+        for c in self.choices:
+            if c.finish is None and c.lane.row >= 0:
+                self._sample(c, ctx, now, events)
+        if all(c.finish is not None for c in self.choices):
+            self.finished = True
+
+    def _sample(self, c: _Choice, ctx: runtime.Context, now: float, events: list[Event]) -> None:
+        req, p, m = self.req, self.req.params, self.model
+        row = c.lane.row
+        tok = c.sampler.sample(ctx, row)
+        if req.t_first is None:
+            req.t_first = now
+        if m.is_eog(tok):
+            self._finish(c, "stop", events)
+            return
+        c.tokens.append(tok)
+        req.completion_tokens += 1
+        piece = m.token_piece(tok)
+        if self.want_lp:
+            lp = token_logprob(ctx.logits(row), tok, top=p.top_logprobs, piece=m.token_piece)
+            lp.offset = c.text.position
+            c.sum_lp += lp.logprob
+            c.lps.append(lp)
+        self._emit(c, c.text.feed(piece), events)
+        if c.text.stopped:
+            self._finish(c, "stop", events)
+        elif (p.max_tokens is not None and len(c.tokens) >= p.max_tokens) or c.lane.pos + 1 >= self.n_ctx:
+            self._finish(c, "length", events)
+        else:
+            c.lane.pending = [tok]
+
+    def _released(self, c: _Choice) -> list[TokenLogprob] | None:
+        """Log-probabilities of the tokens whose text has been released."""
+        if not self.req.params.logprobs:
+            return None
+        end = len(c.text.text)
+        k = 0
+        while k < len(c.lps) and c.lps[k].offset < end:
+            k += 1
+        out, c.lps = c.lps[:k], c.lps[k:]
+        return out
+
+    def _emit(self, c: _Choice, text: str, events: list[Event]) -> None:
+        if not text:
+            return
+        lps = self._released(c)
+        if self.buffer:
+            c.out.append(text)
+            c.out_lps.extend(lps or ())
+        else:
+            events.append(Event("text", c.index, text, logprobs=lps))
+
+    def _finish(self, c: _Choice, reason: str, events: list[Event]) -> None:
+        self._emit(c, c.text.flush(), events)
+        c.lps = []  # tokens past a stop string are not part of the answer
+        c.finish = reason
+        c.lane.pending = []
+        if not self.ranked:
+            self._report(c, c.index, events)
+            return
+        if all(x.finish is not None for x in self.choices):  # keep the n most likely of best_of
+            n = self.req.params.n
+            best = sorted(self.choices, key=lambda x: (-x.sum_lp / max(len(x.tokens), 1), x.index))[:n]
+            for i, x in enumerate(best):
+                self._report(x, i, events)
+
+    def _report(self, c: _Choice, index: int, events: list[Event]) -> None:
+        lps = list(c.out_lps) if self.req.params.logprobs else None
+        if self.buffer and (c.out or lps):
+            events.append(Event("text", index, "".join(c.out), logprobs=lps))
+        events.append(Event("done", index, finish_reason=c.finish, tokens=list(c.tokens)))

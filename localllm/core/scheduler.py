@@ -1,0 +1,325 @@
+"""Continuous batching: every running sequence is decoded together, one
+``llama_decode`` per step.
+
+Requests join and leave the shared batch between steps. Each step feeds one
+token of every generating sequence (and the tails beam search decodes again)
+first, then prompt chunks with what room is left, so a long prompt never
+stalls the others. After the decode, each request's unit samples its rows.
+
+The scheduler has no thread of its own: :meth:`Scheduler.step` runs one step.
+The server calls :meth:`start` for a decode thread; ``Model`` drives the same
+steps in the caller's thread with :meth:`run`.
+
+Example:
+    >>> sched = Scheduler(llama_model, n_slots=4, n_ctx_seq=2048, n_threads=2)     # doctest: +SKIP
+    >>> for ev in sched.run(Request(ids, SamplingParams(max_tokens=8))): ...     # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
+
+from localllm import runtime
+from localllm.core import lanes as lanes_mod
+from localllm.core.beams import Beams
+from localllm.core.lanes import Lane, Slot
+from localllm.core.request import Event, Request
+from localllm.core.sampled import Sampled
+from localllm.errors import (ContextOverflowError, InvalidArgumentError, LocalLLMError, QueueFullError,
+                             RuntimeFailure, ServiceUnavailableError)
+
+log = logging.getLogger("localllm.core")
+
+
+class Unit(Protocol):
+    """What the scheduler runs for one request (:class:`Sampled` or :class:`Beams`)."""
+
+    req: Request
+    lanes: list[Lane]
+    finished: bool
+
+    def after_decode(self, ctx: runtime.Context, now: float, events: list[Event]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def _as_error(e: BaseException) -> LocalLLMError:
+    if isinstance(e, LocalLLMError):
+        return e
+    if isinstance(e, KeyboardInterrupt):
+        return ServiceUnavailableError("generation was interrupted")
+    return RuntimeFailure(f"decoding failed: {type(e).__name__}: {e}")
+
+
+class Scheduler:
+    """Owns one llama.cpp context with ``n_slots`` KV streams of ``n_ctx_seq`` tokens."""
+
+    def __init__(self, model: runtime.LlamaModel, *, n_slots: int, n_ctx_seq: int, n_threads: int,
+                 max_queue: int = 16, n_batch: int = 512,
+                 on_step: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self.model = model
+        self.n_slots = n_slots
+        self.n_ctx_seq = n_ctx_seq
+        self.max_queue = max_queue
+        # one KV stream per slot (like llama-server -np N): a sequence's cells stay in position
+        # order whatever the others do, so its attention sums round the same alone or batched
+        self.ctx = runtime.Context(model, n_ctx=n_ctx_seq * n_slots, n_threads=n_threads, n_batch=n_batch,
+                                   n_ubatch=n_batch, n_seq_max=n_slots, kv_unified=False)
+        self.batch = runtime.Batch(self.ctx.n_batch, 1)
+        self.slots = [Slot(i) for i in range(n_slots)]
+        self.waiting: deque[Request] = deque()
+        self.active: list[Unit] = []
+        self.cv = threading.Condition()
+        self.stopping = False
+        self.on_step = on_step
+        self.stats = {"busy_slots": 0, "queue_depth": 0, "steps": 0, "last_step_sequences": 0,
+                      "max_step_sequences": 0}
+        self.thread: threading.Thread | None = None
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """One small decode at load, so the first request does not pay for llama.cpp's
+        first-use setup (graph allocation, weight repacking)."""
+        b = self.batch
+        b.clear()
+        n = min(8, b.capacity)
+        for i in range(n):
+            b.add(max(self.model.bos, 0), i, 0, i == n - 1)
+        self.ctx.decode(b)
+        self.ctx.clear()
+
+    # ------------------------------------------------------------------ public
+    def check(self, req: Request) -> None:
+        """Refuse what this scheduler can never run (400s), before queueing."""
+        p = req.params
+        if p.width > self.n_slots:
+            name = "num_beams" if p.num_beams > 1 else ("best_of" if p.best_of > p.n else "n")
+            raise InvalidArgumentError(f"{name} is {p.width} but this model runs {self.n_slots} sequences at once "
+                                       f"(serve --parallel, Model(n_seq=...))", param=name)
+        if not req.prompt:
+            raise InvalidArgumentError("the prompt is empty", param="prompt")
+        if len(req.prompt) >= self.n_ctx_seq:
+            raise ContextOverflowError(
+                f"the prompt is {len(req.prompt)} tokens but the context holds {self.n_ctx_seq} per "
+                f"sequence (and at least one token must be generated)",
+                hint="shorten the prompt or raise the context (--ctx / n_ctx)", param="prompt",
+                prompt_tokens=len(req.prompt), n_ctx=self.n_ctx_seq)
+        n_vocab = self.model.n_vocab
+        if any(not 0 <= t < n_vocab for t in req.prompt):
+            raise InvalidArgumentError(f"prompt token ids must be in 0..{n_vocab - 1}", param="prompt")
+        if p.logit_bias and any(t >= n_vocab for t in p.logit_bias):
+            raise InvalidArgumentError(f"logit_bias token ids must be in 0..{n_vocab - 1}", param="logit_bias")
+        p.grammar_text()  # a schema that cannot become a grammar is the caller's 400, now
+
+    def submit(self, req: Request) -> Request:
+        """Queue ``req``; raises QueueFullError (503) when the wait queue is full."""
+        self.check(req)
+        with self.cv:
+            if self.stopping:
+                raise ServiceUnavailableError("the server is shutting down")
+            # a request not yet moved into a free slot is not waiting for one: count free
+            # slots as room too, or a burst into an idle server would get 503s
+            free = sum(1 for slot in self.slots if not slot.busy)
+            if len(self.waiting) >= self.max_queue + free:
+                raise QueueFullError(f"all {self.n_slots} slots are busy and {len(self.waiting)} requests "
+                                     f"are waiting", retry_after=1)
+            self.waiting.append(req)
+            self.stats["queue_depth"] = len(self.waiting)
+            self.cv.notify()
+        return req
+
+    def run(self, req: Request) -> Iterator[Event]:
+        """Submit ``req`` and drive the steps in this thread until it is done,
+        yielding its events as they come (``Model``'s driver)."""
+        if self.thread is not None:
+            raise RuntimeFailure("this scheduler runs on its own thread; use submit()")
+        self.submit(req)
+        try:
+            while not req.done:
+                yield from req.drain()
+                if req.done:
+                    break
+                if not self.step():
+                    yield from req.drain()
+                    if not req.done:
+                        raise RuntimeFailure("the request ended without finishing")
+        finally:
+            if not req.done:
+                req.cancel()
+                self._reap()
+
+    def start(self) -> None:
+        """Decode on a thread of its own (the server)."""
+        self.thread = threading.Thread(target=self._loop, name="localllm-scheduler", daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        with self.cv:
+            self.stopping = True
+            self.cv.notify()
+        if self.thread is not None:
+            self.thread.join(timeout=10)
+            if self.thread.is_alive():
+                # still inside llama.cpp: freeing its context now would crash the process;
+                # leaking it at exit is the lesser harm
+                log.warning("the scheduler thread did not stop in 10 s; leaving its llama.cpp context allocated")
+                return
+        self._fail_all(ServiceUnavailableError("the server is shutting down"), waiting=True)
+        self.batch.close()
+        self.ctx.close()
+
+    def busy_slots(self) -> int:
+        return sum(s.busy for s in self.slots)
+
+    # ------------------------------------------------------------------ admission
+    def _admit(self) -> None:
+        """Move waiting requests into free slots (FIFO; a wide request waits for enough slots)."""
+        with self.cv:
+            while self.waiting:
+                req = self.waiting[0]
+                if req.cancelled.is_set():
+                    self.waiting.popleft()
+                    continue
+                free = [s for s in self.slots if not s.busy]
+                if len(free) < req.params.width:
+                    break
+                self.waiting.popleft()
+                self._start(req, free)
+            self.stats["queue_depth"] = len(self.waiting)
+
+    def _start(self, req: Request, free: list[Slot]) -> None:
+        prompt = req.prompt
+        free.sort(key=lambda s: (lanes_mod.lcp(s.cached, prompt), -s.last_used), reverse=True)
+        lanes = [Lane(s) for s in free[:req.params.width]]
+        req.cached_tokens = lanes_mod.start(self.ctx, lanes[0], prompt)
+        for lane in lanes[1:]:
+            lanes_mod.truncate(self.ctx, lane.slot, 0)
+            lane.pos = 0
+        try:
+            unit: Unit
+            if req.params.num_beams > 1:
+                unit = Beams(req, lanes, self.model, n_ctx=self.n_ctx_seq)
+            else:
+                unit = Sampled(req, lanes, self.model, n_ctx=self.n_ctx_seq)
+        except Exception as e:
+            req.queue.put(Event("error", error=_as_error(e)))
+            return
+        req.t_start = time.perf_counter()
+        for lane in lanes:
+            lane.slot.busy = True
+        self.active.append(unit)
+        # rows in sequence-id order: with one KV stream per sequence llama.cpp splits a batch
+        # into equal micro-batches over consecutive sequences; any other order costs extra splits
+        self.active.sort(key=lambda u: u.lanes[0].slot.seq)
+        self.stats["busy_slots"] = self.busy_slots()
+
+    def _reap(self) -> None:
+        """Free the slots of finished or cancelled requests."""
+        keep = []
+        now = time.monotonic()
+        for u in self.active:
+            if not u.finished and not u.req.cancelled.is_set():
+                keep.append(u)
+                continue
+            u.close()
+            if u.req.t_end is None:
+                u.req.t_end = time.perf_counter()
+            for lane in u.lanes:
+                lane.slot.busy = False
+                lane.slot.last_used = now
+        if len(keep) != len(self.active):
+            self.active = keep
+            self.stats["busy_slots"] = self.busy_slots()
+
+    def _fail_all(self, err: LocalLLMError, *, waiting: bool = False) -> None:
+        """End every running (and with ``waiting``, queued) request with ``err``;
+        forget every slot's cache, since a failed step may have left it half-written."""
+        for u in self.active:
+            u.req.queue.put(Event("error", error=err))
+            u.req.cancel()
+        if waiting:
+            with self.cv:
+                for req in self.waiting:
+                    req.queue.put(Event("error", error=err))
+                self.waiting.clear()
+        self._reap()
+        self.ctx.clear()
+        for sl in self.slots:
+            sl.cached = []
+
+    # ------------------------------------------------------------------ the steps
+    def _loop(self) -> None:
+        while True:
+            with self.cv:
+                while not self.stopping and not self.active and not self.waiting:
+                    self.cv.wait()
+                if self.stopping:
+                    break
+            self.step()
+
+    def step(self) -> bool:
+        """Admit, decode once, sample. Returns False when there was nothing to do.
+        A failure ends every running request with an error, never the process."""
+        try:
+            self._admit()
+            self._reap()
+            if not self.active:
+                return False
+            self._decode_step()
+            self._reap()
+            return True
+        except Exception as e:
+            log.exception("scheduler step failed")
+            err = _as_error(e)
+            self._fail_all(err)
+            return True
+        except BaseException as e:  # Ctrl-C in Model's thread: leave a consistent cache, then go
+            self._fail_all(_as_error(e))
+            raise
+
+    def _decode_step(self) -> None:
+        batch, ctx = self.batch, self.ctx
+        batch.clear()
+        t0 = time.perf_counter()
+        lanes = [lane for u in self.active for lane in u.lanes]
+        for lane in lanes:
+            lane.row = -1
+        # 1. generating lanes first (one token, or a beam's short tail), 2. prompts with the room left
+        for lane in lanes:
+            if 0 < len(lane.pending) <= 64:
+                lane.feed(batch)
+        for lane in lanes:
+            if lane.pending:
+                lane.feed(batch)
+        if batch.n == 0:
+            # only units waiting on work that is not theirs: cannot happen, but never spin
+            for u in self.active:
+                u.after_decode(ctx, time.perf_counter(), [])
+            time.sleep(0.001)
+            return
+        ctx.decode(batch)
+        fed = 0
+        for lane in lanes:
+            if lane.fed:
+                fed += 1
+                lane.decoded()
+        now = time.perf_counter()
+        for u in self.active:
+            events: list[Event] = []
+            u.after_decode(ctx, now, events)
+            if u.finished and u.req.t_end is None:
+                u.req.t_end = now
+            q = u.req.queue
+            for ev in events:
+                q.put(ev)
+        st = self.stats
+        st["steps"] += 1
+        st["last_step_sequences"] = fed
+        st["max_step_sequences"] = max(st["max_step_sequences"], fed)
+        if self.on_step is not None:
+            self.on_step({"seconds": now - t0, "sequences": fed, "tokens": batch.n})

@@ -1,0 +1,189 @@
+"""The one loader: reference → store → header check → placement → llama.cpp
+model → prompter. ``Model``, ``serve`` and ``plan`` all go through it.
+
+``ModelSettings`` holds what every door can say about loading (context,
+threads, GPU layers, repacking, sequences); ``ModelInfo`` describes the
+result with the same field names everywhere (``Model.info``, the server's
+``/v1/models`` and ``/health``).
+
+Example:
+    >>> s = ModelSettings(model="smollm2-135m", n_ctx=2048)
+    >>> (s.n_ctx, s.n_gpu_layers, s.n_seq)
+    (2048, 'auto', 1)
+    >>> loaded = load(s)                                            # doctest: +SKIP
+    >>> loaded.info.quant                                           # doctest: +SKIP
+    'Q8_0'
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from localllm import settings as settings_mod
+from localllm.errors import InvalidArgumentError
+
+if TYPE_CHECKING:
+    from localllm import runtime
+    from localllm.prompting import Prompter
+    from localllm.validate import Header
+
+GpuLayers = int | Literal["auto", "all"]
+
+
+def _check_int(name: str, v: Any, lo: int, hi: int | None = None) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
+        raise InvalidArgumentError(f"{name} must be an integer >= {lo}" + (f" and <= {hi}" if hi else ""),
+                                   param=name)
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """How to load a model. ``n_ctx`` is per sequence; ``n_seq`` sequences are
+    decoded together (the server's ``--parallel``), each with its own KV stream."""
+
+    model: str | os.PathLike[str] | None = None
+    models_dir: str | os.PathLike[str] | None = None
+    n_ctx: int | None = None
+    n_threads: int | None = None
+    n_gpu_layers: GpuLayers = "auto"
+    repack: bool = True
+    n_seq: int = 1
+
+    def __post_init__(self) -> None:
+        from localllm.placement import parse_gpu_layers
+
+        if self.n_ctx is not None:
+            _check_int("n_ctx", self.n_ctx, 16)
+        if self.n_threads is not None:
+            _check_int("n_threads", self.n_threads, 1)
+        _check_int("n_seq", self.n_seq, 1, 256)
+        if not isinstance(self.repack, bool):
+            raise InvalidArgumentError("repack must be true or false", param="repack")
+        object.__setattr__(self, "n_gpu_layers", parse_gpu_layers(self.n_gpu_layers))
+
+    def threads(self) -> int:
+        return self.n_threads or settings_mod.default_threads()
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a loaded model is and how it runs (the same fields for every door)."""
+
+    id: str                 # NAME:VERSION in the store, else the file's stem
+    path: str
+    name: str               # general.name
+    arch: str
+    parameters: int
+    quant: str
+    size_bytes: int
+    context_train: int
+    context: int            # per sequence
+    sequences: int          # decoded together
+    n_layer: int
+    n_embd: int
+    n_vocab: int
+    has_chat_template: bool
+    template_source: str
+    tokenizer_source: str
+    gpu_layers: int         # layers llama.cpp was asked to offload (0 on a CPU-only build)
+    gpu_layers_requested: int | str
+    placement: str          # why that many
+    threads: int
+    repack: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Prepared:
+    """Everything decided before llama.cpp sees the file."""
+
+    path: Path
+    header: Header
+    gpu_layers: int
+    reason: str
+
+
+@dataclass
+class Loaded:
+    """A loaded llama.cpp model with its prompter and info. ``close()`` frees it."""
+
+    llama: runtime.LlamaModel
+    prompter: Prompter
+    info: ModelInfo
+    settings: ModelSettings
+    path: Path
+    notes: list[str] = field(default_factory=list)  # what the caller should tell the user
+
+    def close(self) -> None:
+        self.llama.close()
+
+
+def model_id(path: Path) -> str:
+    """``NAME:VERSION`` for a file in the store, else the file's stem."""
+    if (path.parent / "manifest.json").is_file():
+        return f"{path.parent.parent.name}:{path.parent.name}"
+    return path.stem
+
+
+def prepare(s: ModelSettings) -> Prepared:
+    """Resolve the reference, check the header (bounded, before llama.cpp), and place layers.
+    Cheap: reads the header only. ``plan`` and ``serve``'s early check stop here."""
+    from localllm import placement, store, validate
+
+    path = store.resolve(s.model, models_dir=s.models_dir)
+    header = validate.read_header(path)
+    n_ctx = s.n_ctx * s.n_seq if s.n_ctx else None
+    gpu_layers, reason = placement.explain(path, s.n_gpu_layers, n_ctx)
+    return Prepared(path, header, gpu_layers, reason)
+
+
+def load(s: ModelSettings, progress: Callable[[str], None] | None = None) -> Loaded:
+    """Load ``s.model``: the whole path from a reference to a ready model.
+
+    Runs out of GPU memory → retries with fewer layers (a note says so).
+    """
+    from localllm import placement, runtime
+    from localllm.plan import context_size
+    from localllm.prompting import Prompter
+
+    prep = prepare(s)
+    if progress:
+        progress(f"loading {prep.path}")
+    offload = runtime.supports_gpu_offload()
+    reason = prep.reason
+    if not offload and isinstance(s.n_gpu_layers, int) and s.n_gpu_layers > 0:
+        reason = (f"{s.n_gpu_layers} GPU layers requested, but this llama.cpp build has no GPU offload "
+                  "(CPU only): 0 layers")
+    llama, gpu_layers, notes = placement.load_with_fallback(
+        lambda n: runtime.LlamaModel(prep.path, n_gpu_layers=n, use_extra_bufts=s.repack), prep.gpu_layers,
+        n_layer=int(prep.header.get("block_count", 0)) if prep.gpu_layers else None)
+    if not offload:
+        if s.n_gpu_layers not in (0, "auto"):
+            notes.append(reason)
+        gpu_layers = 0
+    try:
+        n_ctx = context_size(s.n_ctx, llama.n_ctx_train)
+        prompter = Prompter(llama, prep.header.metadata)
+        meta = llama.meta()
+    except BaseException:
+        llama.close()
+        raise
+    info = ModelInfo(
+        id=model_id(prep.path), path=str(prep.path), name=meta.get("general.name", prep.path.stem),
+        arch=meta.get("general.architecture", "?"), parameters=llama.n_params, quant=prep.header.quant,
+        size_bytes=llama.size, context_train=llama.n_ctx_train, context=n_ctx, sequences=s.n_seq,
+        n_layer=llama.n_layer, n_embd=llama.n_embd, n_vocab=llama.n_vocab,
+        has_chat_template=prompter.template_source == "gguf", template_source=prompter.template_source,
+        tokenizer_source=prompter.tokenizer_source, gpu_layers=min(gpu_layers, llama.n_layer + 1),
+        gpu_layers_requested=s.n_gpu_layers, placement=notes[-1] if notes else reason, threads=s.threads(),
+        repack=s.repack)
+    return Loaded(llama=llama, prompter=prompter, info=info, settings=s, path=prep.path, notes=notes)
+
+
+__all__ = ["ModelSettings", "ModelInfo", "Loaded", "Prepared", "prepare", "load", "model_id"]

@@ -1,0 +1,86 @@
+"""OpenAI response shapes: completions, chat completions, their stream chunks,
+logprobs and usage. Pure functions of the core's results.
+
+Example:
+    >>> from localllm.core.request import Choice
+    >>> chat_choice(Choice(0, "Hi", "stop"))["message"]
+    {'role': 'assistant', 'content': 'Hi'}
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from localllm.core.logprobs import TokenLogprob
+from localllm.core.request import Choice, Request
+
+
+def _top(alts: list[tuple[int, bytes, float]]) -> list[dict[str, Any]]:
+    return [{"token": b.decode("utf-8", "replace"), "logprob": lp, "bytes": list(b)} for _, b, lp in alts]
+
+
+def chat_logprobs(lps: list[TokenLogprob] | None) -> dict[str, Any] | None:
+    """``choices[i].logprobs`` of a chat completion: ``{"content": [...]}``."""
+    if lps is None:
+        return None
+    return {"content": [{"token": lp.text, "logprob": lp.logprob, "bytes": list(lp.bytes), "top_logprobs": _top(lp.top)}
+                        for lp in lps], "refusal": None}
+
+
+def completion_logprobs(lps: list[TokenLogprob] | None, start: int = 0) -> dict[str, Any] | None:
+    """``choices[i].logprobs`` of a (legacy) completion."""
+    if lps is None:
+        return None
+    return {"tokens": [lp.text for lp in lps], "token_logprobs": [lp.logprob for lp in lps],
+            "top_logprobs": [{b.decode("utf-8", "replace"): v for _, b, v in lp.top} for lp in lps],
+            "text_offset": [start + lp.offset for lp in lps]}
+
+
+def chat_choice(c: Choice) -> dict[str, Any]:
+    return {"index": c.index, "message": {"role": "assistant", "content": c.text},
+            "logprobs": chat_logprobs(c.logprobs), "finish_reason": c.finish_reason}
+
+
+def completion_choice(c: Choice) -> dict[str, Any]:
+    return {"index": c.index, "text": c.text, "logprobs": completion_logprobs(c.logprobs),
+            "finish_reason": c.finish_reason}
+
+
+def usage(req: Request) -> dict[str, Any]:
+    n = len(req.prompt)
+    return {"prompt_tokens": n, "completion_tokens": req.completion_tokens,
+            "total_tokens": n + req.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": req.cached_tokens}}
+
+
+def response(rid: str, created: int, model: str, chat: bool, choices: list[Choice], req: Request) -> dict[str, Any]:
+    fmt = chat_choice if chat else completion_choice
+    return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
+            "model": model, "choices": [fmt(c) for c in choices], "usage": usage(req)}
+
+
+def chunk(rid: str, created: int, model: str, chat: bool, index: int, text: str | None, finish: str | None,
+          lps: list[TokenLogprob] | None = None, role: bool = False) -> dict[str, Any]:
+    """One stream chunk (a delta of one choice)."""
+    if chat:
+        delta: dict[str, Any] = {}
+        if role:
+            delta["role"] = "assistant"
+        if text is not None:
+            delta["content"] = text
+        choice: dict[str, Any] = {"index": index, "delta": delta, "logprobs": chat_logprobs(lps),
+                                  "finish_reason": finish}
+    else:
+        choice = {"index": index, "text": text or "", "logprobs": completion_logprobs(lps), "finish_reason": finish}
+    return {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
+            "model": model, "choices": [choice]}
+
+
+def usage_chunk(rid: str, created: int, model: str, chat: bool, req: Request) -> dict[str, Any]:
+    return {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
+            "model": model, "choices": [], "usage": usage(req)}
+
+
+def sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"

@@ -1,0 +1,187 @@
+"""The HTTP routes (a Flask blueprint): OpenAI-compatible endpoints, health,
+metrics and the chat page. Each route reads its body, builds one core
+:class:`~localllm.core.request.Request` and formats what comes back.
+
+Example:
+    >>> app.register_blueprint(api)                             # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from flask import Blueprint, Response, current_app, request, send_from_directory
+from werkzeug.exceptions import RequestEntityTooLarge
+
+from localllm.core.request import Request, collect
+from localllm.errors import InvalidArgumentError, LocalLLMError, ModelNotFoundError, PayloadTooLargeError
+from localllm.server import openai_format as fmt
+from localllm.server import protocol
+
+STATIC = Path(__file__).resolve().parent.parent / "static"
+api = Blueprint("api", __name__)
+
+
+def _state() -> Any:
+    return current_app.extensions["localllm"]
+
+
+def _json(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(json.dumps(obj, ensure_ascii=False), status=status, mimetype="application/json",
+                    headers=headers)
+
+
+def _body() -> dict[str, Any]:
+    try:
+        raw = request.get_data(cache=True)
+    except RequestEntityTooLarge:
+        raise PayloadTooLargeError("the request body is too large") from None
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):  # ValueError covers bad UTF-8 and bad JSON
+        raise InvalidArgumentError("the request body is not valid JSON") from None
+    return dict(protocol.check_object(body))
+
+
+def _engine_for(body: dict[str, Any]) -> Any:
+    st = _state()
+    eng = st.need_engine()
+    name = protocol.get_str(body, "model")
+    if name and name not in st.aliases:
+        raise ModelNotFoundError(f"model {name!r} is not served here (this server runs {st.model_id!r})",
+                                 param="model")
+    return eng
+
+
+# ---------------------------------------------------------------------- plain endpoints
+@api.get("/")
+def index() -> Response:
+    return send_from_directory(STATIC, "chat.html", max_age=0)
+
+
+@api.get("/health")
+def health() -> Response:
+    st = _state()
+    eng = st.engine
+    if eng is None:
+        body: dict[str, Any] = {"status": "error" if st.load_error else "loading"}
+        if st.load_error:
+            body["error"] = str(st.load_error)
+        return _json(body, 503, {"Retry-After": "1"})
+    sched = eng.scheduler
+    busy = sched.busy_slots()
+    return _json({"status": "ok", "model": st.model_id, "slots_idle": sched.n_slots - busy,
+                  "slots_processing": busy, "queue": sched.stats["queue_depth"]})
+
+
+@api.get("/metrics")
+def metrics() -> Response:
+    data, ctype = _state().metrics.render()
+    return Response(data, mimetype=ctype.split(";")[0], headers={"Content-Type": ctype})
+
+
+def _model_card() -> dict[str, Any]:
+    st = _state()
+    eng = st.need_engine()
+    return {"id": st.model_id, "object": "model", "created": st.created, "owned_by": "localllm",
+            "meta": eng.info.to_dict()}
+
+
+@api.get("/v1/models")
+def models() -> Response:
+    return _json({"object": "list", "data": [_model_card()]})
+
+
+@api.get("/v1/models/<path:name>")
+def model(name: str) -> Response:
+    st = _state()
+    card = _model_card()
+    if name not in st.aliases:
+        raise ModelNotFoundError(f"model {name!r} is not served here (this server runs {st.model_id!r})",
+                                 param="model")
+    return _json(card)
+
+
+@api.post("/v1/embeddings")
+def embeddings() -> Response:
+    body = _body()
+    eng = _engine_for(body)
+    vectors, n = eng.embed(protocol.embedding_input(body))
+    return _json({"object": "list", "model": _state().model_id,
+                  "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)],
+                  "usage": {"prompt_tokens": n, "total_tokens": n}})
+
+
+# ---------------------------------------------------------------------- generation
+@api.post("/v1/chat/completions")
+def chat_completions() -> Response:
+    body = _body()
+    eng = _engine_for(body)
+    params = protocol.sampling(body, default_max_tokens=None, chat=True)
+    stream, usage = protocol.stream_flags(body, params)
+    prompt = eng.chat_ids(body.get("messages"))
+    return _generate(eng, Request(prompt, params, stream=stream), usage, chat=True)
+
+
+@api.post("/v1/completions")
+def completions() -> Response:
+    body = _body()
+    eng = _engine_for(body)
+    params = protocol.sampling(body, default_max_tokens=16, chat=False)
+    stream, usage = protocol.stream_flags(body, params)
+    if protocol.get_bool(body, "echo", False):
+        raise InvalidArgumentError("echo is not supported", param="echo")
+    prompt = eng.text_ids(protocol.completion_prompt(body))
+    return _generate(eng, Request(prompt, params, stream=stream), usage, chat=False)
+
+
+def _generate(eng: Any, req: Request, include_usage: bool, chat: bool) -> Response:
+    st = _state()
+    eng.submit(req)
+    m = st.metrics
+    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+    created, model_id = int(time.time()), st.model_id
+    disconnected: Callable[[], bool] | None = request.environ.get("waitress.client_disconnected")
+
+    def account() -> None:
+        m.prompt_tokens.inc(len(req.prompt))
+        m.cached_tokens.inc(req.cached_tokens)
+        m.generated_tokens.inc(req.completion_tokens)
+        if req.t_first is not None:
+            m.ttft.observe(req.t_first - req.t_submit)
+
+    if not req.stream:
+        try:
+            choices = collect(req.events(disconnected=disconnected), req.params.n)
+        finally:
+            req.cancel()
+            account()
+        return _json(fmt.response(rid, created, model_id, chat, choices, req))
+
+    def events() -> Iterator[str]:
+        try:
+            if chat:
+                for i in range(req.params.n):
+                    yield fmt.sse(fmt.chunk(rid, created, model_id, chat, i, "", None, role=True))
+            for ev in req.events(disconnected=disconnected):
+                if ev.kind == "text":
+                    yield fmt.sse(fmt.chunk(rid, created, model_id, chat, ev.index, ev.text, None, ev.logprobs))
+                elif ev.kind == "done":
+                    yield fmt.sse(fmt.chunk(rid, created, model_id, chat, ev.index, None if chat else "",
+                                            ev.finish_reason))
+            if include_usage:
+                yield fmt.sse(fmt.usage_chunk(rid, created, model_id, chat, req))
+            yield "data: [DONE]\n\n"
+        except LocalLLMError as e:  # headers are gone: report in the stream
+            yield fmt.sse(e.to_dict())
+        finally:
+            req.cancel()  # a client that went away frees its slot at the next step
+            account()
+
+    return Response(events(), mimetype="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
