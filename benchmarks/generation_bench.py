@@ -59,7 +59,7 @@ def ttft_200(m) -> float:
         text = f"{i} " + " ".join(words[(i + j) % len(words)] for j in range(400))
         ids = m.tokenize(text, add_bos=False)[:200]
         prompt = m.detokenize(ids)
-        m._cached = []  # force a cold prompt (no prefix reuse) for a fair measurement
+        m.reset()  # a cold prompt (no prefix reuse) for a fair measurement
         r = m.complete(prompt, max_tokens=1, temperature=0)
         times.append(r.time_to_first_token_s)
     return statistics.median(times)

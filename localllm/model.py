@@ -176,6 +176,15 @@ class Model:
         if self._closed:
             raise ModelClosedError("this Model was closed")
 
+    def reset(self) -> None:
+        """Forget the cached prompt prefix: the next call reads its prompt from scratch
+        (for measuring, or to free the KV cache's contents)."""
+        self._enter()
+        try:
+            self._engine.scheduler.forget()
+        finally:
+            self._lock.release()
+
     # ------------------------------------------------------------------ tokens
     def tokenize(self, text: str, *, add_bos: bool = True, special: bool = False) -> list[int]:
         """Text → token ids. ``special=True`` parses special-token text like ``<|im_end|>``.

@@ -11,8 +11,9 @@ WORDS = ["the", "cat", "sat", "on", "mat", "dog", "ran", "a", "and", "hello", "w
 
 
 def write_tiny_llama(path: Path, *, arch: str = "llama", n_embd: int = 64, n_layer: int = 2, n_head: int = 4,
-                     n_ff: int = 128, ctx: int = 256, seed: int = 0) -> Path:
-    """A 2-layer llama with a SentencePiece-style vocab (bytes + a few words)."""
+                     n_ff: int = 128, ctx: int = 256, seed: int = 0, scale: float = 0.02) -> Path:
+    """A 2-layer llama with a SentencePiece-style vocab (bytes + a few words);
+    a larger ``scale`` gives peaked next-token distributions (no near-ties)."""
     rng = np.random.default_rng(seed)
     w = gguf.GGUFWriter(str(path), arch)
     w.add_name("tiny-test")
@@ -38,7 +39,7 @@ def write_tiny_llama(path: Path, *, arch: str = "llama", n_embd: int = 64, n_lay
     n_vocab = len(tokens)
 
     def t(*shape: int) -> np.ndarray:
-        return (rng.standard_normal(shape) * 0.02).astype(np.float32)
+        return (rng.standard_normal(shape) * scale).astype(np.float32)
 
     w.add_tensor("token_embd.weight", t(n_vocab, n_embd))
     for i in range(n_layer):

@@ -160,7 +160,8 @@ def test_gemma3_runs(gemma_path: Path) -> None:
         assert text == "<bos><start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\n"
         # the template writes <bos> itself: it must not be doubled
         ids = m._chat_ids([{"role": "user", "content": "hi"}])
-        assert ids[0] == m._m.bos and ids[1] != m._m.bos
+        bos = m.tokenize("<bos>", add_bos=False, special=True)
+        assert len(bos) == 1 and ids[0] == bos[0] and ids[1] != bos[0]
 
 
 def test_tiny_model_from_the_tests(tiny_gguf: Path) -> None:
@@ -217,10 +218,10 @@ def test_bad_constructor_values(tiny_gguf: Path) -> None:
 
 def test_template_is_sandboxed(model: Model, monkeypatch: pytest.MonkeyPatch) -> None:
     evil = "{{ messages.__class__.__mro__[1].__subclasses__() }}"
-    monkeypatch.setattr(model._prompter, "template", evil)
+    monkeypatch.setattr(model._engine.prompter, "template", evil)
     with pytest.raises(TemplateError):
         model.chat([{"role": "user", "content": "hi"}], max_tokens=1)
-    monkeypatch.setattr(model._prompter, "template", "{{ raise_exception('no system role') }}")
+    monkeypatch.setattr(model._engine.prompter, "template", "{{ raise_exception('no system role') }}")
     with pytest.raises(TemplateError, match="no system role"):
         model.chat([{"role": "user", "content": "hi"}], max_tokens=1)
 

@@ -31,7 +31,7 @@ body = st.dictionaries(st.sampled_from(FIELDS), st.one_of(json_value, st.lists(m
 def client():
     from localllm.server import ServerSettings, create_app, shutdown
 
-    app = create_app(ServerSettings(model="smollm2-135m", parallel=2, ctx=256, max_queue=64, load_async=False,
+    app = create_app(ServerSettings.create(model="smollm2-135m", parallel=2, ctx=256, max_queue=64, load_async=False,
                                     max_body_bytes=64 << 10))
     yield app.test_client()
     shutdown(app)

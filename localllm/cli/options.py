@@ -20,6 +20,30 @@ class GpuLayers(click.ParamType):
             self.fail(str(e), param, ctx)
 
 
+def float_range(name: str) -> click.FloatRange:
+    """A click range made from :data:`localllm.sampling.LIMITS` (the one table of limits)."""
+    from localllm.sampling import LIMITS
+
+    lo, hi, lo_open = LIMITS[name]
+    return click.FloatRange(min=lo, max=hi, min_open=lo_open)
+
+
+def int_range(name: str) -> click.IntRange:
+    from localllm.sampling import INT_LIMITS
+
+    lo, hi = INT_LIMITS[name]
+    return click.IntRange(min=lo, max=hi)
+
+
+def model_settings(model: str | None, n_ctx: int | None, n_threads: int | None, gpu_layers: int | str,
+                   models_dir: str | None, **extra: Any) -> Any:
+    """The flags of :func:`model_options` as one ``ModelSettings``."""
+    from localllm.loader import ModelSettings
+
+    return ModelSettings(model=model, models_dir=models_dir, n_ctx=n_ctx, n_threads=n_threads,
+                         n_gpu_layers=gpu_layers, **extra)
+
+
 def model_options(f):
     """--ctx, --threads, --gpu-layers, --models-dir."""
     for opt in reversed([

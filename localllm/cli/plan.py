@@ -60,8 +60,9 @@ def table(p: dict) -> str:
 def command(model: str | None, n_ctx: int | None, gpu_memory: int | None, as_json: bool,
             models_dir: str | None) -> int:
     """Show the memory MODEL needs at --ctx and how many layers go to the GPU. Exits 1 if it does not fit."""
-    from localllm import plan, store
+    from localllm import loader, plan
 
-    p = plan.make_plan(store.resolve(model, models_dir=models_dir), n_ctx=n_ctx, gpu_memory=gpu_memory).to_dict()
+    prep = loader.prepare(loader.ModelSettings(model=model, models_dir=models_dir, n_ctx=n_ctx))
+    p = plan.make_plan(prep.path, n_ctx=n_ctx, gpu_memory=gpu_memory).to_dict()
     click.echo(json.dumps(p, indent=2) if as_json else table(p))
     return 0 if p["fits"] else 1

@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+from typing import TYPE_CHECKING
 
 import click
 
-from localllm.cli.options import model_options
+from localllm.cli.options import model_options, model_settings
+
+if TYPE_CHECKING:
+    from flask import Flask
+
+    from localllm.server import ServerSettings
 
 
 def _is_loopback(host: str) -> bool:
@@ -36,13 +42,14 @@ def _is_loopback(host: str) -> bool:
 @click.option("--repack/--no-repack", default=True, show_default=True,
               help="llama.cpp's repacked weights (faster Q4_0/Q4_K on AVX2). --no-repack uses the same "
                    "kernel for every batch size (see docs/serve.md).")
+@click.option("--alias", "model_alias", default=None, help="The model id clients see (default NAME:VERSION).")
 @click.option("--insecure", is_flag=True, help="Allow binding a non-loopback address without --api-key.")
 @click.option("--server", "server_kind", type=click.Choice(["auto", "waitress", "werkzeug"]), default="auto",
               show_default=True, help="HTTP server (waitress when installed).")
 @model_options
 def command(model: str | None, model_path: str | None, host: str, port: int, api_key: str | None,
             parallel: int, max_queue: int, cors_origins: tuple[str, ...], max_body_bytes: int, repack: bool, insecure: bool,
-            server_kind: str, n_ctx: int | None, n_threads: int | None, gpu_layers: int | str,
+            model_alias: str | None, server_kind: str, n_ctx: int | None, n_threads: int | None, gpu_layers: int | str,
             models_dir: str | None) -> None:
     """Serve MODEL (a name or .gguf path; the default model if omitted) on http://HOST:PORT.
 
@@ -50,7 +57,7 @@ def command(model: str | None, model_path: str | None, host: str, port: int, api
     OpenAI API under /v1, a chat page at /, /health and /metrics.
     --ctx is the context of each of the --parallel sequences.
     """
-    from localllm.server import ServerSettings, create_app, shutdown
+    from localllm.server import ServerSettings, create_app
 
     if model and model_path:
         raise click.UsageError("give either MODEL or --model-path, not both")
@@ -61,10 +68,19 @@ def command(model: str | None, model_path: str | None, host: str, port: int, api
         click.echo(f"warning: serving on {host} WITHOUT an API key: anyone who can reach this port "
                    "can use the model", err=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    cfg = ServerSettings(model=model_path or model, models_dir=models_dir, host=host, port=port,
-                         api_key=api_key, parallel=parallel, ctx=n_ctx, max_queue=max_queue, threads=n_threads,
-                         cors_origins=cors_origins, max_body_bytes=max_body_bytes, repack=repack)
+    cfg = ServerSettings(model=model_settings(model_path or model, n_ctx, n_threads, gpu_layers, models_dir,
+                                              repack=repack, n_seq=parallel),
+                         host=host, port=port, api_key=api_key, max_queue=max_queue, cors_origins=cors_origins,
+                         max_body_bytes=max_body_bytes, model_alias=model_alias)
     app = create_app(cfg)
+    serve_app(app, cfg, server_kind, parallel, max_queue)
+
+
+def serve_app(app: Flask, cfg: ServerSettings, server_kind: str, parallel: int, max_queue: int) -> None:
+    """Run ``app`` under waitress (or werkzeug) until interrupted, then free the model."""
+    from localllm.server import shutdown
+
+    host, port = cfg.host, cfg.port
     url = f"http://{'localhost' if _is_loopback(host) else host}:{port}/"
     click.echo(f"localllm serve: {url} (OpenAI API at {url}v1, Ctrl-C stops)", err=True)
     use_waitress = server_kind == "waitress"

@@ -173,6 +173,14 @@ class Scheduler:
         self.batch.close()
         self.ctx.close()
 
+    def forget(self) -> None:
+        """Drop every slot's cached prefix (the next prompt is read from scratch). Idle schedulers only."""
+        if self.active:
+            raise RuntimeFailure("cannot forget the cache while requests are running")
+        self.ctx.clear()
+        for sl in self.slots:
+            sl.cached = []
+
     def busy_slots(self) -> int:
         return sum(s.busy for s in self.slots)
 
