@@ -1,6 +1,6 @@
 """What differs between architectures, as data: :class:`ArchRule`.
 
-Each supported architecture is one small module in the top-level ``convert/``
+Each supported architecture is one small module in the ``localllm/archs/``
 folder (shipped as ``localllm.archs``) defining ``RULE = ArchRule(...)``.
 Adding an architecture that llama.cpp already runs means adding one such file.
 
@@ -73,4 +73,4 @@ def rule_for(config: dict[str, Any]) -> ArchRule:
     raise UnsupportedArchitectureError(
         f"architecture {', '.join(archs) or '(none given in config.json)'} is not supported by the converter; "
         f"supported: {', '.join(sorted(rules))}",
-        hint="open an issue, or add a rule in convert/ (one small file)", arch=",".join(archs))
+        hint="open an issue, or add a rule in localllm/archs/ (one small file)", arch=",".join(archs))

@@ -1,0 +1,206 @@
+"""Every flag of ``localllm serve`` and ``localllm run`` reaches the runtime.
+
+The commands run in-process with every option set away from its default; we
+watch what arrives where llama.cpp is called (the model, the context, the
+scheduler's requests) and what the running app does. Each table must name
+every option of its command, so a new flag cannot be added without a check."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from localllm import runtime
+from localllm.core.scheduler import Scheduler
+
+
+@pytest.fixture
+def spies(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[dict[str, Any]]]:
+    """Record the arguments of every llama.cpp model/context created and every request submitted."""
+    seen: dict[str, list[dict[str, Any]]] = {"model": [], "context": [], "request": []}
+    model_init, ctx_init, submit = runtime.LlamaModel.__init__, runtime.Context.__init__, Scheduler.submit
+
+    def on_model(self, path, **kw):
+        seen["model"].append({"path": str(path), **kw})
+        model_init(self, path, **kw)
+
+    def on_ctx(self, model, **kw):
+        seen["context"].append(kw)
+        ctx_init(self, model, **kw)
+
+    def on_submit(self, req):
+        seen["request"].append({"params": req.params, "prompt": req.prompt, "model": self.model})
+        return submit(self, req)
+
+    monkeypatch.setattr(runtime.LlamaModel, "__init__", on_model)
+    monkeypatch.setattr(runtime.Context, "__init__", on_ctx)
+    monkeypatch.setattr(Scheduler, "submit", on_submit)
+    return seen
+
+
+@pytest.fixture(scope="module")
+def store_dir(tmp_path_factory: pytest.TempPathFactory, tiny_gguf: Path) -> Path:
+    from localllm import store
+
+    root = tmp_path_factory.mktemp("store")
+    store.import_file(tiny_gguf, "tiny", "v1", root=root)
+    return root
+
+
+# ---------------------------------------------------------------------- serve
+
+def _serve(monkeypatch: pytest.MonkeyPatch, args: list[str]) -> dict[str, Any]:
+    """Run `localllm serve ARGS` until it would start listening; return what it built."""
+    import localllm.cli.serve as serve_mod
+
+    got: dict[str, Any] = {}
+
+    def fake_serve_app(app, cfg, server_kind, parallel, max_queue):
+        state = app.extensions["localllm"]
+        state.loaded.wait(120)
+        got.update(app=app, cfg=cfg, server_kind=server_kind, engine=state.engine, error=state.load_error,
+                   client=app.test_client())
+        # drive the real app a little while it is up
+        c = got["client"]
+        got["models_noauth"] = c.get("/v1/models").status_code
+        got["models"] = c.get("/v1/models", headers={"Authorization": "Bearer k3y"})
+        got["cors"] = c.get("/health", headers={"Origin": "http://app.example"}).headers.get(
+            "Access-Control-Allow-Origin")
+        got["big_body"] = c.post("/v1/completions", data=b"x" * 5000, content_type="application/json",
+                                 headers={"Authorization": "Bearer k3y"}).status_code
+        from localllm.server import shutdown
+
+        shutdown(app)
+
+    monkeypatch.setattr(serve_mod, "serve_app", fake_serve_app)
+    r = CliRunner().invoke(serve_mod.command, args, catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    got["output"] = r.output
+    return got
+
+
+SERVE_CHECKS = {
+    "model_path": lambda g, s, p: g["engine"].info.path == str(p),
+    "host": lambda g, s, p: g["cfg"].host == "0.0.0.0",
+    "insecure": lambda g, s, p: "WITHOUT an API key" not in g["output"],  # a key was given: no warning needed
+    "port": lambda g, s, p: g["cfg"].port == 9999,
+    "api_key": lambda g, s, p: g["models_noauth"] == 401 and g["models"].status_code == 200,
+    "parallel": lambda g, s, p: (g["engine"].info.sequences == 3 and g["engine"].scheduler.n_slots == 3
+                                 and any(c.get("n_seq_max") == 3 for c in s["context"])),
+    "max_queue": lambda g, s, p: g["engine"].scheduler.max_queue == 5,
+    "cors_origins": lambda g, s, p: g["cors"] == "http://app.example",
+    "max_body_bytes": lambda g, s, p: g["big_body"] == 413,
+    "repack": lambda g, s, p: s["model"][-1]["use_extra_bufts"] is False and g["engine"].info.repack is False,
+    "model_alias": lambda g, s, p: g["models"].get_json()["data"][0]["id"] == "my-model",
+    "server_kind": lambda g, s, p: g["server_kind"] == "werkzeug",
+    "n_ctx": lambda g, s, p: (g["engine"].info.context == 384
+                              and any(c.get("n_ctx") == 384 * 3 for c in s["context"])),
+    "n_threads": lambda g, s, p: (g["engine"].info.threads == 1
+                                  and all(c.get("n_threads") == 1 for c in s["context"])),
+    "gpu_layers": lambda g, s, p: (s["model"][-1]["n_gpu_layers"] == 20
+                                   and g["engine"].info.gpu_layers_requested == 20
+                                   and (runtime.supports_gpu_offload() or g["engine"].info.gpu_layers == 0)),
+}
+
+
+def test_every_serve_flag_arrives(monkeypatch: pytest.MonkeyPatch, spies, default_model_path: Path) -> None:
+    from localllm.cli.serve import command
+
+    names = {p.name for p in command.params if p.name not in ("help", "model", "models_dir")}
+    assert names == set(SERVE_CHECKS), names ^ set(SERVE_CHECKS)
+    g = _serve(monkeypatch, [
+        "--model-path", str(default_model_path), "--host", "0.0.0.0", "--insecure", "--port", "9999",
+        "--api-key", "k3y", "--parallel", "3", "--max-queue", "5", "--cors-origin", "http://app.example",
+        "--max-body", "2048", "--no-repack", "--alias", "my-model", "--server", "werkzeug", "--ctx", "384",
+        "--threads", "1", "--gpu-layers", "20"])
+    assert g["error"] is None, g["error"]
+    failed = [name for name, check in SERVE_CHECKS.items() if not check(g, spies, default_model_path)]
+    assert not failed
+
+
+def test_serve_model_name_and_models_dir_arrive(monkeypatch: pytest.MonkeyPatch, spies, store_dir: Path) -> None:
+    g = _serve(monkeypatch, ["tiny", "--models-dir", str(store_dir), "--ctx", "128", "--parallel", "1"])
+    assert g["engine"].info.id == "tiny:v1"
+    assert Path(spies["model"][-1]["path"]).is_relative_to(store_dir)
+
+
+# ---------------------------------------------------------------------- run
+
+def _run(args: list[str]) -> Any:
+    from localllm.cli.run import command
+
+    return CliRunner().invoke(command, args, catch_exceptions=False)
+
+
+RUN_SAMPLING = ["-n", "7", "--temp", "0.5", "--top-p", "0.9", "--top-k", "7", "--min-p", "0.1",
+                "--repeat-penalty", "1.2", "--presence-penalty", "0.3", "--frequency-penalty", "0.4",
+                "--repeat-last-n", "32", "--seed", "77", "--stop", "zzz", "--stop", "qqq",
+                "--grammar", 'root ::= [a-z ]+', "--logit-bias", "5=1.5", "--ignore-eos", "--choices", "2",
+                "--best-of", "3", "--logprobs", "2"]
+
+RUN_CHECKS = {
+    "max_tokens": lambda p, o: p.max_tokens == 7,
+    "temperature": lambda p, o: p.temperature == 0.5,
+    "top_p": lambda p, o: p.top_p == 0.9,
+    "top_k": lambda p, o: p.top_k == 7,
+    "min_p": lambda p, o: p.min_p == 0.1,
+    "repeat_penalty": lambda p, o: p.repeat_penalty == 1.2,
+    "presence_penalty": lambda p, o: p.presence_penalty == 0.3,
+    "frequency_penalty": lambda p, o: p.frequency_penalty == 0.4,
+    "repeat_last_n": lambda p, o: p.repeat_last_n == 32,
+    "seed": lambda p, o: p.seed == 77,
+    "stop": lambda p, o: p.stop == ("zzz", "qqq"),
+    "grammar": lambda p, o: p.grammar == "root ::= [a-z ]+",
+    "logit_bias": lambda p, o: p.logit_bias == {5: 1.5},
+    "ignore_eos": lambda p, o: p.ignore_eos is True,
+    "n": lambda p, o: p.n == 2 and len(o["choices"]) == 2,
+    "best_of": lambda p, o: p.best_of == 3,
+    "top_logprobs": lambda p, o: p.logprobs and p.top_logprobs == 2 and len(o["choices"][0]["logprobs"][0]["top"]) == 2,
+    "as_json": lambda p, o: isinstance(o, dict),
+}
+
+
+def test_every_run_flag_arrives(spies, tiny_gguf: Path, store_dir: Path) -> None:
+    from localllm.cli.run import command
+
+    other = {"model", "prompt", "chat", "system", "n_ctx", "n_threads", "gpu_layers", "models_dir", "repack",
+             "json_schema", "num_beams"}
+    names = {p.name for p in command.params if p.name != "help"}
+    assert names == set(RUN_CHECKS) | other, names ^ (set(RUN_CHECKS) | other)
+    r = _run(["smollm2-135m", "Say hi", "--raw", "--json", *RUN_SAMPLING])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    params = spies["request"][-1]["params"]
+    failed = [name for name, check in RUN_CHECKS.items() if not check(params, out)]
+    assert not failed
+
+    # the schema and beams (which exclude penalties and n) in a run of their own
+    schema = {"type": "object", "properties": {"a": {"type": "boolean"}}, "required": ["a"]}
+    r = _run(["smollm2-135m", "JSON:", "--raw", "--json", "-n", "24", "--num-beams", "2",
+              "--json-schema", json.dumps(schema)])
+    assert r.exit_code == 0, r.output
+    p = spies["request"][-1]["params"]
+    assert p.num_beams == 2 and p.json_schema == schema
+    assert isinstance(json.loads(json.loads(r.output)["text"])["a"], bool)
+
+    # chat, system and the model flags
+    r = _run(["smollm2-135m", "Hello there", "--chat", "--system", "You are Zed.", "--json", "-n", "2",
+              "--ctx", "320", "--threads", "1", "--gpu-layers", "9", "--no-repack"])
+    assert r.exit_code == 0, r.output
+    req = spies["request"][-1]
+    text = req["model"].detokenize(req["prompt"], special=True).decode()
+    assert "You are Zed." in text and "Hello there" in text and "<|im_start|>assistant" in text
+    assert spies["model"][-1]["n_gpu_layers"] == 9 and spies["model"][-1]["use_extra_bufts"] is False
+    assert spies["context"][-1]["n_ctx"] == 320 and spies["context"][-1]["n_threads"] == 1
+    r = _run(["smollm2-135m", "Hello there", "--raw", "--json", "-n", "2"])
+    req = spies["request"][-1]
+    assert "<|im_start|>" not in req["model"].detokenize(req["prompt"], special=True).decode()
+
+    # a store name under --models-dir
+    r = _run(["tiny", "the cat", "--models-dir", str(store_dir), "--json", "-n", "2", "--raw"])
+    assert r.exit_code == 0, r.output
+    assert Path(spies["model"][-1]["path"]).is_relative_to(store_dir)
