@@ -86,6 +86,9 @@ class ModelInfo:
     n_layer: int
     n_embd: int
     n_vocab: int
+    bos_token: int          # -1 when the vocabulary has none
+    eos_token: int
+    add_bos: bool           # whether a raw prompt starts with BOS
     has_chat_template: bool
     template_source: str
     tokenizer_source: str
@@ -178,7 +181,8 @@ def load(s: ModelSettings, progress: Callable[[str], None] | None = None) -> Loa
         id=model_id(prep.path), path=str(prep.path), name=meta.get("general.name", prep.path.stem),
         arch=meta.get("general.architecture", "?"), parameters=llama.n_params, quant=prep.header.quant,
         size_bytes=llama.size, context_train=llama.n_ctx_train, context=n_ctx, sequences=s.n_seq,
-        n_layer=llama.n_layer, n_embd=llama.n_embd, n_vocab=llama.n_vocab,
+        n_layer=llama.n_layer, n_embd=llama.n_embd, n_vocab=llama.n_vocab, bos_token=llama.bos,
+        eos_token=llama.eos, add_bos=llama.add_bos,
         has_chat_template=prompter.template_source == "gguf", template_source=prompter.template_source,
         tokenizer_source=prompter.tokenizer_source, gpu_layers=min(gpu_layers, llama.n_layer + 1),
         gpu_layers_requested=s.n_gpu_layers, placement=notes[-1] if notes else reason, threads=s.threads(),

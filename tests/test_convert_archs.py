@@ -63,7 +63,7 @@ def test_tokenization_matches_hf(arch: str, built, tmp_path: Path) -> None:
             assert m.tokenize(text, add_bos=False, special=True) == hf_encode(tok, text, special=True), text
             assert m.tokenize(text, add_bos=False) == hf_encode(tok, text, special=False), text
         bos = m.tokenize("hi")  # BOS exactly as the GGUF says, on the HF path too
-        assert (bos[0] == m._m.bos) == m._m.add_bos
+        assert (bos[0] == m.info.bos_token) == m.info.add_bos
 
 
 @pytest.mark.parametrize("arch, field", [("mistral", "permute_qk"), ("gemma", "norm_plus_one")])

@@ -163,13 +163,27 @@ PROMPTS = ["The capital of France is", "1, 2, 3, 4,", "My favourite colour is", 
            "Once upon a time", "The best way to learn", "Water boils at", "In 1969, the first"]
 
 
-def test_eight_concurrent_clients_match_alone(client):
-    """Greedy output is the same alone and in a batch (one KV stream per slot, see docs/serve.md)."""
+def _multi_sequence_steps(server) -> float:
+    """Decode steps so far that held two or more sequences (from the per-step histogram)."""
+    text = get(server.url + "/metrics").text
+    count = one = 0.0
+    for line in text.splitlines():
+        if line.startswith("localllm_batch_sequences_count"):
+            count = float(line.split()[-1])
+        elif line.startswith('localllm_batch_sequences_bucket{le="1.0"}'):
+            one = float(line.split()[-1])
+    return count - one
+
+
+def test_eight_concurrent_clients_match_alone(client, server):
+    """Greedy output is the same alone and in a batch (one KV stream per slot, see docs/serve.md),
+    and the batch is real: decode steps held several sequences at once."""
     def ask(p: str) -> str:
         return client.completions.create(model=MODEL, prompt=p, max_tokens=16, temperature=0,
                                          extra_body={"ignore_eos": True}).choices[0].text
 
     alone = [ask(p) for p in PROMPTS]
+    before = _multi_sequence_steps(server)
     together: list[str | None] = [None] * len(PROMPTS)
     threads = [threading.Thread(target=lambda i=i: together.__setitem__(i, ask(PROMPTS[i])))
                for i in range(len(PROMPTS))]
@@ -179,6 +193,43 @@ def test_eight_concurrent_clients_match_alone(client):
         t.join()
     assert together == alone
     assert len(set(alone)) == len(alone)  # independent answers, not one request's text repeated
+    # a serial scheduler would decode one sequence per step: 8 requests x 16 tokens, never batched
+    assert _multi_sequence_steps(server) - before >= 8
+
+
+def test_beam_search_does_not_stop_other_clients(server, client):
+    """A beam request's beams are sequences of the shared batch: a short request sent
+    while it runs finishes first."""
+    beam: dict = {}
+
+    def run_beam() -> None:
+        beam["r"] = client.completions.create(model=MODEL, prompt="Write a long story:", max_tokens=60,
+                                              extra_body={"num_beams": 3, "ignore_eos": True})
+        beam["t"] = time.monotonic()
+
+    def busy() -> int:
+        return get(server.url + "/health").json()["slots_processing"]
+
+    assert wait_for(lambda: busy() == 0)
+    t = threading.Thread(target=run_beam)
+    t.start()
+    assert wait_for(lambda: busy() >= 3, timeout=30)
+    before = _multi_sequence_steps(server)
+    r = client.completions.create(model=MODEL, prompt="1, 2, 3,", max_tokens=4, temperature=0)
+    done = time.monotonic()
+    t.join(timeout=120)
+    assert r.choices[0].text.startswith(" 4")
+    assert "t" in beam and beam["t"] > done, "the short request waited for the beam search"
+    assert len(beam["r"].choices) == 1 and beam["r"].usage.completion_tokens == 60
+    assert _multi_sequence_steps(server) > before
+
+
+def test_more_beams_than_slots_is_a_400_that_says_why(server):
+    r = post(server.api + "/completions", json={"prompt": "Hi", "num_beams": 5, "max_tokens": 2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "num_beams"
+    assert "4 sequences at once" in r.json()["error"]["message"]
+    r = post(server.api + "/completions", json={"prompt": "Hi", "num_beams": 2, "presence_penalty": 1.0})
+    assert r.status_code == 400 and "presence_penalty" in r.json()["error"]["message"]
 
 
 def test_disconnect_frees_slot(server):
