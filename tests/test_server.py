@@ -127,6 +127,11 @@ def test_embeddings(client):
     ({"messages": Q, "n": 99}, 400, "n"),
     ({"messages": Q, "response_format": {"type": "xml"}}, 400, "response_format"),
     ({"messages": Q, "grammar": "root ::= ("}, 400, "grammar"),
+    ({"messages": Q, "grammar": "root ::= (", "stream": True}, 400, "grammar"),
+    ({"messages": Q, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
+    ({"messages": Q, "num_beams": 2, "n": 2}, 400, "num_beams"),
+    ({"messages": Q, "logit_bias": {"999999": 1}}, 400, "logit_bias"),
+    ({"messages": Q, "presence_penalty": 3}, 400, "presence_penalty"),
 ])
 def test_bad_input_is_4xx_json(server, body, status, param):
     r = post(server.api + "/chat/completions", json=body, timeout=60)

@@ -114,7 +114,9 @@ class Scheduler:
             raise InvalidArgumentError(f"prompt token ids must be in 0..{n_vocab - 1}", param="prompt")
         if p.logit_bias and any(t >= n_vocab for t in p.logit_bias):
             raise InvalidArgumentError(f"logit_bias token ids must be in 0..{n_vocab - 1}", param="logit_bias")
-        p.grammar_text()  # a schema that cannot become a grammar is the caller's 400, now
+        text = p.grammar_text()  # a schema or grammar that cannot be used is the caller's 400, now,
+        if text:                 # not an error inside a stream that already answered 200
+            runtime.Grammar(self.model, text).close()
 
     def submit(self, req: Request) -> Request:
         """Queue ``req``; raises QueueFullError (503) when the wait queue is full."""

@@ -19,6 +19,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from flask import Flask, Response, request
@@ -90,11 +91,9 @@ class State:
                 log.warning("%s", note)
             info = eng.info
             self.model_id = self.cfg.model_alias or info.id
-            self.aliases = {self.model_id, self.model_id.split(":")[0], info.id, info.path, info.name,
-                            str(self.cfg.model.model or "")} - {""}
-            from pathlib import Path
-
-            self.aliases |= {Path(info.path).stem, Path(info.path).name}
+            path = Path(info.path)
+            self.aliases = {self.model_id, self.model_id.split(":")[0], info.id, info.path, info.name, path.stem,
+                            path.name, str(self.cfg.model.model or "")} - {""}
             self.engine = eng
             log.info("model %s loaded (%s sequences x %s tokens, %s GPU layers)", self.model_id, info.sequences,
                      info.context, info.gpu_layers)
