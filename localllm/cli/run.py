@@ -214,11 +214,10 @@ def _repl(m: Any, use_chat: bool, system: str | None, sampling: dict[str, Any]) 
             continue
         if use_chat:
             history.append({"role": "user", "content": line})
-            stream = m.chat_stream(history, system=system, **sampling)
-        else:
-            stream = m.stream(line, **sampling)
-        pieces = []
-        try:
+        pieces: list[str] = []
+        stream = None
+        try:  # Ctrl-C stops the answer, whether it came before the first token or after
+            stream = m.chat_stream(history, system=system, **sampling) if use_chat else m.stream(line, **sampling)
             for piece in stream:
                 pieces.append(piece)
                 click.echo(piece, nl=False)
@@ -226,7 +225,8 @@ def _repl(m: Any, use_chat: bool, system: str | None, sampling: dict[str, Any]) 
         except KeyboardInterrupt:
             click.echo(" [stopped]", nl=False, err=True)
         finally:
-            stream.close()
+            if stream is not None:
+                stream.close()
         click.echo()
         if use_chat:
             _fit_history(m, history, "".join(pieces))
