@@ -4,9 +4,9 @@ first token for a 200-token prompt.
 
     python benchmarks/generation_bench.py [--threads 2] [--tokens 128] [--rounds 3] [--json out.json]
 
-Runs alternate (native, ours, native, ours, ...) so that drift in machine
-load hits both; the figure reported is the median of each, and the ratio of
-medians. llama-bench is built by benchmarks/native.py into a cache dir.
+Runs alternate, and who goes first alternates with the round, so that drift in
+machine speed hits both; the ratio reported is the median of the per-round
+ratios (with their range), next to the median speed of each. llama-bench is built by benchmarks/native.py into a cache dir.
 """
 
 from __future__ import annotations
@@ -83,17 +83,26 @@ def main() -> None:
         with Model(path, n_ctx=1024, n_threads=a.threads) as m:
             ours_tg(m, 16)  # warm up (page in the weights)
             depth = len(m.tokenize(PROMPT))
-            nat, our = [], []
-            for _ in range(a.rounds):
-                nat.append(native_tg(bench, path, a.threads, a.tokens, depth))
-                our.append(ours_tg(m, a.tokens))
+            nat, our, ratios = [], [], []
+            for r in range(a.rounds):
+                # alternate who goes first, and compare within a round: this VM's speed drifts
+                # by 20 % over a minute, so a ratio of medians taken apart would measure the drift
+                if r % 2 == 0:
+                    nat.append(native_tg(bench, path, a.threads, a.tokens, depth))
+                    our.append(ours_tg(m, a.tokens))
+                else:
+                    our.append(ours_tg(m, a.tokens))
+                    nat.append(native_tg(bench, path, a.threads, a.tokens, depth))
+                ratios.append(our[-1] / nat[-1])
             ttft = ttft_200(m)
         pp = native_pp(bench, path, a.threads, 200)
         row = {"model": ref, "native_tg": statistics.median(nat), "ours_tg": statistics.median(our),
-               "ratio": statistics.median(our) / statistics.median(nat), "native_pp200": pp,
+               "ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+               "native_pp200": pp,
                "native_pp200_ms": 200 / pp * 1000, "ours_ttft200_ms": ttft * 1000}
         rows.append(row)
-        print(f"{ref:20s} native tg {row['native_tg']:7.1f}  ours {row['ours_tg']:7.1f}  ratio {row['ratio']:.3f}  "
+        print(f"{ref:20s} native tg {row['native_tg']:7.1f}  ours {row['ours_tg']:7.1f}  ratio {row['ratio']:.3f} "
+              f"({row['ratio_min']:.2f}-{row['ratio_max']:.2f})  "
               f"| 200-token prompt: native pp {row['native_pp200_ms']:.0f} ms, our TTFT {row['ours_ttft200_ms']:.0f} ms",
               flush=True)
     if a.json:
