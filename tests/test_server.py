@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from serverutil import get, live_server, post, stream_lines, wait_for
+from serverutil import get, live_server, post, request, stream_lines, wait_for
 
 openai = pytest.importorskip("openai")
 
@@ -155,13 +155,67 @@ def test_prompt_longer_than_context_is_400(client):
     assert e.value.body["code"] == "context_length_exceeded"
 
 
-def test_metrics(server, client):
-    client.completions.create(model=MODEL, prompt="Hi", max_tokens=2)
-    text = get(server.url + "/metrics").text
-    for name in ("localllm_requests_total", "localllm_generated_tokens_total", "localllm_prompt_tokens_total",
-                 "localllm_time_to_first_token_seconds_bucket", "localllm_decode_step_seconds_bucket",
-                 "localllm_queue_depth", "localllm_busy_slots"):
-        assert name in text
+def _metric(server, name: str) -> float:
+    """The value of one sample line of /metrics (0 when absent)."""
+    for line in get(server.url + "/metrics").text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{") and line.split(" ")[0] == name:
+            return float(line.rsplit(" ", 1)[-1])
+    return 0.0
+
+
+def test_metrics_count_what_happened(server, client):
+    """After requests with known token counts, the counters moved by exactly those counts."""
+    names = ("localllm_generated_tokens_total", "localllm_prompt_tokens_total",
+             'localllm_requests_total{endpoint="api.completions",status="200"}',
+             'localllm_requests_total{endpoint="api.completions",status="400"}',
+             "localllm_time_to_first_token_seconds_count")
+    before = {n: _metric(server, n) for n in names}
+    usage = []
+    for prompt, n in (("Hi", 3), ("Count: 1, 2,", 5), ("The sea", 7)):
+        r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=n, extra_body={"ignore_eos": True})
+        assert r.usage.completion_tokens == n
+        usage.append(r.usage)
+    post(server.api + "/completions", json={"prompt": "x", "max_tokens": 0})  # one 400
+    after = {n: _metric(server, n) for n in names}
+    assert after[names[0]] - before[names[0]] == 3 + 5 + 7
+    assert after[names[1]] - before[names[1]] == sum(u.prompt_tokens for u in usage)
+    assert after[names[2]] - before[names[2]] == 3
+    assert after[names[3]] - before[names[3]] == 1
+    assert after[names[4]] - before[names[4]] == 3
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_stop_strings_over_http(client, stream):
+    """A stop string that spans two tokens (", 5" is "," + " " + "5") ends the text before it."""
+    kw = dict(model=MODEL, prompt="1, 2, 3,", max_tokens=20, temperature=0, stop=[", 5"])
+    if stream:
+        pieces, finish = [], None
+        for ch in client.completions.create(stream=True, **kw):
+            for c in ch.choices:
+                pieces.append(c.text)
+                finish = c.finish_reason or finish
+        text = "".join(pieces)
+    else:
+        r = client.completions.create(**kw)
+        text, finish = r.choices[0].text, r.choices[0].finish_reason
+    assert text == " 4" and finish == "stop"
+
+
+def test_model_by_id_cors_and_x_api_key():
+    with live_server(model=MODEL, parallel=1, ctx=256, api_key="k", cors_origins=["http://ok.example"],
+                     model_alias="mine") as live:
+        h = {"X-Api-Key": "k"}
+        assert get(live.api + "/models/mine", headers=h).json()["id"] == "mine"
+        assert get(live.api + "/models/smollm2-135m", headers=h).status_code == 200  # the store name too
+        r = get(live.api + "/models/gpt-4", headers=h)
+        assert r.status_code == 404 and r.json()["error"]["param"] == "model"
+        assert get(live.api + "/models", headers={"X-Api-Key": "wrong"}).status_code == 401
+        ok = get(live.url + "/health", headers={"Origin": "http://ok.example"})
+        assert ok.headers.get("access-control-allow-origin") == "http://ok.example"
+        bad = get(live.url + "/health", headers={"Origin": "http://evil.example"})
+        assert "access-control-allow-origin" not in bad.headers
+        pre = request("OPTIONS", live.api + "/chat/completions", headers={"Origin": "http://ok.example"})
+        assert pre.status_code == 204 and "Authorization" in pre.headers["access-control-allow-headers"]
 
 
 PROMPTS = ["The capital of France is", "1, 2, 3, 4,", "My favourite colour is", "Python is a",
@@ -295,18 +349,32 @@ def test_api_key_413_and_public_health():
         assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
 
 
-def test_health_is_503_while_loading():
+def test_health_is_503_while_loading(monkeypatch):
+    """The load is held by the test, so /health is certainly seen loading, then ready."""
+    from localllm.core import engine
     from localllm.server import ServerSettings, create_app, shutdown
 
+    release = threading.Event()
+    real_init = engine.Engine.__init__
+
+    def held(self, *a, **kw):
+        assert release.wait(60)
+        real_init(self, *a, **kw)
+
+    monkeypatch.setattr(engine.Engine, "__init__", held)
     app = create_app(ServerSettings.create(model=MODEL, parallel=1, ctx=128, load_async=True))
     try:
         c = app.test_client()
         first = c.get("/health")
-        assert first.status_code in (200, 503)
-        if first.status_code == 503:
-            assert first.json["status"] == "loading"
-            assert c.get("/v1/models").status_code == 503
+        assert first.status_code == 503 and first.json["status"] == "loading"
+        assert first.headers["Retry-After"] == "1"
+        r = c.get("/v1/models")
+        assert r.status_code == 503 and r.json["error"]["code"] == "unavailable"
+        release.set()
+        assert wait_for(lambda: c.get("/health").status_code == 200, timeout=60)
+        assert c.get("/v1/models").status_code == 200
     finally:
+        release.set()
         shutdown(app)
 
 
@@ -317,3 +385,43 @@ def test_cli_refuses_public_bind_without_key():
 
     r = CliRunner().invoke(command, ["--host", "0.0.0.0"])
     assert r.exit_code == 2 and "--api-key" in r.output
+
+
+def test_the_real_server_process(default_model_path, tmp_path):
+    """`localllm serve` as users start it (waitress, its own process), end to end, then Ctrl-C."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(tmp_path / "serve.log", "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "localllm", "serve", "--model-path", str(default_model_path),
+                             "--port", str(port), "--parallel", "2", "--ctx", "512"], stdout=log, stderr=log,
+                            env={k: v for k, v in os.environ.items() if k != "LOCALLLM_API_KEY"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        def up() -> bool:
+            if proc.poll() is not None:
+                raise AssertionError(open(tmp_path / "serve.log").read())
+            try:
+                return get(url + "/health", timeout=2).status_code == 200
+            except OSError:
+                return False
+        assert wait_for(up, timeout=120, interval=0.2)
+        c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        r = c.chat.completions.create(model=MODEL, messages=Q, max_tokens=8, temperature=0)
+        assert r.choices[0].message.content and 1 <= r.usage.completion_tokens <= 8
+        streamed = "".join(ch.choices[0].delta.content or "" for ch in c.chat.completions.create(
+            model=MODEL, messages=Q, max_tokens=8, temperature=0, stream=True) if ch.choices)
+        assert streamed == r.choices[0].message.content
+        assert get(url + "/").status_code == 200 and b"<html" in get(url + "/").content.lower()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) in (0, 130)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
