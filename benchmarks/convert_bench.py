@@ -13,8 +13,8 @@ SentencePiece vocabulary, which the reference needs). They are built once into
 LOCALLLM_BENCH_CACHE (default ~/.cache/localllm/convert-bench), never in git.
 ``random`` builds a small random llama checkpoint instead.
 
-The reference script is read from llama-cpp-python's sdist (LLAMA_CPP_SRC,
-default /tmp/sdist/llama_cpp_python-0.3.36/vendor/llama.cpp). Timings are only
+The reference script is read from llama-cpp-python's sdist, fetched once by
+benchmarks/native.py into its cache folder. Timings are only
 meaningful on an idle machine: each run prints the 1-minute load average.
 """
 
@@ -30,7 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
-REF = Path(os.environ.get("LLAMA_CPP_SRC", "/tmp/sdist/llama_cpp_python-0.3.36/vendor/llama.cpp"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from native import source_dir  # noqa: E402  (llama.cpp's source from the pinned sdist, in a cache dir)
 CACHE = Path(os.environ.get("LOCALLLM_BENCH_CACHE", "~/.cache/localllm/convert-bench")).expanduser()
 TESTS = Path(__file__).resolve().parents[1] / "tests"
 # name → (store reference of the shipped GGUF, torch dtype to save, tokenizer kind in tests/convert_fixtures.py)
@@ -157,11 +158,11 @@ def main() -> None:
                            check=True, stdout=subprocess.DEVNULL)
             ckpt = target
         size = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
-        env = dict(os.environ, PYTHONPATH=str(REF / "gguf-py"), NO_LOCAL_GGUF="")
+        env = dict(os.environ, PYTHONPATH=str(source_dir() / "gguf-py"), NO_LOCAL_GGUF="")
         cmds = {
             "localllm convert": ([sys.executable, "-m", "localllm", "convert", str(ckpt), "-o", f"{tmp}/ours.gguf",
                                   "--quant", a.outtype.upper(), "-q"], None),
-            "convert_hf_to_gguf.py": ([sys.executable, str(REF / "convert_hf_to_gguf.py"), str(ckpt), "--outfile",
+            "convert_hf_to_gguf.py": ([sys.executable, str(source_dir() / "convert_hf_to_gguf.py"), str(ckpt), "--outfile",
                                        f"{tmp}/ref.gguf", "--outtype", a.outtype], env),
         }
         res: dict[str, list[tuple[float, int]]] = {k: [] for k in cmds}

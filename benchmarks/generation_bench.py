@@ -35,7 +35,7 @@ def native_tg(bench: Path, path: Path, threads: int, n: int, depth: int) -> floa
 
 
 def native_pp(bench: Path, path: Path, threads: int, n: int) -> float:
-    out = subprocess.run([str(bench), "-m", str(path), "-t", str(threads), "-p", str(n), "-n", "0", "-r", "3",
+    out = subprocess.run([str(bench), "-m", str(path), "-t", str(threads), "-p", str(n), "-n", "0", "-r", "1",
                           "-o", "json"], capture_output=True, text=True, check=True).stdout
     return float(json.loads(out)[0]["avg_ts"])
 
@@ -55,7 +55,7 @@ def ttft_200(m) -> float:
     """Time to first token for a fresh 200-token prompt (no cached prefix)."""
     words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
     times = []
-    for i in range(5):
+    for i in range(3):
         text = f"{i} " + " ".join(words[(i + j) % len(words)] for j in range(400))
         ids = m.tokenize(text, add_bos=False)[:200]
         prompt = m.detokenize(ids)
@@ -83,19 +83,18 @@ def main() -> None:
         with Model(path, n_ctx=1024, n_threads=a.threads) as m:
             ours_tg(m, 16)  # warm up (page in the weights)
             depth = len(m.tokenize(PROMPT))
-            nat, our, ratios = [], [], []
+            nat, our, ratios, pps, ttfts = [], [], [], [], []
             for r in range(a.rounds):
                 # alternate who goes first, and compare within a round: this VM's speed drifts
                 # by 20 % over a minute, so a ratio of medians taken apart would measure the drift
-                if r % 2 == 0:
-                    nat.append(native_tg(bench, path, a.threads, a.tokens, depth))
-                    our.append(ours_tg(m, a.tokens))
-                else:
-                    our.append(ours_tg(m, a.tokens))
-                    nat.append(native_tg(bench, path, a.threads, a.tokens, depth))
+                steps = [lambda: nat.append(native_tg(bench, path, a.threads, a.tokens, depth)),
+                         lambda: our.append(ours_tg(m, a.tokens)),
+                         lambda: pps.append(native_pp(bench, path, a.threads, 200)),
+                         lambda: ttfts.append(ttft_200(m))]
+                for step in (steps if r % 2 == 0 else steps[::-1]):
+                    step()
                 ratios.append(our[-1] / nat[-1])
-            ttft = ttft_200(m)
-        pp = native_pp(bench, path, a.threads, 200)
+            pp, ttft = statistics.median(pps), statistics.median(ttfts)
         row = {"model": ref, "native_tg": statistics.median(nat), "ours_tg": statistics.median(our),
                "ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
                "native_pp200": pp,

@@ -109,8 +109,9 @@ def ttft(port: int, n_tokens_words: int, rng: random.Random) -> float:
 
 
 def measure(name: str, port: int, args: argparse.Namespace, rep: int) -> dict[str, float]:
-    # fresh prompts every run: both servers cache prompts, and TTFT must measure prompt processing
-    rng = random.Random(args.seed + 1000 * rep + len(name))
+    # fresh prompts every run (both servers cache prompts, and TTFT must measure prompt processing),
+    # and the same prompts for both servers in the same run
+    rng = random.Random(args.seed + 1000 * rep)
     aggregate(port, 1, 1, rng)  # warm-up
     out = {f"{c} clients tok/s": aggregate(port, c, args.rounds, rng) for c in (1, 4)}
     out["TTFT 200-token prompt ms"] = 1000 * statistics.median(ttft(port, args.prompt_words, rng)
@@ -156,7 +157,8 @@ def main() -> None:
                                            stderr=subprocess.DEVNULL)
             wait_healthy(f"http://127.0.0.1:{ports[name]}", procs[name])
         for rep in range(args.repeat):
-            for name in servers:
+            order = list(servers) if rep % 2 == 0 else list(servers)[::-1]  # who goes first alternates
+            for name in order:
                 runs[name].append(measure(f"{name} (run {rep + 1})", ports[name], args, rep))
     finally:
         for proc in procs.values():

@@ -1,6 +1,6 @@
 """Exact Hugging Face tokenization for GGUFs that embed their original
-``tokenizer.json`` (key ``tokenizer.huggingface.json``), via the optional
-``tokenizers`` package. Special tokens behave as on llama.cpp's path:
+``tokenizer.json`` (key ``tokenizer.huggingface.json``), via the
+``tokenizers`` package (a core dependency). Special tokens behave as on llama.cpp's path:
 ``special=True`` parses special-token text, BOS/EOS are added per the GGUF.
 
 Example:
@@ -19,7 +19,7 @@ class HFTokenizer:
 
     def __init__(self, json_text: str | None, *, bos: int, eos: int, add_bos: bool, add_eos: bool,
                  tokenizer=None) -> None:
-        from tokenizers import Tokenizer  # optional extra: hf-tokenizer
+        from tokenizers import Tokenizer
 
         self._tok = tokenizer if tokenizer is not None else Tokenizer.from_str(json_text)
         self._lock = threading.Lock()  # encode_special_tokens is a flag on the shared object
@@ -41,13 +41,11 @@ class HFTokenizer:
 
 def from_metadata(metadata: dict, *, bos: int, eos: int, add_bos: bool, add_eos: bool) -> HFTokenizer | None:
     """The embedded HF tokenizer of a GGUF (its header ``metadata``), or None when
-    the key is absent or the ``tokenizers`` package is not installed."""
+    the key is absent or the JSON is one this ``tokenizers`` cannot read."""
     text = metadata.get("tokenizer.huggingface.json")
     if not isinstance(text, str) or not text:
         return None
     try:
         return HFTokenizer(text, bos=bos, eos=eos, add_bos=add_bos, add_eos=add_eos)
-    except ImportError:
-        return None
     except Exception:  # a tokenizer.json this tokenizers version cannot read: keep llama.cpp's path
         return None

@@ -171,6 +171,66 @@ def test_interactive_chat_reset_stop_and_exit() -> None:
         os.close(master)
 
 
+def test_ctrl_c_at_any_moment_stops_the_answer_not_the_program() -> None:
+    """Ctrl-C while a long prompt is read, right after the first token, and deep into an
+    answer: each stops that answer and the REPL goes on; all with the other core busy."""
+    import pty
+    import select
+
+    burner = subprocess.Popen([sys.executable, "-c", "while True: pass"])  # a loaded machine
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "localllm", "run", "smollm2-135m", "--temp", "0", "-n", "300",
+                             "--ctx", "4096"], stdin=slave, stdout=slave, stderr=slave, cwd=ROOT, close_fds=True)
+    os.close(slave)
+    buf = bytearray()
+
+    def read_until(pred, timeout: float = 120) -> None:
+        end = time.time() + timeout
+        while not pred():
+            if time.time() > end:
+                raise AssertionError(f"timed out; got {bytes(buf[-500:])!r}")
+            if select.select([master], [], [], 0.1)[0]:
+                try:
+                    buf.extend(os.read(master, 4096))
+                except OSError:
+                    raise AssertionError(f"the program ended; got {bytes(buf[-500:])!r}") from None
+
+    def prompts() -> int:
+        return buf.count(b">>> ")
+
+    try:
+        read_until(lambda: prompts() == 1)
+        long_text = "Summarise this: " + " ".join(f"item{i} is blue;" for i in range(900)) + "\n"
+        moments = [(long_text, lambda: True),                          # while the prompt is read
+                   ("Tell me a story.\n", None),                        # at the first piece of the answer
+                   ("Write a very long story about a dragon.\n", 200)]  # deep into the answer
+        for n, (line, when) in enumerate(moments, start=1):
+            mark = len(buf)
+            os.write(master, line.encode())
+            if isinstance(when, int):
+                read_until(lambda: len(buf) - mark > len(line) + when)
+            elif when is None:
+                read_until(lambda: len(buf) - mark > len(line) + 2)
+            proc.send_signal(signal.SIGINT)  # what Ctrl-C does
+            read_until(lambda: prompts() == n + 1)
+            assert proc.poll() is None, bytes(buf[-300:])
+            assert b"[stopped]" in buf[mark:] or b"interrupted" not in buf[mark:]
+        mark = len(buf)
+        os.write(master, b"/reset\n")
+        read_until(lambda: prompts() == len(moments) + 2)
+        os.write(master, b"What is 2+2?\n")
+        read_until(lambda: prompts() == len(moments) + 3)
+        assert b"4" in buf[mark:]
+        os.write(master, b"/exit\n")
+        assert proc.wait(timeout=30) == 0
+        assert buf.count(b"[stopped]") >= 2  # the answers that had begun say so
+    finally:
+        burner.kill()
+        if proc.poll() is None:
+            proc.kill()
+        os.close(master)
+
+
 def test_serve_refuses_a_bad_model_at_once(tmp_path: Path) -> None:
     # not a server that starts and then answers 503 forever
     assert "does not exist" in _one_error_line(cli("serve", "--model-path", "/nope/model.gguf", "--port", "0",

@@ -276,3 +276,10 @@ def test_hub_download_patterns(tiny: Path, tmp_path: Path, monkeypatch: pytest.M
     folder["path"].mkdir()
     resolve_source("acme/old")
     assert len(calls) == 2 and "pytorch_model*.bin" in calls[1]["patterns"]
+
+
+def test_the_cli_offers_every_quant_the_writer_knows() -> None:
+    from localllm.cli.convert import _QUANTS
+    from localllm.converter.writer import QUANTS
+
+    assert _QUANTS == list(QUANTS)

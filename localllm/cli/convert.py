@@ -9,7 +9,9 @@ import click
 
 from localllm.cli.options import human_bytes
 
-_QUANTS = ["F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_0", "Q4_K_M", "Q4_0"]
+# localllm.converter.writer.QUANTS, spelled out: importing it (gguf, numpy) would slow every command's
+# start by a third of a second; tests/test_convert_io.py checks that the two lists agree
+_QUANTS = ["F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_1", "Q5_0", "Q4_K_M", "Q4_1", "Q4_0"]
 
 
 @click.command("convert")

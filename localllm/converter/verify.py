@@ -21,7 +21,8 @@ from localllm.errors import PrerequisiteError
 THRESHOLDS: dict[str, tuple[float, float, float]] = {
     "F32": (1e-5, 0.99, 1e-4), "F16": (1e-4, 0.98, 1e-3), "BF16": (1e-3, 0.97, 5e-3),
     "Q8_0": (5e-3, 0.95, 0.02), "Q6_K": (2e-2, 0.90, 0.05), "Q5_K_M": (4e-2, 0.88, 0.08),
-    "Q5_0": (5e-2, 0.85, 0.10), "Q4_K_M": (8e-2, 0.80, 0.15), "Q4_0": (1.2e-1, 0.75, 0.25),
+    "Q5_1": (4.5e-2, 0.86, 0.09), "Q5_0": (5e-2, 0.85, 0.10), "Q4_K_M": (8e-2, 0.80, 0.15),
+    "Q4_1": (1e-1, 0.77, 0.2), "Q4_0": (1.2e-1, 0.75, 0.25),
 }
 PROMPTS = ("The capital of France is", "def fibonacci(n):\n    ", "Once upon a time, in a small village,",
            "Привет! Как дела?", "1, 2, 3, 5, 8, 13,")

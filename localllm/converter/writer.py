@@ -30,7 +30,8 @@ FT = gguf.LlamaFileType
 QUANTS: dict[str, tuple[int, bool]] = {
     "F32": (FT.ALL_F32, True), "F16": (FT.MOSTLY_F16, True), "BF16": (FT.MOSTLY_BF16, True),
     "Q8_0": (FT.MOSTLY_Q8_0, True), "Q6_K": (FT.MOSTLY_Q6_K, False), "Q5_K_M": (FT.MOSTLY_Q5_K_M, False),
-    "Q5_0": (FT.MOSTLY_Q5_0, False), "Q4_K_M": (FT.MOSTLY_Q4_K_M, False), "Q4_0": (FT.MOSTLY_Q4_0, False),
+    "Q5_1": (FT.MOSTLY_Q5_1, False), "Q5_0": (FT.MOSTLY_Q5_0, False), "Q4_K_M": (FT.MOSTLY_Q4_K_M, False),
+    "Q4_1": (FT.MOSTLY_Q4_1, False), "Q4_0": (FT.MOSTLY_Q4_0, False),
 }
 # Q4_K_M: the usual CPU choice. CPU decoding is memory-bandwidth bound, so ~4.8
 # bits/weight runs ~3x faster than F16, and K-quants keep quality close to Q5/Q6.
