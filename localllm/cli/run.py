@@ -189,6 +189,8 @@ def _timings(r: Any) -> dict[str, Any]:
 
 
 def _repl(m: Any, use_chat: bool, system: str | None, sampling: dict[str, Any]) -> None:
+    from localllm.errors import LocalLLMError
+
     history: list[dict[str, str]] = []
     click.echo(f"{m.info.name} ({m.info.quant}, {m.info.context} tokens of context). {HELP_REPL}", err=True)
     while True:
@@ -224,6 +226,11 @@ def _repl(m: Any, use_chat: bool, system: str | None, sampling: dict[str, Any]) 
                 sys.stdout.flush()
         except KeyboardInterrupt:
             click.echo(" [stopped]", nl=False, err=True)
+        except LocalLLMError as e:  # one bad turn (too long, a template error) does not end the chat
+            click.echo(f"error: {e.message}" + (f" (next: {e.hint})" if e.hint else ""), err=True)
+            if use_chat:
+                history.pop()
+            continue
         finally:
             if stream is not None:
                 stream.close()
