@@ -89,13 +89,10 @@ class Engine:
         """Generate ``req`` in this thread, yielding its events. A request wider than
         the scheduler (``n``, ``best_of``, ``num_beams``) gets a scheduler with more
         slots first; the model's weights are shared, only the KV cache grows."""
-        width = req.params.width
+        width = req.params.width  # at most MAX_N or MAX_BEAMS: SamplingParams checked it
         if width > self.scheduler.n_slots and not self._threaded:
-            from localllm.sampling import MAX_BEAMS, MAX_N
-
-            if width <= max(MAX_N, MAX_BEAMS):
-                self.scheduler.close()
-                self.scheduler = self._scheduler(width)
+            self.scheduler.close()
+            self.scheduler = self._scheduler(width)
         return self.scheduler.run(req)
 
     # ------------------------------------------------------------------ embeddings
