@@ -429,20 +429,20 @@ class Context:
         return np.ctypeslib.as_array(ptr, shape=(self.model.n_embd,)).copy()
 
     # -- KV cache by sequence
+    @property
+    def _memory(self):
+        if self._ptr is None:  # the memory belongs to the context: never touch it once freed
+            raise RuntimeFailure("context already freed")
+        return self._mem
+
     def seq_rm(self, seq_id: int, p0: int = -1, p1: int = -1) -> bool:
-        return bool(C.llama_memory_seq_rm(self._mem, seq_id, p0, p1))
+        return bool(C.llama_memory_seq_rm(self._memory, seq_id, p0, p1))
 
     def seq_cp(self, src: int, dst: int, p0: int = -1, p1: int = -1) -> None:
-        C.llama_memory_seq_cp(self._mem, src, dst, p0, p1)
-
-    def seq_keep(self, seq_id: int) -> None:
-        C.llama_memory_seq_keep(self._mem, seq_id)
-
-    def seq_pos_max(self, seq_id: int) -> int:
-        return int(C.llama_memory_seq_pos_max(self._mem, seq_id))
+        C.llama_memory_seq_cp(self._memory, src, dst, p0, p1)
 
     def clear(self) -> None:
-        C.llama_memory_clear(self._mem, True)
+        C.llama_memory_clear(self._memory, True)
 
     def close(self) -> None:
         if self._ptr is not None:

@@ -26,6 +26,7 @@ from localllm.errors import InvalidArgumentError
 MAX_BEAMS = 8            # beams of one request (each beam is a sequence in the shared batch)
 MAX_N = 16               # n / best_of of one request (each choice is a sequence)
 MAX_STOPS = 16           # stop strings of one request
+MAX_STOP_CHARS = 1024    # characters of one stop string (each is checked against every token)
 MAX_TOP_LOGPROBS = 20    # OpenAI's limit for chat top_logprobs
 MAX_LOGIT_BIAS = 1024    # entries in logit_bias
 MAX_GRAMMAR_CHARS = 1 << 16
@@ -35,13 +36,13 @@ LIMITS: dict[str, tuple[float, float, bool]] = {
     "temperature": (0.0, 2.0, False),
     "top_p": (0.0, 1.0, True),
     "min_p": (0.0, 1.0, False),
-    "repeat_penalty": (0.0, 10.0, True),
+    "repeat_penalty": (0.01, 10.0, False),  # llama.cpp divides by it: no denormal near 0
     "presence_penalty": (-2.0, 2.0, False),
     "frequency_penalty": (-2.0, 2.0, False),
 }
 INT_LIMITS: dict[str, tuple[int, int | None]] = {
     "max_tokens": (1, None),
-    "top_k": (0, None),
+    "top_k": (0, (1 << 31) - 1),  # an int32 in C
     "repeat_last_n": (0, 1 << 20),
     "n": (1, MAX_N),
     "best_of": (1, MAX_N),
@@ -146,6 +147,10 @@ class SamplingParams:
                 raise _bad("grammar", f"is longer than {MAX_GRAMMAR_CHARS} characters")
             if not self.grammar.strip():
                 object.__setattr__(self, "grammar", None)
+        if self.ignore_eos and (self.grammar is not None or self.json_schema is not None):
+            # a finished grammar allows only end-of-generation; banning it would leave no token at all
+            raise _bad("ignore_eos", "cannot be combined with a grammar or JSON schema: a grammar ends by "
+                                     "ending the generation")
         if self.json_schema is not None:
             if self.grammar is not None:
                 raise _bad("grammar", "cannot be combined with a JSON schema (response_format)")
@@ -175,10 +180,6 @@ class SamplingParams:
     def width(self) -> int:
         """Sequences this request occupies at once."""
         return max(self.n, self.best_of, self.num_beams)
-
-    @property
-    def constrained(self) -> bool:
-        return self.grammar is not None or self.json_schema is not None
 
     def grammar_text(self) -> str | None:
         """The GBNF to constrain with (``json_schema`` converted once), or None."""
@@ -236,6 +237,8 @@ def _stops(stop: Any) -> tuple[str, ...]:
     stops = [stop] if isinstance(stop, str) else stop
     if not isinstance(stops, (list, tuple)) or len(stops) > MAX_STOPS or not all(isinstance(s, str) for s in stops):
         raise _bad("stop", f"must be a string or a list of at most {MAX_STOPS} strings")
+    if any(len(s) > MAX_STOP_CHARS for s in stops):
+        raise _bad("stop", f"strings must be at most {MAX_STOP_CHARS} characters")
     return tuple(s for s in stops if s)
 
 

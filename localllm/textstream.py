@@ -46,7 +46,7 @@ class TextStream:
             self._pending = ""
             self.stopped = True
         else:
-            keep = self._hold
+            keep = min(self._hold, len(self._pending))
             # hold back only a tail that is a prefix of some stop string
             while keep > 0 and not any(s.startswith(self._pending[-keep:]) for s in self._stop):
                 keep -= 1

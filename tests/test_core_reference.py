@@ -87,14 +87,22 @@ def test_penalties_follow_llamacpps_formula(model: Model, ref: Reference) -> Non
         seq = seq + [tok]
 
 
-def test_best_of_keeps_the_best_mean_logprob(model: Model) -> None:
-    """Candidates of different lengths, so that the mean and the sum rank them differently."""
+def test_best_of_keeps_the_best_mean_logprob(model: Model, ref: Reference) -> None:
+    """Candidates of different lengths, so that the mean and the sum rank them differently.
+    A candidate that ended is scored with its end token too (from llama.cpp's logits here)."""
     msgs = [{"role": "user", "content": "Name one animal, in one word."}]
     kw = dict(max_tokens=24, temperature=1.3, seed=5, logprobs=True)
     every = model.chat_complete(msgs, n=5, **kw).choices
-    means = [sum(lp.logprob for lp in c.logprobs) / max(len(c.logprobs), 1) for c in every]
-    sums = [sum(lp.logprob for lp in c.logprobs) for c in every]
-    assert len({len(c.tokens) for c in every}) > 1
+    prompt = model._chat_ids(msgs)
+    scores = []
+    for c in every:
+        lps = [lp.logprob for lp in c.logprobs]
+        if c.stop_token is not None:
+            lps.append(log_softmax(ref.logits(prompt + c.tokens))[c.stop_token])
+        scores.append(lps)
+    means = [sum(x) / len(x) for x in scores]
+    sums = [sum(x) for x in scores]
+    assert len({len(c.tokens) for c in every}) > 1 and any(c.stop_token is not None for c in every)
     by_mean = sorted(range(5), key=lambda i: -means[i])[:2]
     assert by_mean != sorted(range(5), key=lambda i: -sums[i])[:2]  # the seeds make the two rules disagree
     best = model.chat_complete(msgs, n=2, best_of=5, **kw).choices

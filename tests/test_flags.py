@@ -139,7 +139,7 @@ def _run(args: list[str]) -> Any:
 RUN_SAMPLING = ["-n", "7", "--temp", "0.5", "--top-p", "0.9", "--top-k", "7", "--min-p", "0.1",
                 "--repeat-penalty", "1.2", "--presence-penalty", "0.3", "--frequency-penalty", "0.4",
                 "--repeat-last-n", "32", "--seed", "77", "--stop", "zzz", "--stop", "qqq",
-                "--grammar", 'root ::= [a-z ]+', "--logit-bias", "5=1.5", "--ignore-eos", "--choices", "2",
+                "--grammar", 'root ::= [a-z ]+', "--logit-bias", "5=1.5", "--choices", "2",
                 "--best-of", "3", "--logprobs", "2"]
 
 RUN_CHECKS = {
@@ -156,7 +156,6 @@ RUN_CHECKS = {
     "stop": lambda p, o: p.stop == ("zzz", "qqq"),
     "grammar": lambda p, o: p.grammar == "root ::= [a-z ]+",
     "logit_bias": lambda p, o: p.logit_bias == {5: 1.5},
-    "ignore_eos": lambda p, o: p.ignore_eos is True,
     "n": lambda p, o: p.n == 2 and len(o["choices"]) == 2,
     "best_of": lambda p, o: p.best_of == 3,
     "top_logprobs": lambda p, o: p.logprobs and p.top_logprobs == 2 and len(o["choices"][0]["logprobs"][0]["top"]) == 2,
@@ -168,7 +167,7 @@ def test_every_run_flag_arrives(spies, tiny_gguf: Path, store_dir: Path) -> None
     from localllm.cli.run import command
 
     other = {"model", "prompt", "chat", "system", "n_ctx", "n_threads", "gpu_layers", "models_dir", "repack",
-             "json_schema", "num_beams"}
+             "json_schema", "num_beams", "ignore_eos"}
     names = {p.name for p in command.params if p.name != "help"}
     assert names == set(RUN_CHECKS) | other, names ^ (set(RUN_CHECKS) | other)
     r = _run(["smollm2-135m", "Say hi", "--raw", "--json", *RUN_SAMPLING])
@@ -189,8 +188,9 @@ def test_every_run_flag_arrives(spies, tiny_gguf: Path, store_dir: Path) -> None
 
     # chat, system and the model flags
     r = _run(["smollm2-135m", "Hello there", "--chat", "--system", "You are Zed.", "--json", "-n", "2",
-              "--ctx", "320", "--threads", "1", "--gpu-layers", "9", "--no-repack"])
+              "--ctx", "320", "--threads", "1", "--gpu-layers", "9", "--no-repack", "--ignore-eos"])
     assert r.exit_code == 0, r.output
+    assert spies["request"][-1]["params"].ignore_eos is True
     req = spies["request"][-1]
     text = req["model"].detokenize(req["prompt"], special=True).decode()
     assert "You are Zed." in text and "Hello there" in text and "<|im_start|>assistant" in text

@@ -62,6 +62,12 @@ def test_raw_sse_ends_with_done(server):
         lines = [ln for ln in it if ln]
     assert lines[-1] == "data: [DONE]"
     assert all(ln.startswith("data: ") for ln in lines)
+    body = {"messages": Q, "max_tokens": 3, "stream": True, "stream_options": {"include_usage": True}}
+    with stream_lines(server.api + "/chat/completions", body) as it:
+        chunks = [json.loads(ln[6:]) for ln in it if ln.startswith("data: {")]
+    # as OpenAI's: "usage": null on every chunk but the last, which has no choices and the counts
+    assert all(c["usage"] is None for c in chunks[:-1])
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] <= 3
 
 
 def test_second_turn_reuses_kv(client):
@@ -132,6 +138,9 @@ def test_embeddings(client):
     ({"messages": Q, "num_beams": 2, "n": 2}, 400, "num_beams"),
     ({"messages": Q, "logit_bias": {"999999": 1}}, 400, "logit_bias"),
     ({"messages": Q, "presence_penalty": 3}, 400, "presence_penalty"),
+    ({"messages": Q, "grammar": 'root ::= "a"', "ignore_eos": True, "stream": True}, 400, "ignore_eos"),
+    ({"messages": Q, "stop": ["x" * 5000]}, 400, "stop"),
+    ({"messages": Q, "top_k": 2 ** 32 + 5}, 400, "top_k"),
 ])
 def test_bad_input_is_4xx_json(server, body, status, param):
     r = post(server.api + "/chat/completions", json=body, timeout=60)

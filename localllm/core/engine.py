@@ -61,10 +61,7 @@ class Engine:
             return self.prompter.text_ids(prompt)
         if isinstance(prompt, Sequence) and prompt and all(isinstance(t, int) and not isinstance(t, bool)
                                                              for t in prompt):
-            n = self.llama.n_vocab
-            if not all(0 <= t < n for t in prompt):
-                raise InvalidArgumentError(f"prompt token ids must be in 0..{n - 1}", param="prompt")
-            return list(prompt)
+            return list(prompt)  # ids outside the vocabulary: the scheduler's check refuses them
         raise InvalidArgumentError("prompt must be a string or a non-empty list of token ids", param="prompt")
 
     def chat_ids(self, messages: Any, system: str | None = None) -> list[int]:
@@ -91,8 +88,13 @@ class Engine:
         slots first; the model's weights are shared, only the KV cache grows."""
         width = req.params.width  # at most MAX_N or MAX_BEAMS: SamplingParams checked it
         if width > self.scheduler.n_slots and not self._threaded:
-            self.scheduler.close()
-            self.scheduler = self._scheduler(width)
+            old = self.scheduler.n_slots
+            self.scheduler.close()  # first: the two KV caches need not fit at once
+            try:
+                self.scheduler = self._scheduler(width)
+            except BaseException:
+                self.scheduler = self._scheduler(old)  # what worked before; the error is the caller's
+                raise
         return self.scheduler.run(req)
 
     # ------------------------------------------------------------------ embeddings

@@ -89,7 +89,8 @@ def lcp(cached: Sequence[int], prompt: Sequence[int]) -> int:
 
 def truncate(ctx: runtime.Context, slot: Slot, keep: int) -> int:
     """Keep the first ``keep`` cached tokens of ``slot``; returns what was kept
-    (0 when this cache type cannot drop a suffix, e.g. sliding-window layers)."""
+    (0 when this memory cannot drop a suffix, as a recurrent model's cannot)."""
+    keep = min(keep, len(slot.cached))
     if keep < len(slot.cached) and not ctx.seq_rm(slot.seq, keep, -1):
         keep = 0
     if keep == 0:

@@ -30,6 +30,7 @@ class Event:
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None
     tokens: list[int] = field(default_factory=list)  # "done": the choice's generated token ids
+    stop_token: int | None = None                    # "done": the end-of-generation token, if one ended it
     error: LocalLLMError | None = None
 
 
@@ -42,6 +43,7 @@ class Choice:
     finish_reason: str | None = None
     tokens: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None
+    stop_token: int | None = None  # the end-of-generation token that ended it (not in ``tokens``)
 
 
 class Request:
@@ -115,6 +117,7 @@ def collect(events: Iterator[Event], n: int) -> list[Choice]:
         elif ev.kind == "done":
             c.finish_reason = ev.finish_reason
             c.tokens = ev.tokens
+            c.stop_token = ev.stop_token
             if ev.logprobs is not None:
                 c.logprobs = (c.logprobs or []) + ev.logprobs
     return choices

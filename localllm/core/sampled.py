@@ -27,7 +27,9 @@ class _Choice:
         self.index, self.lane, self.sampler = index, lane, sampler
         self.text = TextStream(stop)
         self.tokens: list[int] = []
-        self.sum_lp = 0.0
+        self.sum_lp = 0.0                      # best_of's score: the end token's logprob counts too
+        self.n_scored = 0
+        self.stop_token: int | None = None
         self.lps: list[TokenLogprob] = []      # not yet released with text
         self.out: list[str] = []               # buffered text (non-streaming, best_of)
         self.out_lps: list[TokenLogprob] = []
@@ -87,16 +89,20 @@ class Sampled:
         tok = c.sampler.sample(ctx, row)
         if req.t_first is None:
             req.t_first = now
+        lp = token_logprob(ctx.logits(row), tok, top=p.top_logprobs, piece=m.token_piece) if self.want_lp else None
+        if lp is not None:
+            # an answer that ends is scored by its end token too: otherwise an empty one would win
+            c.sum_lp += lp.logprob
+            c.n_scored += 1
         if m.is_eog(tok):
+            c.stop_token = tok
             self._finish(c, "stop", events)
             return
         c.tokens.append(tok)
         req.completion_tokens += 1
         piece = m.token_piece(tok)
-        if self.want_lp:
-            lp = token_logprob(ctx.logits(row), tok, top=p.top_logprobs, piece=m.token_piece)
+        if lp is not None:
             lp.offset = c.text.position
-            c.sum_lp += lp.logprob
             c.lps.append(lp)
         self._emit(c, c.text.feed(piece), events)
         if c.text.stopped:
@@ -137,7 +143,7 @@ class Sampled:
             return
         if all(x.finish is not None for x in self.choices):  # keep the n most likely of best_of
             n = self.req.params.n
-            best = sorted(self.choices, key=lambda x: (-x.sum_lp / max(len(x.tokens), 1), x.index))[:n]
+            best = sorted(self.choices, key=lambda x: (-x.sum_lp / max(x.n_scored, 1), x.index))[:n]
             for i, x in enumerate(best):
                 self._report(x, i, events)
 
@@ -145,4 +151,4 @@ class Sampled:
         lps = list(c.out_lps) if self.req.params.logprobs else None
         if self.buffer and (c.out or lps):
             events.append(Event("text", index, "".join(c.out), logprobs=lps))
-        events.append(Event("done", index, finish_reason=c.finish, tokens=list(c.tokens)))
+        events.append(Event("done", index, finish_reason=c.finish, tokens=list(c.tokens), stop_token=c.stop_token))

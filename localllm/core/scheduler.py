@@ -188,7 +188,10 @@ class Scheduler:
 
     # ------------------------------------------------------------------ admission
     def _admit(self) -> None:
-        """Move waiting requests into free slots (FIFO; a wide request waits for enough slots)."""
+        """Move waiting requests into free slots (FIFO; a wide request waits for enough slots).
+        Slots are claimed under the lock; units are built after it (compiling a grammar may
+        take a while, and ``submit`` must not wait for it)."""
+        starting: list[tuple[Request, list[Slot]]] = []
         with self.cv:
             while self.waiting:
                 req = self.waiting[0]
@@ -199,13 +202,26 @@ class Scheduler:
                 if len(free) < req.params.width:
                     break
                 self.waiting.popleft()
-                self._start(req, free)
+                chosen = self._choose(req, free)
+                for s in chosen:
+                    s.busy = True
+                starting.append((req, chosen))
             self.stats["queue_depth"] = len(self.waiting)
+        for req, chosen in starting:
+            self._start(req, chosen)
 
-    def _start(self, req: Request, free: list[Slot]) -> None:
+    def _choose(self, req: Request, free: list[Slot]) -> list[Slot]:
+        """The lead: the slot sharing the longest prefix with the prompt. The others (n,
+        best_of, beams) are overwritten: those holding the least of it, least recently used."""
         prompt = req.prompt
-        free.sort(key=lambda s: (lanes_mod.lcp(s.cached, prompt), -s.last_used), reverse=True)
-        lanes = [Lane(s) for s in free[:req.params.width]]
+        shared = {s.seq: lanes_mod.lcp(s.cached, prompt) for s in free}
+        lead = max(free, key=lambda s: (shared[s.seq], s.last_used))
+        rest = sorted((s for s in free if s is not lead), key=lambda s: (shared[s.seq], s.last_used))
+        return [lead] + rest[:req.params.width - 1]
+
+    def _start(self, req: Request, chosen: list[Slot]) -> None:
+        prompt = req.prompt
+        lanes = [Lane(s) for s in chosen]
         req.cached_tokens = lanes_mod.start(self.ctx, lanes[0], prompt)
         for lane in lanes[1:]:
             lanes_mod.truncate(self.ctx, lane.slot, 0)
@@ -217,11 +233,11 @@ class Scheduler:
             else:
                 unit = Sampled(req, lanes, self.model, n_ctx=self.n_ctx_seq)
         except Exception as e:
+            for lane in lanes:
+                lane.slot.busy = False
             req.queue.put(Event("error", error=_as_error(e)))
             return
         req.t_start = time.perf_counter()
-        for lane in lanes:
-            lane.slot.busy = True
         self.active.append(unit)
         # rows in sequence-id order: with one KV stream per sequence llama.cpp splits a batch
         # into equal micro-batches over consecutive sequences; any other order costs extra splits

@@ -28,13 +28,13 @@ def chat_logprobs(lps: list[TokenLogprob] | None) -> dict[str, Any] | None:
                         for lp in lps], "refusal": None}
 
 
-def completion_logprobs(lps: list[TokenLogprob] | None, start: int = 0) -> dict[str, Any] | None:
+def completion_logprobs(lps: list[TokenLogprob] | None) -> dict[str, Any] | None:
     """``choices[i].logprobs`` of a (legacy) completion."""
     if lps is None:
         return None
     return {"tokens": [lp.text for lp in lps], "token_logprobs": [lp.logprob for lp in lps],
             "top_logprobs": [{b.decode("utf-8", "replace"): v for _, b, v in lp.top} for lp in lps],
-            "text_offset": [start + lp.offset for lp in lps]}
+            "text_offset": [lp.offset for lp in lps]}
 
 
 def chat_choice(c: Choice) -> dict[str, Any]:
@@ -61,8 +61,9 @@ def response(rid: str, created: int, model: str, chat: bool, choices: list[Choic
 
 
 def chunk(rid: str, created: int, model: str, chat: bool, index: int, text: str | None, finish: str | None,
-          lps: list[TokenLogprob] | None = None, role: bool = False) -> dict[str, Any]:
-    """One stream chunk (a delta of one choice)."""
+          lps: list[TokenLogprob] | None = None, role: bool = False, usage: bool = False) -> dict[str, Any]:
+    """One stream chunk (a delta of one choice); with ``usage`` (stream_options.include_usage)
+    it carries ``"usage": null``, as OpenAI's do before the last chunk."""
     if chat:
         delta: dict[str, Any] = {}
         if role:
@@ -73,8 +74,11 @@ def chunk(rid: str, created: int, model: str, chat: bool, index: int, text: str 
                                   "finish_reason": finish}
     else:
         choice = {"index": index, "text": text or "", "logprobs": completion_logprobs(lps), "finish_reason": finish}
-    return {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
-            "model": model, "choices": [choice]}
+    out = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
+           "model": model, "choices": [choice]}
+    if usage:
+        out["usage"] = None
+    return out
 
 
 def usage_chunk(rid: str, created: int, model: str, chat: bool, req: Request) -> dict[str, Any]:

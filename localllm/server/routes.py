@@ -167,13 +167,14 @@ def _generate(eng: Any, req: Request, include_usage: bool, chat: bool) -> Respon
         try:
             if chat:
                 for i in range(req.params.n):
-                    yield fmt.sse(fmt.chunk(rid, created, model_id, chat, i, "", None, role=True))
+                    yield fmt.sse(fmt.chunk(rid, created, model_id, chat, i, "", None, role=True, usage=include_usage))
             for ev in req.events(disconnected=disconnected):
                 if ev.kind == "text":
-                    yield fmt.sse(fmt.chunk(rid, created, model_id, chat, ev.index, ev.text, None, ev.logprobs))
+                    yield fmt.sse(fmt.chunk(rid, created, model_id, chat, ev.index, ev.text, None, ev.logprobs,
+                                            usage=include_usage))
                 elif ev.kind == "done":
                     yield fmt.sse(fmt.chunk(rid, created, model_id, chat, ev.index, None if chat else "",
-                                            ev.finish_reason))
+                                            ev.finish_reason, usage=include_usage))
             if include_usage:
                 yield fmt.sse(fmt.usage_chunk(rid, created, model_id, chat, req))
             yield "data: [DONE]\n\n"
