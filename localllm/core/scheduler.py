@@ -100,7 +100,7 @@ class Scheduler:
         if p.width > self.n_slots:
             name = "num_beams" if p.num_beams > 1 else ("best_of" if p.best_of > p.n else "n")
             raise InvalidArgumentError(f"{name} is {p.width} but this model runs {self.n_slots} sequences at once "
-                                       f"(serve --parallel, Model(n_seq=...))", param=name)
+                                       f"(start the server with a larger --parallel)", param=name)
         if not req.prompt:
             raise InvalidArgumentError("the prompt is empty", param="prompt")
         if len(req.prompt) >= self.n_ctx_seq:
