@@ -64,3 +64,38 @@ def test_stop_a_generation(page, server):
     sync_api.expect(answer).to_have_attribute("data-state", "stopped", timeout=10000)
     assert page.locator("#send").is_enabled()
     assert wait_for(lambda: get(server.url + "/health").json()["slots_processing"] == 0, timeout=2.0)
+
+
+def test_the_page_sends_every_setting(page, server):
+    """The page is a door too: with settings from its panel it gets the same answer as the API
+    given the same options (through the official client)."""
+    openai = pytest.importorskip("openai")
+    page.click("#clear")
+    page.click("#more summary")
+    settings = {"#temp": "0.9", "#maxtok": "16", "#system": "You answer in one word.", "#top_p": "0.8",
+                "#top_k": "20", "#min_p": "0.02", "#repeat_penalty": "1.1", "#presence_penalty": "0.3",
+                "#frequency_penalty": "0.2", "#seed": "7", "#stop_at": "zebra"}
+    for sel, value in settings.items():
+        page.fill(sel, value)
+    page.fill("#input", "Name a colour.")
+    with page.expect_request("**/v1/chat/completions") as sent:
+        page.press("#input", "Enter")
+    body = sent.value.post_data_json
+    assert {k: body.get(k) for k in ("temperature", "max_tokens", "top_p", "top_k", "min_p", "repeat_penalty",
+                                     "presence_penalty", "frequency_penalty", "seed", "stop")} == {
+        "temperature": 0.9, "max_tokens": 16, "top_p": 0.8, "top_k": 20, "min_p": 0.02, "repeat_penalty": 1.1,
+        "presence_penalty": 0.3, "frequency_penalty": 0.2, "seed": 7, "stop": ["zebra"]}
+    assert body["messages"][0] == {"role": "system", "content": "You answer in one word."}
+    answer = page.locator(".msg.assistant").last
+    sync_api.expect(answer).to_have_attribute("data-state", "done", timeout=60000)
+    client = openai.OpenAI(base_url=server.api, api_key="unused", max_retries=0, timeout=60)
+    msgs = [{"role": "system", "content": "You answer in one word."}, {"role": "user", "content": "Name a colour."}]
+    r = client.chat.completions.create(
+        model="smollm2-135m", max_tokens=16, temperature=0.9, top_p=0.8, presence_penalty=0.3,
+        frequency_penalty=0.2, seed=7, stop=["zebra"], messages=msgs,
+        extra_body={"top_k": 20, "min_p": 0.02, "repeat_penalty": 1.1})
+    assert answer.locator(".text").text_content() == r.choices[0].message.content
+    # the same request without the panel's settings answers otherwise: the settings mattered
+    plain = client.chat.completions.create(model="smollm2-135m", max_tokens=16, temperature=0.9, seed=7,
+                                           messages=[{"role": "user", "content": "Name a colour."}])
+    assert plain.choices[0].message.content != r.choices[0].message.content
