@@ -211,6 +211,16 @@ class Model:
             raise InvalidArgumentError("ids must be integers", param="ids")
         return self._engine.llama.detokenize(list(ids)).decode("utf-8", "replace")
 
+    def count_tokens(self, messages: Sequence[dict[str, Any]], *, system: str | None = None) -> int:
+        """How many prompt tokens a chat is, exactly as ``chat`` (and the server) will read it.
+
+        Example:
+            >>> m.count_tokens([{"role": "user", "content": "Hi"}])     # doctest: +SKIP
+            9
+        """
+        self._check_open()
+        return len(self._engine.chat_ids(messages, system))
+
     def render_chat(self, messages: Any, *, add_generation_prompt: bool = True) -> str:
         """The prompt text the model's chat template makes of ``messages``."""
         self._check_open()

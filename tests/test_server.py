@@ -434,3 +434,25 @@ def test_the_real_server_process(default_model_path, tmp_path):
         if proc.poll() is None:
             proc.kill()
         log.close()
+
+
+def test_tokenize_and_detokenize(server, client, model):
+    """llama-server's /tokenize and /detokenize, through the tokenizer the model uses: the same ids as
+    Model.tokenize, and a chat counts exactly as a chat completion reads it."""
+    text = "Hello <|im_end|> wörld 123"
+    r = post(server.url + "/tokenize", json={"content": text}).json()
+    assert r["tokens"] == model.tokenize(text, add_bos=False, special=True)
+    assert post(server.url + "/tokenize", json={"content": text, "parse_special": False}).json()["tokens"] == \
+        model.tokenize(text, add_bos=False, special=False)
+    pieces = post(server.url + "/tokenize", json={"content": text, "with_pieces": True}).json()["tokens"]
+    assert "".join(p["piece"] for p in pieces) == text and [p["id"] for p in pieces] == r["tokens"]
+    assert post(server.url + "/detokenize", json={"tokens": r["tokens"]}).json() == {"content": text}
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
+    n = len(post(server.url + "/tokenize", json={"messages": msgs}).json()["tokens"])
+    done = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=1)
+    assert n == done.usage.prompt_tokens == model.count_tokens(msgs[1:], system="Be brief.")
+    for bad, param in (({"content": 3}, "content"), ({"tokens": [10 ** 9]}, "tokens"), ({"tokens": "x"}, "tokens"),
+                       ({"messages": "hi"}, "messages")):
+        url = server.url + ("/detokenize" if "tokens" in bad else "/tokenize")
+        res = post(url, json=bad)
+        assert res.status_code == 400 and res.json()["error"]["param"] == param, (bad, res.text)

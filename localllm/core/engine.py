@@ -74,6 +74,24 @@ class Engine:
                 msgs = [{"role": "system", "content": system}, *msgs]
         return self.prompter.chat_ids(msgs)
 
+    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        """Text → ids with the model's own tokenizer (the embedded HF one when present).
+        ``add_special`` adds BOS as the GGUF says; ``parse_special`` reads ``<|im_end|>``-like text
+        as one special token."""
+        if not isinstance(text, str):
+            raise InvalidArgumentError("content must be a string", param="content")
+        return self.prompter.tokenize(text, add_special=add_special and self.llama.add_bos, special=parse_special)
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        """Ids → text (special tokens written out)."""
+        if not isinstance(ids, Sequence) or isinstance(ids, (str, bytes)) or not all(
+                isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise InvalidArgumentError("tokens must be a list of token ids", param="tokens")
+        return self.llama.detokenize(list(ids), special=True).decode("utf-8", "replace")
+
+    def piece(self, token: int) -> str:
+        return self.llama.token_piece(token, special=True).decode("utf-8", "replace")
+
     def render_chat(self, messages: Any, *, add_generation_prompt: bool = True) -> str:
         return self.prompter.render(messages, add_generation_prompt=add_generation_prompt)
 

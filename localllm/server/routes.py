@@ -117,6 +117,35 @@ def embeddings() -> Response:
                   "usage": {"prompt_tokens": n, "total_tokens": n}})
 
 
+# ---------------------------------------------------------------------- tokens (llama-server's shapes)
+@api.post("/tokenize")
+def tokenize() -> Response:
+    """``{"content": TEXT}`` or ``{"messages": [...]}`` (rendered with the chat template, as a chat
+    completion would read it) → ``{"tokens": [...]}``; ``with_pieces`` gives ``[{"id", "piece"}]``."""
+    body = _body()
+    eng = _engine_for(body)
+    if body.get("messages") is not None:
+        if body.get("content") is not None:
+            raise InvalidArgumentError("give content or messages, not both", param="messages")
+        ids = eng.chat_ids(body["messages"])
+    else:
+        content = body.get("content")
+        if not isinstance(content, str):
+            raise InvalidArgumentError("content must be a string (or give messages)", param="content")
+        ids = eng.tokenize(content, add_special=protocol.get_bool(body, "add_special", False),
+                           parse_special=protocol.get_bool(body, "parse_special", True))
+    if protocol.get_bool(body, "with_pieces", False):
+        return _json({"tokens": [{"id": t, "piece": eng.piece(t)} for t in ids]})
+    return _json({"tokens": ids})
+
+
+@api.post("/detokenize")
+def detokenize() -> Response:
+    """``{"tokens": [ids]}`` → ``{"content": TEXT}``."""
+    body = _body()
+    return _json({"content": _engine_for(body).detokenize(body.get("tokens"))})
+
+
 # ---------------------------------------------------------------------- generation
 @api.post("/v1/chat/completions")
 def chat_completions() -> Response:
