@@ -24,6 +24,7 @@ class TextStream:
         self._pending = ""
         self.text = ""  # everything released so far
         self.stopped = False
+        self.matched: str | None = None  # the stop string that ended the text
 
     @property
     def position(self) -> int:
@@ -40,8 +41,10 @@ class TextStream:
             self.text += out
             return out
         # earliest stop-string occurrence wins
-        cut = min((i for i in (self._pending.find(s) for s in self._stop) if i >= 0), default=-1)
+        hits = [(i, s) for s in self._stop if (i := self._pending.find(s)) >= 0]
+        cut = min(hits)[0] if hits else -1
         if cut >= 0:
+            self.matched = min(hits)[1]
             out = self._pending[:cut]
             self._pending = ""
             self.stopped = True

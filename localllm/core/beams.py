@@ -186,7 +186,7 @@ class Beams:
         lps = [lp for lp in best.lps if lp.offset < len(joined)] if p.logprobs else None
         self.req.completion_tokens = len(best.tokens)
         events.append(Event("text", 0, joined, logprobs=lps))
-        events.append(Event("done", 0, finish_reason=reason, tokens=list(best.tokens)))
+        events.append(Event("done", 0, finish_reason=reason, tokens=list(best.tokens), stop_sequence=text.matched))
         for lane in self.lanes:
             lane.pending = []
         self.finished = True

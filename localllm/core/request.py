@@ -31,6 +31,7 @@ class Event:
     finish_reason: str | None = None
     tokens: list[int] = field(default_factory=list)  # "done": the choice's generated token ids
     stop_token: int | None = None                    # "done": the end-of-generation token, if one ended it
+    stop_sequence: str | None = None                 # "done": the stop string, if one ended it
     error: LocalLLMError | None = None
 
 
@@ -44,6 +45,7 @@ class Choice:
     tokens: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None
     stop_token: int | None = None  # the end-of-generation token that ended it (not in ``tokens``)
+    stop_sequence: str | None = None  # the stop string that ended it (not in ``text``)
 
 
 class Request:
@@ -118,6 +120,7 @@ def collect(events: Iterator[Event], n: int) -> list[Choice]:
             c.finish_reason = ev.finish_reason
             c.tokens = ev.tokens
             c.stop_token = ev.stop_token
+            c.stop_sequence = ev.stop_sequence
             if ev.logprobs is not None:
                 c.logprobs = (c.logprobs or []) + ev.logprobs
     return choices

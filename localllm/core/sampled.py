@@ -151,4 +151,5 @@ class Sampled:
         lps = list(c.out_lps) if self.req.params.logprobs else None
         if self.buffer and (c.out or lps):
             events.append(Event("text", index, "".join(c.out), logprobs=lps))
-        events.append(Event("done", index, finish_reason=c.finish, tokens=list(c.tokens), stop_token=c.stop_token))
+        events.append(Event("done", index, finish_reason=c.finish, tokens=list(c.tokens), stop_token=c.stop_token,
+                            stop_sequence=c.text.matched))

@@ -115,7 +115,14 @@ class State:
 
 
 def error_response(e: LocalLLMError) -> Response:
-    resp = Response(json.dumps(e.to_dict()), status=e.status, mimetype="application/json")
+    """The error in the shape of the API that was called: Anthropic's under /v1/messages, else OpenAI's."""
+    if request.path.startswith("/v1/messages"):
+        from localllm.server.anthropic_format import error_body
+
+        body = error_body(e)
+    else:
+        body = e.to_dict()
+    resp = Response(json.dumps(body), status=e.status, mimetype="application/json")
     if isinstance(e, (QueueFullError, ServiceUnavailableError)):
         resp.headers["Retry-After"] = str(getattr(e, "retry_after", 1))
     if isinstance(e, AuthenticationError):

@@ -117,6 +117,58 @@ def embeddings() -> Response:
                   "usage": {"prompt_tokens": n, "total_tokens": n}})
 
 
+# ---------------------------------------------------------------------- Anthropic's Messages API
+@api.post("/v1/messages")
+def anthropic_messages() -> Response:
+    from localllm.server import anthropic_format as af
+
+    body = _body()
+    eng = _engine_for(body)
+    params = af.sampling(body)
+    msgs, system = af.messages(body)
+    stream = protocol.get_bool(body, "stream", False)
+    req = Request(eng.chat_ids(msgs, system), params, stream=stream)
+    st = _state()
+    metrics = st.metrics
+    eng.submit(req)
+    mid, model_id = "msg_" + uuid.uuid4().hex[:24], st.model_id
+    disconnected: Callable[[], bool] | None = request.environ.get("waitress.client_disconnected")
+    if not stream:
+        try:
+            choice = collect(req.events(disconnected=disconnected), 1)[0]
+        finally:
+            req.cancel()
+            _account(metrics, req)
+        return _json(af.message(mid, model_id, choice, req))
+
+    def events() -> Iterator[str]:
+        try:
+            yield from af.start_events(mid, model_id, req)
+            for ev in req.events(disconnected=disconnected):
+                if ev.kind == "text" and ev.text:
+                    yield af.delta_event(ev.text)
+                elif ev.kind == "done":
+                    yield from af.end_events(ev.finish_reason, ev.stop_sequence, req)
+        except LocalLLMError as e:  # headers are gone: report in the stream, as Anthropic does
+            yield af.event("error", {"error": af.error_body(e)["error"]})
+        finally:
+            req.cancel()
+            _account(metrics, req)
+
+    return Response(events(), mimetype="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+@api.post("/v1/messages/count_tokens")
+def anthropic_count_tokens() -> Response:
+    from localllm.server import anthropic_format as af
+
+    body = _body()
+    eng = _engine_for(body)
+    msgs, system = af.messages(body)
+    return _json({"input_tokens": len(eng.chat_ids(msgs, system))})
+
+
 # ---------------------------------------------------------------------- tokens (llama-server's shapes)
 @api.post("/tokenize")
 def tokenize() -> Response:
@@ -169,20 +221,27 @@ def completions() -> Response:
     return _generate(eng, Request(prompt, params, stream=stream), usage, chat=False)
 
 
+def _account(m: Any, req: Request) -> None:
+    """A finished request in the metrics ``m`` (captured in the route: a stream's generator
+    runs after the request context is gone)."""
+    m.prompt_tokens.inc(len(req.prompt))
+    m.cached_tokens.inc(req.cached_tokens)
+    m.generated_tokens.inc(req.completion_tokens)
+    if req.t_first is not None:
+        m.ttft.observe(req.t_first - req.t_submit)
+
+
 def _generate(eng: Any, req: Request, include_usage: bool, chat: bool) -> Response:
     st = _state()
     eng.submit(req)
-    m = st.metrics
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     created, model_id = int(time.time()), st.model_id
     disconnected: Callable[[], bool] | None = request.environ.get("waitress.client_disconnected")
 
+    metrics = st.metrics
+
     def account() -> None:
-        m.prompt_tokens.inc(len(req.prompt))
-        m.cached_tokens.inc(req.cached_tokens)
-        m.generated_tokens.inc(req.completion_tokens)
-        if req.t_first is not None:
-            m.ttft.observe(req.t_first - req.t_submit)
+        _account(metrics, req)
 
     if not req.stream:
         try:

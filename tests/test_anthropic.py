@@ -1,0 +1,77 @@
+"""Anthropic's Messages API on the same core, with the official ``anthropic``
+client on loopback: the same answer as the OpenAI door for the same options.
+(Sampling fields go in ``extra_body``: the current SDK no longer takes
+``temperature``/``top_k`` as arguments, and the server still reads them.)"""
+
+from __future__ import annotations
+
+import pytest
+
+from serverutil import live_server
+
+anthropic = pytest.importorskip("anthropic")
+openai = pytest.importorskip("openai")
+MODEL = "smollm2-135m"
+MSGS = [{"role": "user", "content": "Name three colours."}]
+
+
+@pytest.fixture(scope="module")
+def server():
+    with live_server(model=MODEL, parallel=2, ctx=512, api_key="k3y") as live:
+        yield live
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return anthropic.Anthropic(base_url=server.url, api_key="k3y", max_retries=0, timeout=60)
+
+
+def test_message_equals_the_openai_door(server, client):
+    r = client.messages.create(model=MODEL, max_tokens=12, system="Be brief.", messages=MSGS,
+                               extra_body={"temperature": 0})
+    assert r.type == "message" and r.role == "assistant" and r.content[0].type == "text"
+    assert r.stop_reason in ("max_tokens", "end_turn") and 1 <= r.usage.output_tokens <= 12
+    o = openai.OpenAI(base_url=server.api, api_key="k3y", max_retries=0).chat.completions.create(
+        model=MODEL, max_tokens=12, temperature=0, messages=[{"role": "system", "content": "Be brief."}, *MSGS])
+    assert r.content[0].text == o.choices[0].message.content
+    assert r.usage.input_tokens == o.usage.prompt_tokens and r.usage.output_tokens == o.usage.completion_tokens
+    # sampling options arrive: top_k=1 is greedy whatever the temperature
+    k1 = client.messages.create(model=MODEL, max_tokens=12, system="Be brief.", messages=MSGS,
+                                extra_body={"temperature": 1.0, "top_k": 1})
+    assert k1.content[0].text == r.content[0].text
+
+
+def test_stop_sequences_and_streaming(client):
+    msgs = [{"role": "user", "content": "Count from 1 to 10, separated by commas."}]
+    r = client.messages.create(model=MODEL, max_tokens=40, messages=msgs, stop_sequences=["5"],
+                               extra_body={"temperature": 0})
+    assert r.stop_reason == "stop_sequence" and r.stop_sequence == "5"
+    assert "4" in r.content[0].text and "5" not in r.content[0].text
+    with client.messages.stream(model=MODEL, max_tokens=40, messages=msgs, stop_sequences=["5"],
+                                extra_body={"temperature": 0}) as s:
+        text = "".join(s.text_stream)
+        final = s.get_final_message()
+    assert text == r.content[0].text
+    assert final.stop_reason == "stop_sequence" and final.stop_sequence == "5"
+    assert final.usage.output_tokens == r.usage.output_tokens
+
+
+def test_count_tokens(client):
+    n = client.messages.count_tokens(model=MODEL, system="Be brief.", messages=MSGS).input_tokens
+    r = client.messages.create(model=MODEL, max_tokens=1, system="Be brief.", messages=MSGS)
+    assert n == r.usage.input_tokens > 5
+
+
+def test_errors_in_anthropics_shape(server, client):
+    with pytest.raises(anthropic.BadRequestError) as e:
+        client.messages.create(model=MODEL, max_tokens=0, messages=MSGS)
+    assert e.value.body["type"] == "error" and e.value.body["error"]["type"] == "invalid_request_error"
+    with pytest.raises(anthropic.BadRequestError, match="tools"):
+        client.messages.create(model=MODEL, max_tokens=4, messages=MSGS,
+                               tools=[{"name": "f", "input_schema": {"type": "object"}}])
+    with pytest.raises(anthropic.NotFoundError):
+        client.messages.create(model="claude-3-opus", max_tokens=4, messages=MSGS)
+    bad = anthropic.Anthropic(base_url=server.url, api_key="wrong", max_retries=0)
+    with pytest.raises(anthropic.AuthenticationError) as e:
+        bad.messages.create(model=MODEL, max_tokens=4, messages=MSGS)
+    assert e.value.body["error"]["type"] == "authentication_error"
