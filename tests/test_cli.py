@@ -198,16 +198,27 @@ def test_ctrl_c_at_any_moment_stops_the_answer_not_the_program() -> None:
     def prompts() -> int:
         return buf.count(b">>> ")
 
+    def cpu_seconds() -> float:
+        """The REPL's CPU time: it rises once it has read a line and works on it."""
+        fields = open(f"/proc/{proc.pid}/stat").read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def working(since: float):
+        return lambda: cpu_seconds() - since >= 0.05
+
     try:
         read_until(lambda: prompts() == 1)
         long_text = "Summarise this: " + " ".join(f"item{i} is blue;" for i in range(900)) + "\n"
-        moments = [(long_text, lambda: True),                          # while the prompt is read
+        moments = [(long_text, "cpu"),                                 # while the prompt is read
                    ("Tell me a story.\n", None),                        # at the first piece of the answer
                    ("Write a very long story about a dragon.\n", 200)]  # deep into the answer
         for n, (line, when) in enumerate(moments, start=1):
             mark = len(buf)
+            before = cpu_seconds()
             os.write(master, line.encode())
-            if isinstance(when, int):
+            if when == "cpu":  # the line was read and is being worked on (not still waiting at the prompt)
+                read_until(working(before))
+            elif isinstance(when, int):
                 read_until(lambda: len(buf) - mark > len(line) + when)
             elif when is None:
                 read_until(lambda: len(buf) - mark > len(line) + 2)
