@@ -52,10 +52,22 @@ class ModelSettings:
     n_gpu_layers: GpuLayers = "auto"
     repack: bool = True
     n_seq: int = 1
+    cache_type_k: str = "f16"   # KV cache element types: f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0, iq4_nl, f32
+    cache_type_v: str = "f16"
+    flash_attn: str = "auto"    # auto, on, off
 
     def __post_init__(self) -> None:
         from localllm.placement import parse_gpu_layers
+        from localllm.plan import CACHE_TYPES
 
+        for name in ("cache_type_k", "cache_type_v"):
+            if getattr(self, name) not in CACHE_TYPES:
+                raise InvalidArgumentError(f"{name} must be one of {', '.join(CACHE_TYPES)}", param=name)
+        if self.flash_attn not in ("auto", "on", "off"):
+            raise InvalidArgumentError("flash_attn must be auto, on or off", param="flash_attn")
+        if self.flash_attn == "off" and self.cache_type_v not in ("f16", "bf16", "f32"):
+            raise InvalidArgumentError("a quantized V cache needs flash attention (flash_attn auto or on)",
+                                       param="cache_type_v")
         if self.n_ctx is not None:
             _check_int("n_ctx", self.n_ctx, 16)
         if self.n_threads is not None:
@@ -67,6 +79,11 @@ class ModelSettings:
 
     def threads(self) -> int:
         return self.n_threads or settings_mod.default_threads()
+
+    def context_options(self) -> dict[str, Any]:
+        """The llama.cpp context options these settings decide (for every generation context)."""
+        fa = {"auto": None, "on": True, "off": False}[self.flash_attn]
+        return {"cache_type_k": self.cache_type_k, "cache_type_v": self.cache_type_v, "flash_attn": fa}
 
 
 @dataclass(frozen=True)
@@ -97,6 +114,9 @@ class ModelInfo:
     placement: str          # why that many
     threads: int
     repack: bool
+    cache_type_k: str
+    cache_type_v: str
+    flash_attn: str
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -142,7 +162,7 @@ def prepare(s: ModelSettings) -> Prepared:
     path = store.resolve(s.model, models_dir=s.models_dir)
     header = validate.read_header(path)
     n_ctx = s.n_ctx * s.n_seq if s.n_ctx else None
-    gpu_layers, reason = placement.explain(path, s.n_gpu_layers, n_ctx)
+    gpu_layers, reason = placement.explain(path, s.n_gpu_layers, n_ctx, cache_types=(s.cache_type_k, s.cache_type_v))
     return Prepared(path, header, gpu_layers, reason)
 
 
@@ -186,7 +206,7 @@ def load(s: ModelSettings, progress: Callable[[str], None] | None = None) -> Loa
         has_chat_template=prompter.template_source == "gguf", template_source=prompter.template_source,
         tokenizer_source=prompter.tokenizer_source, gpu_layers=min(gpu_layers, llama.n_layer + 1),
         gpu_layers_requested=s.n_gpu_layers, placement=notes[-1] if notes else reason, threads=s.threads(),
-        repack=s.repack)
+        repack=s.repack, cache_type_k=s.cache_type_k, cache_type_v=s.cache_type_v, flash_attn=s.flash_attn)
     return Loaded(llama=llama, prompter=prompter, info=info, settings=s, path=prep.path, notes=notes)
 
 

@@ -44,7 +44,7 @@ def choose_gpu_layers(path: str | os.PathLike[str], requested: str | int, n_ctx:
 
 
 def explain(path: str | os.PathLike[str], requested: str | int, n_ctx: int | None,
-            gpu_memory: int | None = None) -> tuple[int, str]:
+            gpu_memory: int | None = None, cache_types: tuple[str, str] = ("f16", "f16")) -> tuple[int, str]:
     """``requested`` as a layer count, and why.
 
     Example:
@@ -62,7 +62,8 @@ def explain(path: str | os.PathLike[str], requested: str | int, n_ctx: int | Non
         return ALL_LAYERS, "all layers, as requested"
     from localllm import plan
 
-    p = plan.make_plan(path, n_ctx=n_ctx, gpu_memory=gpu_memory)
+    p = plan.make_plan(path, n_ctx=n_ctx, gpu_memory=gpu_memory, cache_type_k=cache_types[0],
+                       cache_type_v=cache_types[1])
     return p.gpu_layers, "; ".join(r for r in p.reasons if "layers" in r) or f"auto = {p.gpu_layers} layers"
 
 

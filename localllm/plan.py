@@ -43,6 +43,7 @@ from localllm.validate import Header, read_header
 _BLK = re.compile(r"^blk\.(\d+)\.")
 _CACHE_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32, "q4_1": 20 / 32,
                 "q5_0": 22 / 32, "q5_1": 24 / 32, "iq4_nl": 18 / 32}
+CACHE_TYPES = tuple(_CACHE_BYTES)  # the KV cache types localllm offers (bytes per element above)
 # ggml type ids that the x86 CPU backend repacks (ggml-cpu/repack.cpp, ggml_repack_get_optimal_repack_type)
 _REPACK_AVX2 = {2: "Q4_0", 12: "Q4_K", 20: "IQ4_NL", 39: "MXFP4"}
 _REPACK_AVX512 = {10: "Q2_K"}
@@ -185,7 +186,7 @@ def _pad(n: int, to: int = 256) -> int:
 
 
 def estimate(h: Header, n_ctx: int, *, n_ubatch: int = 512, n_seq: int = 1, cache_type: str = "f16",
-             swa_full: bool = True, cpu: dict[str, Any] | None = None) -> Estimate:
+             swa_full: bool = True, cpu: dict[str, Any] | None = None, cache_type_v: str | None = None) -> Estimate:
     """Bytes for weights, KV cache, buffers at ``n_ctx`` (CPU placement).
 
     Example:
@@ -209,11 +210,11 @@ def estimate(h: Header, n_ctx: int, *, n_ubatch: int = 512, n_seq: int = 1, cach
             repack += t.nbytes
     n_ctx_p = _pad(n_ctx)
     k_w, v_w, swa, window = kv_layout(h)
-    per_cell = _CACHE_BYTES[cache_type]
+    per_k, per_v = _CACHE_BYTES[cache_type], _CACHE_BYTES[cache_type_v or cache_type]
     kv_layers = []
     for kw, vw, is_swa in zip(k_w, v_w, swa):
         cells = n_ctx_p if (swa_full or not is_swa) else min(n_ctx_p, _pad(window * n_seq + n_ubatch))
-        kv_layers.append(int(cells * (kw + vw) * per_cell))
+        kv_layers.append(int(cells * (kw * per_k + vw * per_v)))
     n_embd = int(h.get("embedding_length", 0))
     n_ff = h.get("feed_forward_length", 4 * n_embd)
     n_ff = max(n_ff) if isinstance(n_ff, list) else int(n_ff)
@@ -256,7 +257,7 @@ def _devices_free() -> tuple[bool, int]:
 
 def make_plan(path: str | os.PathLike[str], *, n_ctx: int | None = None, gpu_memory: int | None = None,
               ram_available: int | None = None, n_ubatch: int = 512, offload: bool | None = None,
-              gpu_free: int | None = None) -> Plan:
+              gpu_free: int | None = None, cache_type_k: str = "f16", cache_type_v: str = "f16") -> Plan:
     """Plan ``path`` at ``n_ctx`` (default: min(trained context, 4096)).
 
     GPU layers are the most that fit in the devices' free memory (capped by
@@ -273,7 +274,8 @@ def make_plan(path: str | os.PathLike[str], *, n_ctx: int | None = None, gpu_mem
     trained = int(h.get("context_length", 0) or 0)
     n_ctx = n_ctx or default_context(trained)  # planning past the trained length is allowed (a what-if)
     cpu = hardware.cpu()
-    est = estimate(h, n_ctx, n_ubatch=n_ubatch, cpu=cpu)
+    kv = {"cache_type": cache_type_k, "cache_type_v": cache_type_v}
+    est = estimate(h, n_ctx, n_ubatch=n_ubatch, cpu=cpu, **kv)
     ram = ram_available if ram_available is not None else hardware.memory()["available"]
     reasons: list[str] = []
     if trained and n_ctx > trained:
@@ -312,7 +314,7 @@ def make_plan(path: str | os.PathLike[str], *, n_ctx: int | None = None, gpu_mem
                 parameters=h.parameters)
     if not fits:
         reasons.append(f"needs {ram_need / 2**20:.0f} MiB of RAM but {ram / 2**20:.0f} MiB is available")
-        plan.max_ctx_that_fits = _largest_ctx(h, ram, gpu_layers, n_ubatch, cpu, trained or n_ctx)
+        plan.max_ctx_that_fits = _largest_ctx(h, ram, gpu_layers, n_ubatch, cpu, trained or n_ctx, kv)
         if plan.max_ctx_that_fits:
             reasons.append(f"a context of {plan.max_ctx_that_fits} tokens would fit")
         plan.alternatives = _other_quants(h, est, ram, n_ctx, cpu)
@@ -322,11 +324,12 @@ def make_plan(path: str | os.PathLike[str], *, n_ctx: int | None = None, gpu_mem
     return plan
 
 
-def _largest_ctx(h: Header, ram: int, gpu_layers: int, n_ubatch: int, cpu: dict[str, Any], cap: int) -> int | None:
+def _largest_ctx(h: Header, ram: int, gpu_layers: int, n_ubatch: int, cpu: dict[str, Any], cap: int,
+                 kv: dict[str, str]) -> int | None:
     lo, hi = 0, cap // 256  # in units of 256 tokens (llama.cpp's padding)
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if split(estimate(h, mid * 256, n_ubatch=n_ubatch, cpu=cpu), gpu_layers)[0] <= ram:
+        if split(estimate(h, mid * 256, n_ubatch=n_ubatch, cpu=cpu, **kv), gpu_layers)[0] <= ram:
             lo = mid
         else:
             hi = mid - 1

@@ -37,6 +37,7 @@ LLAMA_CPP_PYTHON_VERSION = C.__version__
 # ggml_log_level values (ggml.h)
 _LOG_ERROR = 4
 _LOG_WARN = 3
+_LOG_DEBUG = 1
 
 
 class _LogSink:
@@ -53,6 +54,10 @@ class _LogSink:
 
     def _on_log(self, level: int, text: bytes, _user: ctypes.c_void_p) -> None:
         msg = text.decode("utf-8", "replace") if text else ""
+        if level == _LOG_DEBUG:  # a graph reserve logs hundreds of these: they would push out what matters
+            if settings.verbose():
+                sys.stderr.write(msg)
+            return
         with self.lock:
             self._partial += msg
             if "\n" in self._partial:
@@ -360,6 +365,11 @@ class Batch:
 
 # --------------------------------------------------------------------------- context
 
+# KV cache element types llama.cpp's CPU backend takes (ggml_type ids, ggml.h)
+KV_CACHE_TYPES = {"f32": 0, "f16": 1, "bf16": 30, "q8_0": 8, "q5_1": 7, "q5_0": 6, "q4_1": 3, "q4_0": 2,
+                  "iq4_nl": 20}
+
+
 class Context:
     """A llama.cpp context: KV cache + compute buffers for one model.
 
@@ -369,7 +379,8 @@ class Context:
 
     def __init__(self, model: LlamaModel, *, n_ctx: int, n_threads: int, n_batch: int | None = None,
                  n_ubatch: int = 512, n_seq_max: int = 1, embeddings: bool = False,
-                 kv_unified: bool = True, flash_attn: bool | None = None) -> None:
+                 kv_unified: bool = True, flash_attn: bool | None = None,
+                 cache_type_k: str = "f16", cache_type_v: str = "f16") -> None:
         sink = _backend()
         self.model = model
         p = C.llama_context_default_params()
@@ -386,6 +397,8 @@ class Context:
             p.pooling_type = C.LLAMA_POOLING_TYPE_MEAN
         if flash_attn is not None:
             p.flash_attn_type = C.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else C.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        p.type_k = KV_CACHE_TYPES[cache_type_k]
+        p.type_v = KV_CACHE_TYPES[cache_type_v]
         mark = sink.mark()
         ptr = C.llama_init_from_model(model.ptr, p)
         if not ptr:

@@ -101,6 +101,12 @@ SERVE_CHECKS = {
                               and any(c.get("n_ctx") == 384 * 3 for c in s["context"])),
     "n_threads": lambda g, s, p: (g["engine"].info.threads == 1
                                   and all(c.get("n_threads") == 1 for c in s["context"])),
+    "cache_type_k": lambda g, s, p: (any(c.get("cache_type_k") == "q8_0" for c in s["context"])
+                                     and g["engine"].info.cache_type_k == "q8_0"),
+    "cache_type_v": lambda g, s, p: (any(c.get("cache_type_v") == "q4_0" for c in s["context"])
+                                     and g["engine"].info.cache_type_v == "q4_0"),
+    "flash_attn": lambda g, s, p: (any(c.get("flash_attn") is True for c in s["context"])
+                                   and g["engine"].info.flash_attn == "on"),
     "gpu_layers": lambda g, s, p: (s["model"][-1]["n_gpu_layers"] == 20
                                    and g["engine"].info.gpu_layers_requested == 20
                                    and (runtime.supports_gpu_offload() or g["engine"].info.gpu_layers == 0)),
@@ -116,7 +122,8 @@ def test_every_serve_flag_arrives(monkeypatch: pytest.MonkeyPatch, spies, defaul
         "--model-path", str(default_model_path), "--host", "0.0.0.0", "--insecure", "--port", "9999",
         "--api-key", "k3y", "--parallel", "3", "--max-queue", "5", "--cors-origin", "http://app.example",
         "--max-body", "2048", "--no-repack", "--alias", "my-model", "--server", "werkzeug", "--ctx", "384",
-        "--threads", "1", "--gpu-layers", "20"])
+        "--threads", "1", "--gpu-layers", "20", "--cache-type-k", "q8_0", "--cache-type-v", "q4_0",
+        "--flash-attn", "on"])
     assert g["error"] is None, g["error"]
     failed = [name for name, check in SERVE_CHECKS.items() if not check(g, spies, default_model_path)]
     assert not failed
@@ -167,7 +174,7 @@ def test_every_run_flag_arrives(spies, tiny_gguf: Path, store_dir: Path) -> None
     from localllm.cli.run import command
 
     other = {"model", "prompt", "chat", "system", "n_ctx", "n_threads", "gpu_layers", "models_dir", "repack",
-             "json_schema", "num_beams", "ignore_eos"}
+             "json_schema", "num_beams", "ignore_eos", "cache_type_k", "cache_type_v", "flash_attn"}
     names = {p.name for p in command.params if p.name != "help"}
     assert names == set(RUN_CHECKS) | other, names ^ (set(RUN_CHECKS) | other)
     r = _run(["smollm2-135m", "Say hi", "--raw", "--json", *RUN_SAMPLING])
@@ -188,7 +195,8 @@ def test_every_run_flag_arrives(spies, tiny_gguf: Path, store_dir: Path) -> None
 
     # chat, system and the model flags
     r = _run(["smollm2-135m", "Hello there", "--chat", "--system", "You are Zed.", "--json", "-n", "2",
-              "--ctx", "320", "--threads", "1", "--gpu-layers", "9", "--no-repack", "--ignore-eos"])
+              "--ctx", "320", "--threads", "1", "--gpu-layers", "9", "--no-repack", "--ignore-eos",
+              "--cache-type-k", "bf16", "--cache-type-v", "q8_0", "--flash-attn", "on"])
     assert r.exit_code == 0, r.output
     assert spies["request"][-1]["params"].ignore_eos is True
     req = spies["request"][-1]
@@ -196,6 +204,8 @@ def test_every_run_flag_arrives(spies, tiny_gguf: Path, store_dir: Path) -> None
     assert "You are Zed." in text and "Hello there" in text and "<|im_start|>assistant" in text
     assert spies["model"][-1]["n_gpu_layers"] == 9 and spies["model"][-1]["use_extra_bufts"] is False
     assert spies["context"][-1]["n_ctx"] == 320 and spies["context"][-1]["n_threads"] == 1
+    assert (spies["context"][-1]["cache_type_k"], spies["context"][-1]["cache_type_v"],
+            spies["context"][-1]["flash_attn"]) == ("bf16", "q8_0", True)
     r = _run(["smollm2-135m", "Hello there", "--raw", "--json", "-n", "2"])
     req = spies["request"][-1]
     assert "<|im_start|>" not in req["model"].detokenize(req["prompt"], special=True).decode()

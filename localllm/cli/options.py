@@ -36,12 +36,18 @@ def int_range(name: str) -> click.IntRange:
 
 
 def model_settings(model: str | None, n_ctx: int | None, n_threads: int | None, gpu_layers: int | str,
-                   models_dir: str | None, **extra: Any) -> Any:
+                   models_dir: str | None, cache_type_k: str = "f16", cache_type_v: str = "f16",
+                   flash_attn: str = "auto", **extra: Any) -> Any:
     """The flags of :func:`model_options` as one ``ModelSettings``."""
     from localllm.loader import ModelSettings
 
     return ModelSettings(model=model, models_dir=models_dir, n_ctx=n_ctx, n_threads=n_threads,
-                         n_gpu_layers=gpu_layers, **extra)
+                         n_gpu_layers=gpu_layers, cache_type_k=cache_type_k, cache_type_v=cache_type_v,
+                         flash_attn=flash_attn, **extra)
+
+
+# plan.CACHE_TYPES, spelled out (importing plan would slow every command's start); tests/test_flags.py compares
+CACHE_TYPES = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl"]
 
 
 def model_options(f):
@@ -55,6 +61,12 @@ def model_options(f):
                      help="Layers to offload to the GPU: N, auto or all."),
         click.option("--models-dir", type=click.Path(file_okay=False), default=None,
                      help="Model store to use for this command."),
+        click.option("--cache-type-k", type=click.Choice(CACHE_TYPES), default="f16", show_default=True,
+                     help="KV cache type of keys (q8_0 halves its memory)."),
+        click.option("--cache-type-v", type=click.Choice(CACHE_TYPES), default="f16", show_default=True,
+                     help="KV cache type of values (quantized needs flash attention)."),
+        click.option("--flash-attn", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+                     help="llama.cpp's flash attention."),
     ]):
         f = opt(f)
     return f

@@ -7,7 +7,7 @@ import re
 
 import click
 
-from localllm.cli.options import human_bytes
+from localllm.cli.options import CACHE_TYPES, human_bytes
 
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
           "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40}
@@ -55,14 +55,20 @@ def table(p: dict) -> str:
 @click.option("--ctx", "n_ctx", type=click.IntRange(min=16), default=None,
               help="Context size in tokens (default: min(trained, 4096)).")
 @click.option("--gpu-memory", type=ByteSize(), default=None, help="Cap on GPU memory to use, e.g. 6GiB.")
+@click.option("--cache-type-k", type=click.Choice(CACHE_TYPES), default="f16", show_default=True,
+              help="KV cache type of keys.")
+@click.option("--cache-type-v", type=click.Choice(CACHE_TYPES), default="f16", show_default=True,
+              help="KV cache type of values.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @click.option("--models-dir", type=click.Path(file_okay=False), default=None)
-def command(model: str | None, n_ctx: int | None, gpu_memory: int | None, as_json: bool,
-            models_dir: str | None) -> int:
+def command(model: str | None, n_ctx: int | None, gpu_memory: int | None, cache_type_k: str, cache_type_v: str,
+            as_json: bool, models_dir: str | None) -> int:
     """Show the memory MODEL needs at --ctx and how many layers go to the GPU. Exits 1 if it does not fit."""
     from localllm import loader, plan
 
-    prep = loader.prepare(loader.ModelSettings(model=model, models_dir=models_dir, n_ctx=n_ctx))
-    p = plan.make_plan(prep.path, n_ctx=n_ctx, gpu_memory=gpu_memory).to_dict()
+    prep = loader.prepare(loader.ModelSettings(model=model, models_dir=models_dir, n_ctx=n_ctx,
+                                               cache_type_k=cache_type_k, cache_type_v=cache_type_v))
+    p = plan.make_plan(prep.path, n_ctx=n_ctx, gpu_memory=gpu_memory, cache_type_k=cache_type_k,
+                       cache_type_v=cache_type_v).to_dict()
     click.echo(json.dumps(p, indent=2) if as_json else table(p))
     return 0 if p["fits"] else 1

@@ -49,7 +49,7 @@ class Engine:
 
     def _scheduler(self, n_slots: int) -> Scheduler:
         s = Scheduler(self.llama, n_slots=n_slots, n_ctx_seq=self.info.context, n_threads=self.info.threads,
-                      max_queue=self._max_queue, on_step=self._on_step)
+                      max_queue=self._max_queue, on_step=self._on_step, **self.settings.context_options())
         if self._threaded:
             s.start()
         return s

@@ -61,15 +61,16 @@ class Scheduler:
 
     def __init__(self, model: runtime.LlamaModel, *, n_slots: int, n_ctx_seq: int, n_threads: int,
                  max_queue: int = 16, n_batch: int = 512,
-                 on_step: Callable[[dict[str, Any]], None] | None = None) -> None:
+                 on_step: Callable[[dict[str, Any]], None] | None = None, **context: Any) -> None:
         self.model = model
         self.n_slots = n_slots
         self.n_ctx_seq = n_ctx_seq
         self.max_queue = max_queue
         # one KV stream per slot (like llama-server -np N): a sequence's cells stay in position
         # order whatever the others do, so its attention sums round the same alone or batched
+        # ``context``: the KV cache types and flash attention (ModelSettings.context_options)
         self.ctx = runtime.Context(model, n_ctx=n_ctx_seq * n_slots, n_threads=n_threads, n_batch=n_batch,
-                                   n_ubatch=n_batch, n_seq_max=n_slots, kv_unified=False)
+                                   n_ubatch=n_batch, n_seq_max=n_slots, kv_unified=False, **context)
         self.batch = runtime.Batch(self.ctx.n_batch, 1)
         self.slots = [Slot(i) for i in range(n_slots)]
         self.waiting: deque[Request] = deque()
