@@ -137,7 +137,7 @@ def test_same_tokens_through_every_door(model, server, prompt: str, kw: dict[str
 def test_the_table_covers_every_sampling_option() -> None:
     from localllm.sampling import SamplingParams
 
-    covered = {k for _, kw in CASES for k in kw} | {"stop"}
+    covered = {k for _, kw in CASES for k in kw}
     # repeat_last_n, logit_bias and ignore_eos are covered by the flag test (tests/test_flags.py)
     assert set(SamplingParams.names()) - covered <= {"repeat_last_n", "logit_bias", "ignore_eos"}
 

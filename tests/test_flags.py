@@ -86,7 +86,8 @@ def _serve(monkeypatch: pytest.MonkeyPatch, args: list[str]) -> dict[str, Any]:
 SERVE_CHECKS = {
     "model_path": lambda g, s, p: g["engine"].info.path == str(p),
     "host": lambda g, s, p: g["cfg"].host == "0.0.0.0",
-    "insecure": lambda g, s, p: "WITHOUT an API key" not in g["output"],  # a key was given: no warning needed
+    # a key was given, so no warning; without one, test_insecure_serves_a_public_address_and_warns
+    "insecure": lambda g, s, p: "WITHOUT an API key" not in g["output"] and g["cfg"].host == "0.0.0.0",
     "port": lambda g, s, p: g["cfg"].port == 9999,
     "api_key": lambda g, s, p: g["models_noauth"] == 401 and g["models"].status_code == 200,
     "parallel": lambda g, s, p: (g["engine"].info.sequences == 3 and g["engine"].scheduler.n_slots == 3
@@ -127,6 +128,15 @@ def test_every_serve_flag_arrives(monkeypatch: pytest.MonkeyPatch, spies, defaul
     assert g["error"] is None, g["error"]
     failed = [name for name, check in SERVE_CHECKS.items() if not check(g, spies, default_model_path)]
     assert not failed
+
+
+def test_insecure_serves_a_public_address_and_warns(monkeypatch: pytest.MonkeyPatch, spies,
+                                                     default_model_path: Path) -> None:
+    g = _serve(monkeypatch, ["--model-path", str(default_model_path), "--host", "0.0.0.0", "--insecure",
+                             "--ctx", "128", "--parallel", "1"])
+    assert g["cfg"].host == "0.0.0.0" and g["cfg"].api_key is None
+    assert "WITHOUT an API key" in g["output"]
+    assert g["models_noauth"] == 200
 
 
 def test_serve_model_name_and_models_dir_arrive(monkeypatch: pytest.MonkeyPatch, spies, store_dir: Path) -> None:

@@ -180,9 +180,7 @@ class Scheduler:
         """Drop every slot's cached prefix (the next prompt is read from scratch). Idle schedulers only."""
         if self.active:
             raise RuntimeFailure("cannot forget the cache while requests are running")
-        self.ctx.clear()
-        for sl in self.slots:
-            sl.cached = []
+        self._drop_caches()
 
     def busy_slots(self) -> int:
         return sum(s.busy for s in self.slots)
@@ -275,6 +273,9 @@ class Scheduler:
                     req.queue.put(Event("error", error=err))
                 self.waiting.clear()
         self._reap()
+        self._drop_caches()
+
+    def _drop_caches(self) -> None:
         self.ctx.clear()
         for sl in self.slots:
             sl.cached = []
