@@ -72,11 +72,12 @@ class _LogSink:
         with self.lock:
             return self.count
 
-    def since(self, mark: int) -> list[str]:
-        """Lines logged after ``mark`` (at most the last 400)."""
+    def since(self, mark: int, level: int | None = None) -> list[str]:
+        """Lines logged after ``mark`` (at most the last 400), only those of ``level`` if given."""
         with self.lock:
             n = min(self.count - mark, len(self.lines))
-            return [line for _, line in list(self.lines)[len(self.lines) - n:]] if n > 0 else []
+            kept = list(self.lines)[len(self.lines) - n:] if n > 0 else []
+            return [line for lv, line in kept if level is None or lv == level]
 
 
 @functools.cache
@@ -88,13 +89,35 @@ def _backend() -> _LogSink:
     return sink
 
 
-def _explain_load_failure(path: Path, lines: list[str]) -> Exception:
+# llama.cpp's summary lines after the real reason: never the reason themselves
+_GENERIC_LOAD = ("failed to load model", "failed to read tensor data")
+
+
+def _load_reason(lines: list[str], errors: list[str]) -> str:
+    """The line of llama.cpp's load log that says why, without its function-name prefix."""
+    def clean(line: str) -> str:
+        line = " ".join(line.split())
+        head, sep, rest = line.partition(": ")
+        return rest if sep and head.isidentifier() and rest else line
+
+    for ln in lines:
+        if "error loading model:" in ln:
+            detail = ln.split("error loading model:", 1)[1]
+            if not any(g in detail.lower() for g in _GENERIC_LOAD):
+                return clean(detail)
+    for ln in errors:
+        if ln.strip() and not any(g in ln.lower() for g in _GENERIC_LOAD):
+            return clean(ln)
+    return next((ln.strip() for ln in reversed(lines) if "error" in ln.lower() or "failed" in ln.lower()),
+                lines[-1].strip() if lines else "no log")
+
+
+def _explain_load_failure(path: Path, lines: list[str], errors: list[str] | None = None) -> Exception:
     """Map llama.cpp's load log to our exception classes (the one place that
-    reads llama.cpp's messages)."""
+    reads llama.cpp's messages). ``errors``: the error-level lines among ``lines``."""
     text = "\n".join(lines)
     low = text.lower()
-    tail = next((ln.strip() for ln in reversed(lines) if "error" in ln.lower() or "failed" in ln.lower()),
-                lines[-1].strip() if lines else "no log")
+    tail = _load_reason(lines, errors or [])
     if "unknown model architecture" in low:
         arch = ""
         for ln in lines:
@@ -208,7 +231,7 @@ class LlamaModel:
         mark = sink.mark()
         ptr = C.llama_model_load_from_file(os.fsencode(self.path), params)
         if not ptr:
-            raise _explain_load_failure(self.path, sink.since(mark))
+            raise _explain_load_failure(self.path, sink.since(mark), sink.since(mark, _LOG_ERROR))
         self._ptr = ptr
         self._vocab = C.llama_model_get_vocab(ptr)
         self.n_vocab = int(C.llama_vocab_n_tokens(self._vocab))
@@ -402,7 +425,7 @@ class Context:
         mark = sink.mark()
         ptr = C.llama_init_from_model(model.ptr, p)
         if not ptr:
-            raise _explain_load_failure(model.path, sink.since(mark))
+            raise _explain_load_failure(model.path, sink.since(mark), sink.since(mark, _LOG_ERROR))
         self._ptr = ptr
         self._mem = C.llama_get_memory(ptr)
         self.n_ctx = int(C.llama_n_ctx(ptr))

@@ -239,6 +239,13 @@ def _parse(mm: mmap.mmap, p: Path, size: int, qsizes: dict) -> Header:
     for a, b in zip(ordered, ordered[1:]):
         if a.offset + a.nbytes > b.offset:
             raise _fail(p, f"tensors {a.name!r} and {b.name!r} overlap")
+    # llama.cpp's rule: each tensor starts where the previous one (in header order) ends, padded
+    expected = data_offset
+    for t in h.tensors:
+        if t.offset != expected:
+            raise _fail(p, f"tensor {t.name!r} starts at data offset {t.offset - data_offset}, expected "
+                           f"{expected - data_offset} (the tensors must follow each other in header order)")
+        expected += (t.nbytes + align - 1) // align * align
     arch = h.metadata.get("general.architecture")
     if not isinstance(arch, str) or not arch:
         raise _fail(p, "general.architecture is missing or not a string")
@@ -246,9 +253,12 @@ def _parse(mm: mmap.mmap, p: Path, size: int, qsizes: dict) -> Header:
     return h
 
 
+_MAX_LAYERS = 512  # llama.cpp's LLAMA_MAX_LAYERS: it aborts the process on more (or on 0)
+_EPSILONS = ("attention.layer_norm_rms_epsilon", "attention.layer_norm_epsilon")
+
 # hyperparameters the planner sizes buffers from: a hostile value here must not
 # make *us* allocate (or llama.cpp size a buffer from) something absurd
-_HPARAM_LIMITS = {"block_count": 4096, "embedding_length": 1 << 20, "feed_forward_length": 1 << 22,
+_HPARAM_LIMITS = {"block_count": _MAX_LAYERS, "embedding_length": 1 << 20, "feed_forward_length": 1 << 22,
                   "attention.head_count": 1 << 14, "attention.head_count_kv": 1 << 14,
                   "attention.key_length": 1 << 16, "attention.value_length": 1 << 16,
                   "context_length": 1 << 27, "attention.sliding_window": 1 << 27}
@@ -265,6 +275,12 @@ def _check_hparams(h: Header, p: Path) -> None:
         values = v if isinstance(v, list) else [v]
         if not all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= limit for x in values):
             raise _fail(p, f"{full} = {str(v)[:60]} is not an integer in 0..{limit}")
+    if h.metadata.get(f"{h.arch}.block_count") == 0:
+        raise _fail(p, f"{h.arch}.block_count is 0 (a model needs at least one layer)")
+    for key in _EPSILONS:  # llama.cpp asserts eps >= 0 while decoding (the process aborts)
+        v = h.metadata.get(f"{h.arch}.{key}")
+        if v is not None and not (isinstance(v, float) and 0.0 <= v < float("inf")):
+            raise _fail(p, f"{h.arch}.{key} = {v} is not a finite number >= 0")
     if isinstance(h.metadata.get(f"{h.arch}.block_count"), int):
         per_layer = [k for k in ("feed_forward_length", "attention.head_count", "attention.head_count_kv")
                      if isinstance(h.metadata.get(f"{h.arch}.{k}"), list)]
