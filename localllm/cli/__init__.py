@@ -25,6 +25,7 @@ def cli() -> None:
     \b
     localllm run [MODEL] [PROMPT]     chat or complete in the terminal
     localllm doctor                   check this machine and the llama.cpp build
+    localllm bench / eval MODEL       speed and quality, measured on this machine
     """
 
 
@@ -36,7 +37,7 @@ def _register() -> None:
     # commands added by later modules register themselves the same way
     import importlib
 
-    for name in ("convert", "models", "serve", "plan"):
+    for name in ("convert", "models", "serve", "plan", "measure"):
         try:
             mod = importlib.import_module(f"localllm.cli.{name}")
         except ModuleNotFoundError as e:

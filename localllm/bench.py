@@ -1,0 +1,220 @@
+"""Measure models on this machine as a user runs them: load time, prompt and
+generation speed, time to first token, and peak memory, through the same
+engine as ``Model`` and ``serve``.
+
+Several models are measured side by side: each round runs every model once,
+and the order alternates from round to round, so a machine that speeds up or
+slows down during the run does not favour one of them.
+
+Example:
+    >>> rows = bench(["a.gguf", "b.gguf"], reps=3)                  # doctest: +SKIP
+    >>> rows[0].gen_tps["median"] > 0                                # doctest: +SKIP
+    True
+    >>> spread([3.0, 1.0, 2.0])
+    {'median': 2.0, 'min': 1.0, 'max': 3.0}
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from localllm.errors import InvalidArgumentError
+
+Progress = Callable[[int, int, str], None]   # (done, total, what)
+# what one request looks like when "fastest" has to be one number (``turn_seconds``)
+TURN_PROMPT, TURN_GEN = 256, 128
+
+
+def spread(values: Sequence[float]) -> dict[str, float]:
+    """Median, minimum and maximum of the repetitions."""
+    return {"median": float(statistics.median(values)), "min": float(min(values)), "max": float(max(values))}
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    """One model's figures (``localllm bench --json``: these keys). Speeds are
+    tokens per second; each figure is a :func:`spread` over the repetitions."""
+
+    model: str
+    path: str
+    quant: str
+    size_bytes: int
+    parameters: int
+    threads: int
+    prompt_tokens: int
+    gen_tokens: int
+    depth: int
+    reps: int
+    load_s: dict[str, float]
+    prompt_tps: dict[str, float]
+    gen_tps: dict[str, float]
+    ttft_ms: dict[str, float]
+    peak_rss_bytes: int         # the process's peak resident memory while this model ran
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def turn_seconds(self, prompt: int = TURN_PROMPT, gen: int = TURN_GEN) -> float:
+        """Seconds for one request of ``prompt`` new prompt tokens and ``gen`` generated ones."""
+        return prompt / self.prompt_tps["median"] + gen / self.gen_tps["median"]
+
+
+# --------------------------------------------------------------------------- peak memory
+
+def _reset_peak() -> bool:
+    """Reset the kernel's peak-RSS counter of this process (Linux ≥ 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # never reset: a ceiling over the whole run
+    return r if os.uname().sysname == "Darwin" else r * 1024
+
+
+# --------------------------------------------------------------------------- one measurement
+
+def _prompt_ids(engine: Any, n: int) -> list[int]:
+    """``n`` tokens of real text (the evaluation text, repeated as needed), BOS first where the model adds one."""
+    from localllm.evaluate import default_text
+
+    ids = engine.prompter.tokenize(default_text(), add_special=False, special=False)
+    out = (ids * (n // max(len(ids), 1) + 1))[:n]
+    bos = engine.llama.bos
+    if engine.llama.add_bos and bos >= 0 and out:
+        out[0] = bos
+    return out
+
+
+def _generate(engine: Any, ids: list[int], max_tokens: int) -> Any:
+    from localllm.core.request import Request
+    from localllm.sampling import SamplingParams
+
+    req = Request(ids, SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True), stream=False)
+    for ev in engine.run(req):
+        if ev.kind == "error" and ev.error is not None:
+            raise ev.error
+    return req
+
+
+def _once(model: str, *, prompt_tokens: int, gen_tokens: int, depth: int, n_threads: int | None,
+          models_dir: str | os.PathLike[str] | None) -> tuple[Any, dict[str, float]]:
+    from localllm.core.engine import Engine
+    from localllm.loader import ModelSettings
+
+    settings = ModelSettings(model=model, models_dir=models_dir, n_ctx=depth + prompt_tokens + gen_tokens + 8,
+                             n_threads=n_threads)
+    t0 = time.perf_counter()
+    engine = Engine(settings)
+    load = time.perf_counter() - t0
+    try:
+        ids = _prompt_ids(engine, depth + prompt_tokens)
+        _generate(engine, ids[:16], 2)            # warm-up: first-touch of the weights, thread start
+        engine.scheduler.forget()
+        if depth:
+            _generate(engine, ids[:depth], 1)     # the context already holds `depth` tokens
+        req = _generate(engine, ids, gen_tokens)
+        new = len(ids) - req.cached_tokens
+        ttft = req.t_first - req.t_submit
+        prompt_s = req.t_first - (req.t_start or req.t_submit)
+        gen_s = (req.t_end or req.t_first) - req.t_first
+        figures = {"load_s": load, "ttft_ms": ttft * 1e3, "prompt_tps": new / max(prompt_s, 1e-9),
+                   "gen_tps": (req.completion_tokens - 1) / max(gen_s, 1e-9)}
+        return engine.info, figures
+    finally:
+        engine.close()
+
+
+def _check(prompt_tokens: int, gen_tokens: int, depth: int, reps: int) -> None:
+    for name, v, lo in (("prompt_tokens", prompt_tokens, 1), ("gen_tokens", gen_tokens, 2),
+                        ("depth", depth, 0), ("reps", reps, 1)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise InvalidArgumentError(f"{name} must be an integer >= {lo}", param=name)
+
+
+def bench(models: Sequence[str | os.PathLike[str]], *, prompt_tokens: int = 128, gen_tokens: int = 64,
+          depth: int = 0, reps: int = 3, n_threads: int | None = None,
+          models_dir: str | os.PathLike[str] | None = None, progress: Progress | None = None) -> list[BenchResult]:
+    """Measure each of ``models`` ``reps`` times, in alternating order, and return one row per model."""
+    _check(prompt_tokens, gen_tokens, depth, reps)
+    if not models:
+        raise InvalidArgumentError("give at least one model", param="models")
+    names = [str(m) for m in models]
+    runs: dict[int, list[dict[str, float]]] = {i: [] for i in range(len(names))}
+    infos: dict[int, Any] = {}
+    peaks: dict[int, int] = dict.fromkeys(runs, 0)
+    total, done = reps * len(names), 0
+    for rep in range(reps):
+        order = list(range(len(names)))
+        if rep % 2:
+            order.reverse()
+        for i in order:
+            _reset_peak()
+            infos[i], fig = _once(names[i], prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, depth=depth,
+                                  n_threads=n_threads, models_dir=models_dir)
+            peaks[i] = max(peaks[i], _peak_rss())
+            runs[i].append(fig)
+            done += 1
+            if progress:
+                progress(done, total, Path(infos[i].path).name)
+    out = []
+    for i, name in enumerate(names):
+        info, rs = infos[i], runs[i]
+        out.append(BenchResult(
+            model=name, path=info.path, quant=info.quant, size_bytes=info.size_bytes, parameters=info.parameters,
+            threads=info.threads, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, depth=depth, reps=reps,
+            **{k: spread([r[k] for r in rs]) for k in ("load_s", "prompt_tps", "gen_tps", "ttft_ms")},
+            peak_rss_bytes=peaks[i]))
+    return out
+
+
+def plot(rows: Sequence[BenchResult], out: str | os.PathLike[str], title: str = "") -> Path:
+    """A bar chart of prompt and generation speed (median, with the min–max range) per model."""
+    from localllm.errors import PrerequisiteError
+
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise PrerequisiteError("--plot needs matplotlib", hint="pip install matplotlib") from None
+    labels = [f"{Path(r.path).stem}\n{r.quant}" for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(max(6.0, 1.6 * len(rows) + 3), 4))
+    for ax, key, what in ((axes[0], "prompt_tps", "prompt tok/s"), (axes[1], "gen_tps", "generation tok/s")):
+        med = [getattr(r, key)["median"] for r in rows]
+        lo = [m - getattr(r, key)["min"] for m, r in zip(med, rows)]
+        hi = [getattr(r, key)["max"] - m for m, r in zip(med, rows)]
+        ax.bar(range(len(rows)), med, yerr=[lo, hi], capsize=4, color="#4a7fb5")
+        ax.set_xticks(range(len(rows)), labels, fontsize=8)
+        ax.set_title(what)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(out)
+    try:
+        fig.savefig(path, dpi=110)
+    except OSError as e:
+        raise InvalidArgumentError(f"cannot write {path}: {e.strerror or e}", param="plot") from None
+    finally:
+        plt.close(fig)
+    return path
+
+
+__all__ = ["BenchResult", "bench", "plot", "spread", "TURN_PROMPT", "TURN_GEN"]
