@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from localllm.autoquant import DEFAULT_MAX_KL
 from localllm.cli.options import human_bytes
 
 # localllm.converter.writer.QUANTS, spelled out: importing it (gguf, numpy) would slow every command's
@@ -18,9 +19,14 @@ _QUANTS = ["F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_1", "Q5_0", "Q4_K
 @click.argument("src")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
               help="Output .gguf path (or use --name to add it to the model store).")
-@click.option("--quant", type=click.Choice(_QUANTS, case_sensitive=False), default="Q4_K_M", show_default=True,
+@click.option("--quant", type=click.Choice([*_QUANTS, "auto"], case_sensitive=False), default="Q4_K_M",
+              show_default=True,
               help="Weight type. Q4_K_M is the CPU default: decoding on a CPU is memory-bandwidth bound, so "
-                   "~4.8 bits/weight runs ~3x faster than F16 at a small quality cost.")
+                   "~4.8 bits/weight runs ~3x faster than F16 at a small quality cost. auto: measure the "
+                   "candidates on this machine and keep the fastest within --max-kl.")
+@click.option("--max-kl", type=click.FloatRange(min=0), default=None,
+              help=f"With --quant auto: the KL budget, mean nats per token against the F32 reference "
+                   f"(default {DEFAULT_MAX_KL}).")
 @click.option("--verify", is_flag=True, help="Compare logits with the HF original (needs torch+transformers); "
                                               "exit non-zero past the thresholds in docs/convert.md.")
 @click.option("--strict", is_flag=True, help="Fail when llama.cpp tokenizes the probe corpus differently from HF.")
@@ -28,8 +34,8 @@ _QUANTS = ["F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_1", "Q5_0", "Q4_K
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit) when SRC is a repo id.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Threads for llama.cpp quantization.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def command(src: str, output: str | None, quant: str, verify: bool, strict: bool, name: str | None,
-            revision: str | None, threads: int | None, quiet: bool) -> int:
+def command(src: str, output: str | None, quant: str, max_kl: float | None, verify: bool, strict: bool,
+            name: str | None, revision: str | None, threads: int | None, quiet: bool) -> int:
     """Convert SRC (a local HF folder or a hub repo id) to GGUF.
 
     \b
@@ -45,8 +51,14 @@ def command(src: str, output: str | None, quant: str, verify: bool, strict: bool
     if not output and not name:
         raise InvalidArgumentError("give -o OUT.gguf or --name NAME", param="output")
     quant = quant.upper()
+    if max_kl is not None and quant != "AUTO":
+        raise InvalidArgumentError("--max-kl needs --quant auto", param="max_kl")
     root = resolve_source(src, revision)
     result = None
+    if quant == "AUTO":
+        out, quant = _auto(root, src, revision, output, name, DEFAULT_MAX_KL if max_kl is None else max_kl,
+                           strict, threads, quiet)
+        return _verify(root, out, quant) if verify else 0
 
     def produce(path: Path) -> None:
         nonlocal result
@@ -67,18 +79,59 @@ def command(src: str, output: str | None, quant: str, verify: bool, strict: bool
         out = Path(output)  # type: ignore[arg-type]
     _summary(result)
     click.echo(f"wrote {out}")
-    if verify:
-        from localllm.converter.verify import THRESHOLDS, verify as run_verify
+    return _verify(root, out, quant) if verify else 0
 
-        rep = run_verify(root, out, quant=quant)
-        mx = THRESHOLDS[quant]
-        click.echo(f"verify ({rep.tokens} tokens): tokenization {'match' if rep.tokenization_match else 'DIFFERS'}, "
-                   f"NMSE {rep.nmse:.2e} (max {mx[0]:.0e}), top-1 {rep.top1:.3f} (min {mx[1]}), "
-                   f"KL {rep.kl:.2e} (max {mx[2]}), greedy {'agrees' if rep.greedy_match else 'differs'}")
-        if not rep.ok:
-            click.echo("verify failed: " + "; ".join(rep.failures), err=True)
-            return 3
+
+def _verify(root: Path, out: Path, quant: str) -> int:
+    from localllm.converter.verify import THRESHOLDS, verify as run_verify
+
+    rep = run_verify(root, out, quant=quant)
+    mx = THRESHOLDS[quant]
+    click.echo(f"verify ({rep.tokens} tokens): tokenization {'match' if rep.tokenization_match else 'DIFFERS'}, "
+               f"NMSE {rep.nmse:.2e} (max {mx[0]:.0e}), top-1 {rep.top1:.3f} (min {mx[1]}), "
+               f"KL {rep.kl:.2e} (max {mx[2]}), greedy {'agrees' if rep.greedy_match else 'differs'}")
+    if not rep.ok:
+        click.echo("verify failed: " + "; ".join(rep.failures), err=True)
+        return 3
     return 0
+
+
+def _auto(root: Path, src: str, revision: str | None, output: str | None, name: str | None, max_kl: float,
+          strict: bool, threads: int | None, quiet: bool) -> tuple[Path, str]:
+    """--quant auto: convert to F32 (lossless from any source), measure the candidates, keep the choice."""
+    import os
+    import shutil
+    import tempfile
+
+    from localllm import autoquant, settings, store
+    from localllm.cli.measure import cpu_line, progress_bar
+    from localllm.converter import convert
+
+    autoquant.check_max_kl(max_kl)
+    dest = settings.models_dir() if name else Path(output).resolve().parent  # type: ignore[arg-type]
+    dest.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".localllm-auto-", dir=dest))  # same disk: the result is renamed
+    try:
+        ref = work / "reference-f32.gguf"
+        _summary(convert(root, ref, quant="F32", strict=strict, name=name, progress=not quiet, threads=threads))
+        with progress_bar(quiet, "step") as cb:
+            decision, files = autoquant.choose(ref, work, max_kl=max_kl, n_threads=threads, progress=cb)
+        click.echo(f"measured on {cpu_line()}; KL against the F32 reference on the built-in text:")
+        for line in decision.lines():
+            click.echo(f"  {line}")
+        click.echo(f"chose {decision.quant}: {decision.reason}")
+        chosen = files[decision.quant]
+        if name:
+            out = store.add(lambda tmp: os.replace(chosen, tmp), name, decision.quant.lower(),
+                            source={"converted_from": str(src), "revision": revision},
+                            extra={"quant_choice": decision.to_dict()})
+        else:
+            out = Path(output)  # type: ignore[arg-type]
+            os.replace(chosen, out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    click.echo(f"wrote {out}")
+    return out, decision.quant
 
 
 def _summary(r) -> None:
