@@ -404,7 +404,10 @@ HOSTILE_TEMPLATES = [
     ("huge output: |center(10**10)", "{{ 'x'|center(10**10) }}", "too (large|big)"),
     ("huge output: str.ljust(10**10)", "{{ 'x'.ljust(10**10) }}", "too (large|big)"),
     ("huge output: format width", "{{ '%10000000000s'|format('x') }}", "too (large|big)"),
-    ("huge number: 10**10**10", "{{ 10**10**10 }}", "too (large|big)"),
+    ("huge number: 2**100000000", "{{ 2**100000000 }}", "too (large|big)"),
+    ("huge output: |indent with a long string", "{{ ('a\\n' * 1000000)|indent('x' * 1000000) }}", "too (large|big)"),
+    ("huge output: |replace", "{{ ('x' * 1000000)|replace('x', 'y' * 1000) }}", "too (large|big)"),
+    ("huge output: |join with a long separator", "{{ range(100000)|join('x' * 100000) }}", "too (large|big)"),
     ("huge list: [0] * 10**10", "{{ ([0] * 10**10)|length }}", "too (large|big)"),
 ]
 
