@@ -29,6 +29,7 @@ import importlib.resources
 import math
 import os
 import time
+import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -207,7 +208,7 @@ def _load_cached(path: Path, tokens: list[int]) -> _Reference | None:
     try:
         with np.load(path, allow_pickle=False) as z:
             ref = _Reference(*(z[k] for k in _FIELDS))
-    except (OSError, ValueError, KeyError, EOFError, TypeError):
+    except (OSError, ValueError, KeyError, EOFError, TypeError, zipfile.BadZipFile):
         return None
     n = len(ref.nll)
     ok = (ref.tokens.tolist() == list(tokens) and n > 0 and ref.offsets.shape == (n + 1,) and ref.top.shape == (n,)
