@@ -74,7 +74,26 @@ def command(model: str | None, model_path: str | None, host: str, port: int, api
                          host=host, port=port, api_key=api_key, max_queue=max_queue, cors_origins=cors_origins,
                          max_body_bytes=max_body_bytes, model_alias=model_alias)
     app = create_app(cfg)
+    _exit_if_the_load_fails(app)
     serve_app(app, cfg, server_kind, parallel, max_queue)
+
+
+def _exit_if_the_load_fails(app: Flask) -> None:
+    """A model that passes the header check but that llama.cpp cannot load ends the
+    command with its one-line error and exit 1: never a server that answers 503 forever."""
+    import os
+    import threading
+
+    state = app.extensions["localllm"]
+
+    def watch() -> None:
+        state.loaded.wait()
+        e = state.load_error
+        if e is not None:
+            click.echo(f"error: {e.message}" + (f" (next: {e.hint})" if e.hint else ""), err=True)
+            os._exit(1)  # the model never loaded: nothing to free; waitress holds the main thread
+
+    threading.Thread(target=watch, name="localllm-load-watch", daemon=True).start()
 
 
 def serve_app(app: Flask, cfg: ServerSettings, server_kind: str, parallel: int, max_queue: int) -> None:
