@@ -208,7 +208,7 @@ def u64(v: int) -> bytes:
     return struct.pack("<Q", v % 2**64)
 
 
-TRUNCATED = "past the end|truncated|only \\d+ bytes"
+TRUNCATED = "past the end|truncated|only \\d+ bytes|implausible (key/value|tensor) count"
 HUGE_COUNT = "implausible|past the end"
 
 
