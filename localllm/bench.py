@@ -45,7 +45,7 @@ class BenchResult:
     model: str
     path: str
     quant: str
-    size_bytes: int
+    size_bytes: int             # the file's size
     parameters: int
     threads: int
     prompt_tokens: int
@@ -142,6 +142,13 @@ def _once(model: str, *, prompt_tokens: int, gen_tokens: int, depth: int, n_thre
         engine.close()
 
 
+def _file_size(path: str) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0
+
+
 def _check(prompt_tokens: int, gen_tokens: int, depth: int, reps: int) -> None:
     for name, v, lo in (("prompt_tokens", prompt_tokens, 1), ("gen_tokens", gen_tokens, 2),
                         ("depth", depth, 0), ("reps", reps, 1)):
@@ -178,7 +185,7 @@ def bench(models: Sequence[str | os.PathLike[str]], *, prompt_tokens: int = 128,
     for i, name in enumerate(names):
         info, rs = infos[i], runs[i]
         out.append(BenchResult(
-            model=name, path=info.path, quant=info.quant, size_bytes=info.size_bytes, parameters=info.parameters,
+            model=name, path=info.path, quant=info.quant, size_bytes=_file_size(info.path), parameters=info.parameters,
             threads=info.threads, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, depth=depth, reps=reps,
             **{k: spread([r[k] for r in rs]) for k in ("load_s", "prompt_tps", "gen_tps", "ttft_ms")},
             peak_rss_bytes=peaks[i]))

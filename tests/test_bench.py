@@ -1,0 +1,130 @@
+"""``localllm bench`` and ``convert --quant auto``: documented keys, consistent
+figures, the plot, alternating rounds, and the choice within the KL budget."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from localllm import bench
+from localllm.autoquant import CANDIDATES
+
+KEYS = {"model", "path", "quant", "size_bytes", "parameters", "threads", "prompt_tokens", "gen_tokens", "depth",
+        "reps", "load_s", "prompt_tps", "gen_tps", "ttft_ms", "peak_rss_bytes"}   # as docs/bench.md lists them
+
+
+def _cli(*args: str, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "localllm", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def test_bench_json_keys_and_consistent_figures(default_model_path: Path, tmp_path: Path) -> None:
+    from localllm import store
+
+    q4 = store.resolve("smollm2-135m:q4_0")
+    png = tmp_path / "speed.png"
+    p = _cli("bench", str(default_model_path), str(q4), "--reps", "2", "--prompt-tokens", "64",
+             "--gen-tokens", "8", "--depth", "16", "--json", "-q", "--plot", str(png))
+    assert p.returncode == 0, p.stderr
+    d = json.loads(p.stdout)
+    assert "cpu" in d and d["cpu"]
+    rows = d["results"]
+    assert [r["path"] for r in rows] == [str(default_model_path), str(q4)]
+    for r in rows:
+        assert set(r) == KEYS
+        assert (r["prompt_tokens"], r["gen_tokens"], r["depth"], r["reps"]) == (64, 8, 16, 2)
+        for k in ("load_s", "prompt_tps", "gen_tps", "ttft_ms"):
+            assert 0 < r[k]["min"] <= r[k]["median"] <= r[k]["max"], (k, r[k])
+        # the first token comes after the prompt was read: TTFT is at least the prompt's time
+        assert r["ttft_ms"]["max"] >= 1000 * 64 / r["prompt_tps"]["max"] * 0.99
+        assert r["size_bytes"] == Path(r["path"]).stat().st_size
+        assert 20 << 20 < r["peak_rss_bytes"] < 8 << 30
+    assert rows[0]["quant"] == "Q8_0" and rows[1]["quant"] == "Q4_0"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
+def test_rounds_alternate_the_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Side by side: each round runs every model once, the order reversed every other round."""
+    seen: list[str] = []
+
+    class Info:
+        def __init__(self, name: str) -> None:
+            self.path, self.quant, self.size_bytes, self.parameters, self.threads = name, "Q8_0", 1, 1, 1
+
+    def fake_once(model: str, **_: object) -> tuple[Info, dict[str, float]]:
+        seen.append(model)
+        return Info(model), {"load_s": 1.0, "ttft_ms": 1.0, "prompt_tps": 1.0, "gen_tps": 1.0}
+
+    monkeypatch.setattr(bench, "_once", fake_once)
+    bench.bench(["a", "b", "c"], reps=3)
+    assert seen == ["a", "b", "c", "c", "b", "a", "a", "b", "c"]
+
+
+def test_bench_errors_are_one_line(tmp_path: Path) -> None:
+    cases = [(["bench", str(tmp_path / "missing.gguf"), "-q"], 1, "does not exist"),
+             (["bench", "smollm2-135m", "--reps", "0"], 2, "--reps"),
+             (["bench", "smollm2-135m", "--plot", str(tmp_path / "no" / "dir.png"), "-q"], 1, "does not exist")]
+    for args, code, msg in cases:
+        p = _cli(*args)
+        assert p.returncode == code, (args, p.stderr)
+        assert msg in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from convert_fixtures import build_checkpoint
+
+    return build_checkpoint("llama", tmp_path_factory.mktemp("autoq") / "tiny")
+
+
+def test_quant_auto_with_an_impossible_budget_keeps_the_most_precise(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """--max-kl 0: no quant is exact, so the candidate with the smallest measured KL is kept, and
+    the output says why; the table goes into the store manifest."""
+    env = {**os.environ, "LOCALLLM_HOME": str(tmp_path / "home")}
+    p = _cli("convert", str(tiny_checkpoint), "--name", "tiny", "--quant", "auto", "--max-kl", "0", "-q", env=env)
+    assert p.returncode == 0, p.stderr
+    vdirs = list((tmp_path / "home" / "models" / "tiny").iterdir())
+    assert len(vdirs) == 1
+    m = json.loads((vdirs[0] / "manifest.json").read_text())
+    choice = m["quant_choice"]
+    rows = {r["quant"]: r for r in choice["rows"]}
+    assert list(rows) == list(CANDIDATES)
+    assert all(r["kl_mean"] > 0 for r in rows.values())
+    best = min(rows.values(), key=lambda r: r["kl_mean"])["quant"]
+    assert choice["quant"] == best and vdirs[0].name == best.lower() and m["quant"] == best
+    assert "no candidate is within the KL budget 0" in p.stdout
+    assert f"chose {best}" in p.stdout
+    # the table printed is the table recorded, with the CPU it was measured on
+    assert choice["cpu"]["flags"] and choice["source"] == "measured"
+    for q, r in rows.items():
+        assert any(line.split()[:1] == [q] and f"{r['kl_mean']:.5f}" in line for line in p.stdout.splitlines())
+    # nothing left behind but the chosen entry
+    assert not [f for f in (tmp_path / "home" / "models").rglob("*") if ".localllm-auto" in str(f)]
+
+
+def test_quant_auto_picks_the_fastest_within_budget_to_a_file(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out.gguf"
+    p = _cli("convert", str(tiny_checkpoint), "-o", str(out), "--quant", "auto", "--max-kl", "10", "-q")
+    assert p.returncode == 0, p.stderr
+    table = [ln.split() for ln in p.stdout.splitlines() if ln.strip().split()[:1] and ln.split()[0] in CANDIDATES]
+    assert len(table) == len(CANDIDATES)
+    turn = {r[0]: float(r[7]) for r in table}
+    chosen = next(r[0] for r in table if "<-" in r)
+    assert turn[chosen] == min(turn.values())  # every candidate is within a budget of 10 nats
+    from localllm import validate
+
+    assert validate.read_header(out).quant == chosen
+    assert sorted(os.listdir(tmp_path)) == ["out.gguf"]   # no work folder left
+
+
+def test_max_kl_without_auto_is_refused(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    p = _cli("convert", str(tiny_checkpoint), "-o", str(tmp_path / "x.gguf"), "--quant", "Q8_0", "--max-kl", "0.1")
+    assert p.returncode == 1 and "--max-kl needs --quant auto" in p.stderr
+    assert not (tmp_path / "x.gguf").exists()
