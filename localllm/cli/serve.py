@@ -74,7 +74,6 @@ def command(model: str | None, model_path: str | None, host: str, port: int, api
                          host=host, port=port, api_key=api_key, max_queue=max_queue, cors_origins=cors_origins,
                          max_body_bytes=max_body_bytes, model_alias=model_alias)
     app = create_app(cfg)
-    _exit_if_the_load_fails(app)
     serve_app(app, cfg, server_kind, parallel, max_queue)
 
 
@@ -100,6 +99,7 @@ def serve_app(app: Flask, cfg: ServerSettings, server_kind: str, parallel: int, 
     """Run ``app`` under waitress (or werkzeug) until interrupted, then free the model."""
     from localllm.server import shutdown
 
+    _exit_if_the_load_fails(app)
     host, port = cfg.host, cfg.port
     url = f"http://{'localhost' if _is_loopback(host) else host}:{port}/"
     click.echo(f"localllm serve: {url} (OpenAI API at {url}v1, Ctrl-C stops)", err=True)
