@@ -210,6 +210,7 @@ def u64(v: int) -> bytes:
 
 TRUNCATED = "past the end|truncated|only \\d+ bytes|implausible (key/value|tensor) count"
 HUGE_COUNT = "implausible|past the end"
+IN_ORDER = "must follow each other"   # llama.cpp refuses tensors out of order: so does the check
 
 
 def mutations(lay: Layout, source: str, *, full: bool = True, seed: int = 0) -> list[Mutation]:
@@ -324,7 +325,8 @@ def mutations(lay: Layout, source: str, *, full: bool = True, seed: int = 0) -> 
     if same:
         a, b = same[0]
         add("offsets", f"{a.name} and {b.name} offsets swapped (same size)",
-            patches=((a.offset_at, u64(b.offset)), (b.offset_at, u64(a.offset))), expect="any")
+            patches=((a.offset_at, u64(b.offset)), (b.offset_at, u64(a.offset))), expect="reject",
+            reason=IN_ORDER)
     # ---- unknown types
     name_kv = next(k for k in lay.kvs if k.vtype == STR and k.key != "general.architecture")
     for v in (13, 255, 2**32 - 1):
@@ -341,7 +343,8 @@ def mutations(lay: Layout, source: str, *, full: bool = True, seed: int = 0) -> 
                     reason="unknown type")
     for v in (0, 1, 8, 2):   # valid but wrong types: sizes change
         if v != t0.ttype:
-            add("types", f"{t0.name}: tensor type {v} (valid, wrong)", patches=((t0.type_at, u32(v)),), expect="any")
+            add("types", f"{t0.name}: tensor type {v} (valid, wrong)", patches=((t0.type_at, u32(v)),),
+                expect="reject", reason=f"{IN_ORDER}|overlap|past the end|block size")
     # ---- hyperparameters and token ids
     arch = lay.kv("general.architecture")
     hp = [("block_count", (0, 1, 3, 4096, 2**31)), ("embedding_length", (0, 1, 63, 2**20)),
