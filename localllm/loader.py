@@ -130,6 +130,7 @@ class Prepared:
     header: Header
     gpu_layers: int
     reason: str
+    notes: list[str] = field(default_factory=list)   # e.g. the version chosen for this CPU on first use
 
 
 @dataclass
@@ -159,11 +160,12 @@ def prepare(s: ModelSettings) -> Prepared:
     Cheap: reads the header only. ``plan`` and ``serve``'s early check stop here."""
     from localllm import placement, store, validate
 
-    path = store.resolve(s.model, models_dir=s.models_dir)
+    notes: list[str] = []
+    path = store.resolve(s.model, models_dir=s.models_dir, notes=notes)
     header = validate.read_header(path)
     n_ctx = s.n_ctx * s.n_seq if s.n_ctx else None
     gpu_layers, reason = placement.explain(path, s.n_gpu_layers, n_ctx, cache_types=(s.cache_type_k, s.cache_type_v))
-    return Prepared(path, header, gpu_layers, reason)
+    return Prepared(path, header, gpu_layers, reason, notes)
 
 
 def load(s: ModelSettings, progress: Callable[[str], None] | None = None) -> Loaded:
@@ -207,7 +209,7 @@ def load(s: ModelSettings, progress: Callable[[str], None] | None = None) -> Loa
         tokenizer_source=prompter.tokenizer_source, gpu_layers=min(gpu_layers, llama.n_layer + 1),
         gpu_layers_requested=s.n_gpu_layers, placement=notes[-1] if notes else reason, threads=s.threads(),
         repack=s.repack, cache_type_k=s.cache_type_k, cache_type_v=s.cache_type_v, flash_attn=s.flash_attn)
-    return Loaded(llama=llama, prompter=prompter, info=info, settings=s, path=prep.path, notes=notes)
+    return Loaded(llama=llama, prompter=prompter, info=info, settings=s, path=prep.path, notes=prep.notes + notes)
 
 
 __all__ = ["ModelSettings", "ModelInfo", "Loaded", "Prepared", "prepare", "load", "model_id"]

@@ -84,8 +84,12 @@ def find(ref: str, root: Path) -> Path | None:
         vdir = root / name / version
         return vdir if (vdir / MANIFEST).is_file() else None
     b = catalog.BUILTIN.get(name)
-    if b is not None and (root / name / b.default_version / MANIFEST).is_file():
-        return root / name / b.default_version
+    if b is not None:
+        default = _auto_version(b, root) if b.default_version == "auto" else b.default_version
+        if default is not None and (root / name / default / MANIFEST).is_file():
+            return root / name / default
+        if b.default_version == "auto":
+            return None  # not chosen for this CPU yet: resolve() chooses
     dirs = _version_dirs(root, name)
     return dirs[0] if dirs else None
 
@@ -140,10 +144,12 @@ def default_ref(root: Path) -> str:
     return catalog.DEFAULT_MODEL
 
 
-def resolve(ref: str | os.PathLike[str] | None, *, models_dir: str | os.PathLike[str] | None = None) -> Path:
+def resolve(ref: str | os.PathLike[str] | None, *, models_dir: str | os.PathLike[str] | None = None,
+            notes: list[str] | None = None) -> Path:
     """Turn a model reference into the path of a GGUF file that exists.
 
-    Raises ModelNotFoundError with a next step when it cannot.
+    Raises ModelNotFoundError with a next step when it cannot. What the user
+    should hear (a version chosen for this CPU) is appended to ``notes``.
     """
     root = settings.models_dir(models_dir)
     if ref is None or ref == "":
@@ -164,6 +170,8 @@ def resolve(ref: str | os.PathLike[str] | None, *, models_dir: str | os.PathLike
     name, version = parse_ref(str(ref))
     b = catalog.BUILTIN.get(name)
     if b is not None:
+        if version is None and b.default_version == "auto":
+            return materialize_auto(b, root, notes)
         return materialize(b, version or b.default_version, root)
     known = sorted({p.name for p in root.iterdir() if p.is_dir()} | set(catalog.BUILTIN)) if root.is_dir() \
         else sorted(catalog.BUILTIN)
@@ -246,7 +254,7 @@ def add(produce: Callable[[Path], None], name: str, version: str, *, source: dic
     return vdir / fname
 
 
-def materialize(b: catalog.Builtin, version: str, root: Path) -> Path:
+def materialize(b: catalog.Builtin, version: str, root: Path, extra: dict[str, Any] | None = None) -> Path:
     """Put built-in model ``b`` at ``version`` into the store (requantizing if needed)."""
     if version not in b.versions:
         raise ModelNotFoundError(f"built-in model {b.name!r} has no version {version!r} "
@@ -269,7 +277,61 @@ def materialize(b: catalog.Builtin, version: str, root: Path) -> Path:
 
     source = {"builtin": b.name, "package": b.pip.split()[0], "license": b.license,
               "requantized_to": version if ftype is not None else None}
-    return add(produce, b.name, version, source=source, root=root)
+    return add(produce, b.name, version, source=source, root=root, extra=extra)
+
+
+AUTO = "auto.json"  # NAME/auto.json: the version chosen for NAME on this machine, and on which feature set
+
+
+def _auto_version(b: catalog.Builtin, root: Path) -> str | None:
+    """The version chosen earlier for this CPU's feature set, if any."""
+    try:
+        rec = json.loads((root / b.name / AUTO).read_text())
+        return str(rec["version"]) if rec.get("feature_set") == catalog.feature_set() else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def materialize_auto(b: catalog.Builtin, root: Path, notes: list[str] | None = None) -> Path:
+    """Choose ``b``'s version for this CPU (from the measured table, else by measuring now) and store it."""
+    import time
+
+    key = catalog.feature_set()
+    entry = catalog.quant_table().get(b.name, {}).get(key)
+    t0 = time.perf_counter()
+    if entry is not None and str(entry.get("quant", "")).lower() in b.versions:
+        version = str(entry["quant"]).lower()
+        path = materialize(b, version, root, extra={"quant_choice": {**entry, "source": f"table:{key}"}})
+        why = (f"from the table measured on {key} CPUs ({entry.get('cpu', {}).get('model', '?')}, "
+               f"{entry.get('date', '?')}; benchmarks/default_choice.py)")
+    else:
+        path = _measure_builtin(b, root, key)
+        version = path.parent.name
+        why = f"measured on this CPU ({key}, not in the table) in {time.perf_counter() - t0:.0f} s"
+    root.joinpath(b.name).mkdir(parents=True, exist_ok=True)
+    tmp = root / b.name / f".{AUTO}.{os.getpid()}"
+    tmp.write_text(json.dumps({"version": version, "feature_set": key}) + "\n")
+    os.replace(tmp, root / b.name / AUTO)
+    if notes is not None:
+        notes.append(f"{b.name}: using {version}, the fastest version within the KL budget {why}; "
+                     f"every version: `localllm models show {b.name}:{version}`")
+    return path
+
+
+def _measure_builtin(b: catalog.Builtin, root: Path, key: str) -> Path:
+    """Measure every candidate version of ``b`` here; store and return the chosen one."""
+    from localllm import autoquant, runtime
+
+    with autoquant.workdir(root) as work:
+        ref = work / "reference-f32.gguf"  # the shipped weights exactly, at F32
+        runtime.quantize(catalog.shipped_file(b, work), ref, 0, nthread=settings.default_threads(),
+                         allow_requantize=True)
+        decision, files = autoquant.choose(ref, work, candidates=catalog.auto_candidates(b))
+        chosen = files[decision.quant]
+        source = {"builtin": b.name, "package": b.pip.split()[0], "license": b.license,
+                  "requantized_to": decision.quant.lower()}
+        return add(lambda tmp: os.replace(chosen, tmp), b.name, decision.quant.lower(), source=source, root=root,
+                   extra={"quant_choice": {**decision.to_dict(), "feature_set": key}})
 
 
 # --------------------------------------------------------------------------- store commands

@@ -13,6 +13,19 @@ sys.path.insert(0, str(Path(__file__).parent))
 from ggufs import write_tiny_llama  # noqa: E402
 
 
+def default_quant() -> str:
+    """The default model's version on this CPU, as the measured table says (else as first use measured it)."""
+    import json
+
+    from localllm import catalog, settings
+
+    entry = catalog.quant_table().get(catalog.DEFAULT_MODEL, {}).get(catalog.feature_set())
+    if entry is not None:
+        return str(entry["quant"]).upper()
+    rec = json.loads((settings.models_dir() / catalog.DEFAULT_MODEL / "auto.json").read_text())
+    return str(rec["version"]).upper()
+
+
 @pytest.fixture(scope="session")
 def default_model_path() -> Path:
     from localllm import store

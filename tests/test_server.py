@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from conftest import default_quant
 from serverutil import get, live_server, post, request, stream_lines, wait_for
 
 openai = pytest.importorskip("openai")
@@ -29,7 +30,7 @@ def client(server):
 
 def test_models_and_health(server, client):
     ids = [m.id for m in client.models.list().data]
-    assert ids == ["smollm2-135m:q8_0"]
+    assert ids == [f"smollm2-135m:{default_quant().lower()}"]
     r = get(server.url + "/health")
     assert r.status_code == 200 and r.json()["status"] == "ok"
 

@@ -100,8 +100,6 @@ def _auto(root: Path, src: str, revision: str | None, output: str | None, name: 
           strict: bool, threads: int | None, quiet: bool) -> tuple[Path, str]:
     """--quant auto: convert to F32 (lossless from any source), measure the candidates, keep the choice."""
     import os
-    import shutil
-    import tempfile
 
     from localllm import autoquant, settings, store
     from localllm.cli.measure import cpu_line, progress_bar
@@ -109,9 +107,7 @@ def _auto(root: Path, src: str, revision: str | None, output: str | None, name: 
 
     autoquant.check_max_kl(max_kl)
     dest = settings.models_dir() if name else Path(output).resolve().parent  # type: ignore[arg-type]
-    dest.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=".localllm-auto-", dir=dest))  # same disk: the result is renamed
-    try:
+    with autoquant.workdir(dest) as work:
         ref = work / "reference-f32.gguf"
         _summary(convert(root, ref, quant="F32", strict=strict, name=name, progress=not quiet, threads=threads))
         with progress_bar(quiet, "step") as cb:
@@ -128,8 +124,6 @@ def _auto(root: Path, src: str, revision: str | None, output: str | None, name: 
         else:
             out = Path(output)  # type: ignore[arg-type]
             os.replace(chosen, out)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     click.echo(f"wrote {out}")
     return out, decision.quant
 

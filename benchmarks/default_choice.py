@@ -1,0 +1,115 @@
+"""Choose a built-in model's version for this CPU by measurement, and record
+the table in localllm/data/quant_table.json under this CPU's feature set.
+
+    python benchmarks/default_choice.py [smollm2-135m] [--max-kl 0.05] [--dry-run]
+
+The reference: the original weights are not reachable offline, so transformers
+loads the shipped GGUF (dequantizing it), saves it as an HF checkpoint, and
+localllm's converter writes that back at F32. Every candidate is quantized
+from that F32 file by llama.cpp, then measured for speed and for KL against
+it on the built-in evaluation text (localllm.autoquant). The script also
+checks that this F32 file has the same logits as llama.cpp's own
+dequantization of the shipped file: the reference is the shipped weights,
+exactly, and its limit is theirs (a 4-bit file: KL here measures the distance
+from the shipped model, not from the original bf16 training weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+TABLE = HERE.parent / "localllm" / "data" / "quant_table.json"
+
+
+def hf_reference(shipped: Path, work: Path) -> Path:
+    """The shipped GGUF → transformers → HF checkpoint → localllm convert at F32."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from localllm.converter import convert
+
+    hf = work / "hf"
+    loaded = AutoModelForCausalLM.from_pretrained(shipped.parent, gguf_file=shipped.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(shipped.parent, gguf_file=shipped.name)
+    # transformers refuses to save a model it loaded from GGUF: the same weights into a plain model
+    cfg = loaded.config
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.save_pretrained(hf)
+    tok.save_pretrained(hf)
+    ref = work / "reference-f32.gguf"
+    convert(hf, ref, quant="F32")
+    return ref
+
+
+def logits_gap(a: Path, b: Path) -> float:
+    """NMSE between two files' logits on the same 128 token ids (llama.cpp's tokenizer of file a)."""
+    from localllm import runtime
+    from localllm.evaluate import default_text
+
+    m = runtime.LlamaModel(a)
+    ids = m.tokenize(default_text()[:2000], add_special=True, parse_special=False)[:128]
+    m.close()
+    out = []
+    for path in (a, b):
+        m = runtime.LlamaModel(path)
+        ctx = runtime.Context(m, n_ctx=256, n_threads=2)
+        batch = runtime.Batch(256)
+        for i, t in enumerate(ids):
+            batch.add(t, i, 0, True)
+        ctx.decode(batch)
+        out.append(np.stack([ctx.logits(i).copy() for i in range(len(ids))]))
+        batch.close(); ctx.close(); m.close()
+    return float(np.mean((out[0] - out[1]) ** 2) / np.var(out[1]))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("name", nargs="?", default="smollm2-135m")
+    ap.add_argument("--max-kl", type=float, default=None)
+    ap.add_argument("--dry-run", action="store_true", help="print, do not write the table")
+    args = ap.parse_args()
+
+    from localllm import autoquant, catalog, runtime
+
+    b = catalog.BUILTIN[args.name]
+    max_kl = autoquant.DEFAULT_MAX_KL if args.max_kl is None else args.max_kl
+    key = catalog.feature_set()
+    with tempfile.TemporaryDirectory(prefix="default-choice-") as tmp:
+        work = Path(tmp)
+        shipped = catalog.shipped_file(b, work)
+        ref = hf_reference(shipped, work)
+        dequant = work / "llama-dequant-f32.gguf"
+        runtime.quantize(shipped, dequant, 0, allow_requantize=True)
+        gap = logits_gap(dequant, ref)
+        print(f"reference check: NMSE of the transformers-built F32 against llama.cpp's dequantization: {gap:.2e}")
+        decision, _ = autoquant.choose(ref, work, max_kl=max_kl, candidates=catalog.auto_candidates(b),
+                                       reps=3, progress=lambda d, t, w: print(f"  [{d}/{t}] {w}", file=sys.stderr))
+    for line in decision.lines():
+        print(line)
+    print(f"{args.name} on {key}: {decision.quant} ({decision.reason})")
+    entry = {**decision.to_dict(), "feature_set": key, "date": datetime.date.today().isoformat(),
+             "command": f"python benchmarks/default_choice.py {args.name}",
+             "reference_note": f"F32 built with transformers from the shipped file; NMSE against llama.cpp's "
+                               f"dequantization {gap:.1e}"}
+    if args.dry_run:
+        return 0
+    table = json.loads(TABLE.read_text()) if TABLE.exists() else {}
+    table.setdefault(args.name, {})[key] = entry
+    TABLE.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+    print(f"wrote {TABLE}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
