@@ -162,6 +162,26 @@ def test_hostile_templates_are_refused_in_bounded_time(fuzz: Fuzz) -> None:
         assert len(model["message"]) < 300, (m.what, model["message"])
 
 
+def test_template_bounds_spare_real_conversations(monkeypatch: pytest.MonkeyPatch) -> None:
+    from localllm import chat
+
+    # a conversation larger than the fixed limit still renders: the limit grows with the input
+    big = "word " * (chat.SIZE_LIMIT // 4)
+    text = chat.render_chat(chat.CHATML, [{"role": "user", "content": big}])
+    assert text == f"<|im_start|>user\n{big}<|im_end|>\n<|im_start|>assistant\n"
+    # a deadline that fired is withdrawn: nothing is raised later, in unrelated code
+    monkeypatch.setattr(chat, "RENDER_TIMEOUT_S", 0.3)
+    with pytest.raises(chat.TemplateError, match="took too long"):
+        chat.render_chat("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+                         [{"role": "user", "content": "hi"}])
+    assert chat.render_chat(chat.CHATML, [{"role": "user", "content": "hi"}]).startswith("<|im_start|>user")
+    end = time.monotonic() + 1.0
+    n = 0
+    while time.monotonic() < end:  # pure Python for longer than the deadline: must not be interrupted
+        n += 1
+    assert n > 0
+
+
 def counts(fz: Fuzz) -> Counter[str]:
     c: Counter[str] = Counter()
     for m, r in _rows(fz):
