@@ -6,7 +6,8 @@ for quality (KL divergence from the reference on the evaluation text,
 :func:`localllm.evaluate.evaluate`). The choice is the fastest candidate whose
 mean KL is within the budget, "fastest" meaning the shortest typical request
 (``bench.TURN_PROMPT`` prompt tokens read plus ``bench.TURN_GEN`` generated).
-No candidate within the budget → the most precise one, and the reason says so.
+Candidates within ``SPEED_TIE`` (3 %) of the fastest count as equally fast,
+and the most precise of them wins. No candidate within the budget → the most precise one, and the reason says so.
 
 Example:
     >>> rows = [Measured("Q8_0", 1, 0.002, 0.01, 0.98, 10.0, 500.0, 90.0),
@@ -30,11 +31,14 @@ from typing import Any
 
 from localllm.errors import InvalidArgumentError
 
-# candidates, most precise first (the order breaks ties and picks the fallback)
+# candidates, most precise first
 CANDIDATES = ("BF16", "F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0")
 # mean KL per token (nats) against the reference: Q8_0 stays far below it, 4-bit
 # quants of 0.5-8B models land around 0.02-0.1 (docs/convert.md, "Choosing by measurement")
 DEFAULT_MAX_KL = 0.05
+# requests within this fraction of the fastest count as equally fast: the most precise of them wins
+# (two runs of the same benchmark differ by a few percent, more than some candidates do)
+SPEED_TIE = 0.03
 
 Progress = Callable[[int, int, str], None]
 
@@ -126,9 +130,15 @@ def decide(rows: Sequence[Measured], max_kl: float) -> tuple[str, str]:
         best = min(rows, key=lambda r: r.kl_mean)
         return best.quant, (f"no candidate is within the KL budget {max_kl:g} (the smallest KL is "
                             f"{best.kl_mean:.4g}, {best.quant}): chose the most precise")
-    fast = min(within, key=lambda r: r.turn_s)
-    return fast.quant, (f"fastest of the {len(within)} candidates within the KL budget {max_kl:g} "
-                        f"({fast.turn_s:.2f} s per typical request)")
+    best = min(r.turn_s for r in within)
+    tied = [r for r in within if r.turn_s <= best * (1 + SPEED_TIE)]
+    pick = min(tied, key=lambda r: r.kl_mean)
+    why = (f"fastest of the {len(within)} candidates within the KL budget {max_kl:g} "
+           f"({pick.turn_s:.2f} s per typical request)")
+    if len(tied) > 1:
+        why += (f"; {', '.join(r.quant for r in tied if r is not pick)} within {SPEED_TIE:.0%} of its speed "
+                "but further from the reference")
+    return pick.quant, why
 
 
 def _cpu() -> dict[str, Any]:
