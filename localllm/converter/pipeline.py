@@ -112,11 +112,13 @@ def _probe_into(path: Path, hf_json: str | None) -> ProbeResult:
 
 def convert(src: str | os.PathLike[str], out: str | os.PathLike[str], *, quant: str = "Q4_K_M",
             strict: bool = False, name: str | None = None, progress: bool = False,
-            threads: int | None = None, _rule: ArchRule | None = None) -> ConvertResult:
+            threads: int | None = None, imatrix: dict[str, Any] | None = None,
+            _rule: ArchRule | None = None) -> ConvertResult:
     """Convert the HF checkpoint folder ``src`` to the GGUF ``out``.
 
     ``strict`` makes any tokenizer-probe difference a :class:`ConversionCheckError`
-    (raised after the file is written, so it can be inspected).
+    (raised after the file is written, so it can be inspected). ``imatrix``
+    (:func:`localllm.converter.imatrix.collect`) guides llama.cpp's quantizer.
 
     Example:
         >>> convert("hf-model", "model.gguf", quant="F16").tensors      # doctest: +SKIP
@@ -185,7 +187,7 @@ def convert(src: str | os.PathLike[str], out: str | os.PathLike[str], *, quant: 
                         bar.set_description(f"quantize {quant}")
                     from localllm import runtime
                     try:
-                        runtime.quantize(mid, tmp, ftype, nthread=threads or 0)
+                        runtime.quantize(mid, tmp, ftype, nthread=threads or 0, imatrix=imatrix)
                     except ModelLoadError as e:
                         if disk_nearly_full(out.parent):
                             raise DiskFullError(f"{out.parent}: the disk is full; nothing was written to {out}",
