@@ -26,29 +26,18 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests"))  # convert_fixtures.hf_from_gguf
 TABLE = HERE.parent / "localllm" / "data" / "quant_table.json"
 
 
 def hf_reference(shipped: Path, work: Path) -> Path:
     """The shipped GGUF → transformers → HF checkpoint → localllm convert at F32."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from convert_fixtures import hf_from_gguf
 
     from localllm.converter import convert
 
-    hf = work / "hf"
-    loaded = AutoModelForCausalLM.from_pretrained(shipped.parent, gguf_file=shipped.name, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(shipped.parent, gguf_file=shipped.name)
-    # transformers refuses to save a model it loaded from GGUF: the same weights into a plain model
-    cfg = loaded.config
-    if hasattr(cfg, "quantization_config"):
-        del cfg.quantization_config
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    model.load_state_dict(loaded.state_dict())
-    model.save_pretrained(hf)
-    tok.save_pretrained(hf)
     ref = work / "reference-f32.gguf"
-    convert(hf, ref, quant="F32")
+    convert(hf_from_gguf(shipped, work / "hf"), ref, quant="F32")
     return ref
 
 

@@ -149,7 +149,8 @@ def _cpu() -> dict[str, Any]:
 
 
 def measure(reference: Path, workdir: Path, *, candidates: Sequence[str] = CANDIDATES, n_threads: int | None = None,
-            reps: int = 2, progress: Progress | None = None) -> tuple[list[Measured], dict[str, Path]]:
+            reps: int = 2, progress: Progress | None = None,
+            imatrix: dict[str, Any] | None = None) -> tuple[list[Measured], dict[str, Path]]:
     """Quantize every candidate from ``reference`` into ``workdir`` and measure each.
     Returns the rows (in ``candidates`` order) and the candidate files."""
     from localllm import bench, runtime, validate
@@ -168,7 +169,7 @@ def measure(reference: Path, workdir: Path, *, candidates: Sequence[str] = CANDI
         else:
             files[q] = workdir / f"{q.lower()}.gguf"
             runtime.quantize(reference, files[q], int(QUANTS[q][0]), nthread=n_threads or 0,
-                             allow_requantize=True)
+                             allow_requantize=True, imatrix=imatrix)
         done += 1
         if progress:
             progress(done, steps, f"quantize {q}")
@@ -194,7 +195,7 @@ def measure(reference: Path, workdir: Path, *, candidates: Sequence[str] = CANDI
 
 def choose(reference: str | os.PathLike[str], workdir: str | os.PathLike[str], *, max_kl: float = DEFAULT_MAX_KL,
            candidates: Sequence[str] = CANDIDATES, n_threads: int | None = None, reps: int = 2,
-           progress: Progress | None = None) -> tuple[Decision, dict[str, Path]]:
+           progress: Progress | None = None, imatrix: dict[str, Any] | None = None) -> tuple[Decision, dict[str, Path]]:
     """Measure the candidates and decide. The caller keeps the chosen file
     (``files[decision.quant]``) and removes ``workdir``."""
     from localllm import validate
@@ -206,7 +207,7 @@ def choose(reference: str | os.PathLike[str], workdir: str | os.PathLike[str], *
                                    param="candidates")
     reference = Path(reference)
     rows, files = measure(reference, Path(workdir), candidates=candidates, n_threads=n_threads, reps=reps,
-                          progress=progress)
+                          progress=progress, imatrix=imatrix)
     quant, reason = decide(rows, max_kl)
     return Decision(quant, reason, max_kl, validate.read_header(reference).quant, _cpu(), "measured", rows), files
 

@@ -216,3 +216,20 @@ def gguf_logits(path: Path, ids: list[int]) -> np.ndarray:
 
 def nmse(ref: np.ndarray, got: np.ndarray) -> float:
     return float(np.mean((ref - got) ** 2) / np.var(ref))
+
+
+def hf_from_gguf(gguf_path: Path, out: Path) -> Path:
+    """An HF checkpoint (safetensors, f32) of a GGUF's weights, through transformers' GGUF loader."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    cfg = loaded.config  # transformers refuses to save a model loaded from GGUF: copy into a plain one
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out

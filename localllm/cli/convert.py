@@ -27,6 +27,9 @@ _QUANTS = ["F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_1", "Q5_0", "Q4_K
 @click.option("--max-kl", type=click.FloatRange(min=0), default=None,
               help=f"With --quant auto: the KL budget, mean nats per token against the F32 reference "
                    f"(default {DEFAULT_MAX_KL}).")
+@click.option("--imatrix/--no-imatrix", default=None,
+              help="Guide llama.cpp's quantizer with an importance matrix collected from the HF model on the "
+                   "built-in calibration text (needs torch; default: when torch is installed).")
 @click.option("--verify", is_flag=True, help="Compare logits with the HF original (needs torch+transformers); "
                                               "exit non-zero past the thresholds in docs/convert.md.")
 @click.option("--strict", is_flag=True, help="Fail when llama.cpp tokenizes the probe corpus differently from HF.")
@@ -34,8 +37,8 @@ _QUANTS = ["F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_1", "Q5_0", "Q4_K
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit) when SRC is a repo id.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Threads for llama.cpp quantization.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def command(src: str, output: str | None, quant: str, max_kl: float | None, verify: bool, strict: bool,
-            name: str | None, revision: str | None, threads: int | None, quiet: bool) -> int:
+def command(src: str, output: str | None, quant: str, max_kl: float | None, imatrix: bool | None, verify: bool,
+            strict: bool, name: str | None, revision: str | None, threads: int | None, quiet: bool) -> int:
     """Convert SRC (a local HF folder or a hub repo id) to GGUF.
 
     \b
@@ -57,14 +60,14 @@ def command(src: str, output: str | None, quant: str, max_kl: float | None, veri
     result = None
     if quant == "AUTO":
         out, quant = _auto(root, src, revision, output, name, DEFAULT_MAX_KL if max_kl is None else max_kl,
-                           strict, threads, quiet)
+                           strict, threads, quiet, imatrix)
         return _verify(root, out, quant) if verify else 0
 
     def produce(path: Path) -> None:
         nonlocal result
         try:
             result = convert(root, path, quant=quant, strict=strict, name=name, progress=not quiet,
-                             threads=threads)
+                             threads=threads, imatrix=imatrix)
         except ConversionCheckError as e:
             result = e.result  # type: ignore[attr-defined]
             _summary(result)
@@ -97,21 +100,25 @@ def _verify(root: Path, out: Path, quant: str) -> int:
 
 
 def _auto(root: Path, src: str, revision: str | None, output: str | None, name: str | None, max_kl: float,
-          strict: bool, threads: int | None, quiet: bool) -> tuple[Path, str]:
+          strict: bool, threads: int | None, quiet: bool, imatrix: bool | None) -> tuple[Path, str]:
     """--quant auto: convert to F32 (lossless from any source), measure the candidates, keep the choice."""
     import os
 
     from localllm import autoquant, settings, store
     from localllm.cli.measure import cpu_line, progress_bar
     from localllm.converter import convert
+    from localllm.converter.pipeline import importance_for
 
     autoquant.check_max_kl(max_kl)
     dest = settings.models_dir() if name else Path(output).resolve().parent  # type: ignore[arg-type]
     with autoquant.workdir(dest) as work:
         ref = work / "reference-f32.gguf"
         _summary(convert(root, ref, quant="F32", strict=strict, name=name, progress=not quiet, threads=threads))
+        imat, note = importance_for(root, imatrix)
+        click.echo(f"importance matrix: {note}")
         with progress_bar(quiet, "step") as cb:
-            decision, files = autoquant.choose(ref, work, max_kl=max_kl, n_threads=threads, progress=cb)
+            decision, files = autoquant.choose(ref, work, max_kl=max_kl, n_threads=threads, progress=cb,
+                                               imatrix=imat)
         click.echo(f"measured on {cpu_line()}; KL against the F32 reference on the built-in text:")
         for line in decision.lines():
             click.echo(f"  {line}")
@@ -142,6 +149,8 @@ def _summary(r) -> None:
                    f"localllm's HF path differs on {p.hf_path_mismatches}")
         for line in p.lines():
             click.echo(f"  {line}")
+    if r.imatrix:
+        click.echo(f"importance matrix: {r.imatrix}")
     for n in r.notes:
         click.echo(f"note: {n}", err=True)
     sys.stdout.flush()

@@ -5,9 +5,11 @@ activation of each column over a calibration text: what ``llama-imatrix``
 collects through llama.cpp's eval callback, here collected with forward hooks
 on the original model (torch + transformers), so no llama.cpp tool is needed.
 ``llama_model_quantize`` then weighs each column's rounding error by it.
+The calibration text (:func:`calibration_text`) is not the evaluation text,
+so KL measured on the latter is measured on text the matrix never saw.
 
 Example:
-    >>> m = collect("hf/SmolLM2-135M", default_text())          # doctest: +SKIP
+    >>> m = collect("hf/SmolLM2-135M", calibration_text(), gguf_arch="llama")   # doctest: +SKIP
     >>> m["blk.0.attn_q.weight"].shape                            # doctest: +SKIP
     (576,)
 """
@@ -22,6 +24,13 @@ import gguf
 import numpy as np
 
 from localllm.errors import PrerequisiteError
+
+
+def calibration_text() -> str:
+    """English verse, Python and French shipped for calibration (``localllm/data/README.md``)."""
+    import importlib.resources
+
+    return importlib.resources.files("localllm").joinpath("data/calibration.txt").read_text(encoding="utf-8")
 
 
 def available() -> bool:
@@ -80,4 +89,4 @@ def collect(src: str | os.PathLike[str], text: str, *, gguf_arch: str, n_ctx: in
     return {n: (sums[n] / counts[n]).numpy().astype(np.float32) for n in sums}
 
 
-__all__ = ["available", "collect"]
+__all__ = ["available", "calibration_text", "collect"]

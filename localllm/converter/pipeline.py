@@ -31,7 +31,7 @@ from localllm.converter.tensors import DIRECT_TYPES, OutTensor, hparams, plan_te
 from localllm.converter.tokenizer import load_vocab, write_vocab
 from localllm.converter.writer import (QUANTS, atomic_output, check_space, disk_nearly_full,
                                        parse_quant, patch_u32, scratch_file, tensor_types, write_gguf)
-from localllm.errors import ConversionCheckError, DiskFullError, ModelLoadError
+from localllm.errors import ConversionCheckError, DiskFullError, ModelLoadError, PrerequisiteError
 
 CONVERTER_VERSION = "1"
 # the type the intermediate file gets when llama.cpp does the final quantization:
@@ -56,6 +56,7 @@ class ConvertResult:
     probe: ProbeResult
     notes: list[str] = field(default_factory=list)
     verify: Any = None
+    imatrix: str = ""   # whether an importance matrix was used, and why (not)
 
 
 def peak_rss() -> int:
@@ -112,13 +113,14 @@ def _probe_into(path: Path, hf_json: str | None) -> ProbeResult:
 
 def convert(src: str | os.PathLike[str], out: str | os.PathLike[str], *, quant: str = "Q4_K_M",
             strict: bool = False, name: str | None = None, progress: bool = False,
-            threads: int | None = None, imatrix: dict[str, Any] | None = None,
+            threads: int | None = None, imatrix: bool | dict[str, Any] | None = None,
             _rule: ArchRule | None = None) -> ConvertResult:
     """Convert the HF checkpoint folder ``src`` to the GGUF ``out``.
 
     ``strict`` makes any tokenizer-probe difference a :class:`ConversionCheckError`
-    (raised after the file is written, so it can be inspected). ``imatrix``
-    (:func:`localllm.converter.imatrix.collect`) guides llama.cpp's quantizer.
+    (raised after the file is written, so it can be inspected). ``imatrix``:
+    an importance matrix guides llama.cpp's quantizer (True: collect one, which
+    needs torch; None: collect one when torch is there; False: none; a dict: this one).
 
     Example:
         >>> convert("hf-model", "model.gguf", quant="F16").tensors      # doctest: +SKIP
@@ -145,6 +147,7 @@ def convert(src: str | os.PathLike[str], out: str | os.PathLike[str], *, quant: 
     kv = hparams(rule, cfg)
     kv["vocab_size"] = len(vocab.tokens)
     ftype, direct = QUANTS[quant]
+    imatrix, imatrix_note = _importance(ck.path, rule, cfg, quant, direct, imatrix)
     probe_outs = plan_tensors(ck, rule, cfg, gguf.GGMLQuantizationType.F32, n_vocab=len(vocab.tokens))
     stage = quant if direct else _INTERMEDIATE[_source_type(ck, probe_outs)]
     outs = plan_tensors(ck, rule, cfg, DIRECT_TYPES[stage], n_vocab=len(vocab.tokens))
@@ -206,13 +209,43 @@ def convert(src: str | os.PathLike[str], out: str | os.PathLike[str], *, quant: 
                          f"its {quant} mixture): {others}")
     params = sum(int(_prod(t.shape)) for t in outs)
     res = ConvertResult(out, rule.gguf_arch, (ck.config.get("architectures") or ["?"])[0], quant, params,
-                        len(outs), out.stat().st_size, time.perf_counter() - t0, peak_rss(), types, probe, notes)
+                        len(outs), out.stat().st_size, time.perf_counter() - t0, peak_rss(), types, probe, notes,
+                        imatrix=imatrix_note)
     if strict and (probe.llama_cpp_mismatches or probe.hf_path_mismatches):
         raise ConversionCheckError(
             f"{out}: the tokenizer probe found {probe.llama_cpp_mismatches} differences between HF and "
             f"llama.cpp tokenization (--strict)", hint="see the differences listed above; the file was kept",
             result=res)
     return res
+
+
+def _importance(src: Path, rule: ArchRule, cfg: dict[str, Any], quant: str, direct: bool,
+                want: bool | dict[str, Any] | None) -> tuple[dict[str, Any] | None, str]:
+    """(the importance matrix or None, what the summary says about it)."""
+    from localllm.converter import imatrix as imx
+
+    if isinstance(want, dict):
+        return want, f"given, {len(want)} tensors"
+    if direct:
+        return None, f"not used: {quant} is written directly"
+    if want is False:
+        return None, "off (--no-imatrix)"
+    if not imx.available():
+        if want:
+            raise PrerequisiteError("--imatrix needs torch and transformers", hint="pip install 'localllm[verify]'")
+        return None, "off: collecting one needs torch and transformers (pip install 'localllm[verify]')"
+    tied = cfg.get("tie_word_embeddings")
+    t0 = time.perf_counter()
+    m = imx.collect(src, imx.calibration_text(), gguf_arch=rule.gguf_arch,
+                    tied=rule.tied_default if tied is None else bool(tied))
+    _trim_heap()
+    return m, f"from the calibration text, {len(m)} tensors, {time.perf_counter() - t0:.1f} s"
+
+
+def importance_for(src: str | os.PathLike[str], want: bool | None = None) -> tuple[dict[str, Any] | None, str]:
+    """The importance matrix of the HF checkpoint ``src`` for quantizing it (``--quant auto``), and a note."""
+    ck = Checkpoint.open(src)
+    return _importance(ck.path, rule_for(ck.config), text_config(ck.config), "auto", False, want)
 
 
 def _prod(shape: tuple[int, ...]) -> int:
