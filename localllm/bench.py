@@ -163,7 +163,12 @@ def bench(models: Sequence[str | os.PathLike[str]], *, prompt_tokens: int = 128,
     _check(prompt_tokens, gen_tokens, depth, reps)
     if not models:
         raise InvalidArgumentError("give at least one model", param="models")
+    from localllm import store
+
     names = [str(m) for m in models]
+    # resolve (and materialize) every model first: a missing one fails before any measuring, and
+    # a built-in version requantized on first use does not count as load time
+    paths = [str(store.resolve(m, models_dir=models_dir)) for m in names]
     runs: dict[int, list[dict[str, float]]] = {i: [] for i in range(len(names))}
     infos: dict[int, Any] = {}
     peaks: dict[int, int] = dict.fromkeys(runs, 0)
@@ -174,7 +179,7 @@ def bench(models: Sequence[str | os.PathLike[str]], *, prompt_tokens: int = 128,
             order.reverse()
         for i in order:
             _reset_peak()
-            infos[i], fig = _once(names[i], prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, depth=depth,
+            infos[i], fig = _once(paths[i], prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, depth=depth,
                                   n_threads=n_threads, models_dir=models_dir)
             peaks[i] = max(peaks[i], _peak_rss())
             runs[i].append(fig)

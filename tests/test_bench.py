@@ -48,7 +48,7 @@ def test_bench_json_keys_and_consistent_figures(default_model_path: Path, tmp_pa
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
 
 
-def test_rounds_alternate_the_order(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_rounds_alternate_the_order(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Side by side: each round runs every model once, the order reversed every other round."""
     seen: list[str] = []
 
@@ -61,8 +61,11 @@ def test_rounds_alternate_the_order(monkeypatch: pytest.MonkeyPatch) -> None:
         return Info(model), {"load_s": 1.0, "ttft_ms": 1.0, "prompt_tps": 1.0, "gen_tps": 1.0}
 
     monkeypatch.setattr(bench, "_once", fake_once)
-    bench.bench(["a", "b", "c"], reps=3)
-    assert seen == ["a", "b", "c", "c", "b", "a", "a", "b", "c"]
+    a, b, c = (str(tmp_path / f"{n}.gguf") for n in "abc")
+    for p in (a, b, c):
+        Path(p).write_bytes(b"")
+    bench.bench([a, b, c], reps=3)
+    assert seen == [a, b, c, c, b, a, a, b, c]
 
 
 def test_bench_errors_are_one_line(tmp_path: Path) -> None:

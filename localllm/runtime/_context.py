@@ -1,0 +1,120 @@
+"""Contexts: KV cache and compute buffers."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from localllm.errors import RuntimeFailure
+from localllm.runtime._lib import _LOG_ERROR, C, _backend, _explain_load_failure
+
+if TYPE_CHECKING:  # annotations only
+    from localllm.runtime._model import Batch, LlamaModel
+
+# --------------------------------------------------------------------------- context
+
+# KV cache element types llama.cpp's CPU backend takes (ggml_type ids, ggml.h)
+KV_CACHE_TYPES = {"f32": 0, "f16": 1, "bf16": 30, "q8_0": 8, "q5_1": 7, "q5_0": 6, "q4_1": 3, "q4_0": 2,
+                  "iq4_nl": 20}
+
+
+class Context:
+    """A llama.cpp context: KV cache + compute buffers for one model.
+
+    ``n_seq_max`` > 1 partitions the KV cache by sequence id for batching.
+    Not thread-safe: one thread drives a context.
+    """
+
+    def __init__(self, model: LlamaModel, *, n_ctx: int, n_threads: int, n_batch: int | None = None,
+                 n_ubatch: int = 512, n_seq_max: int = 1, embeddings: bool = False,
+                 kv_unified: bool = True, flash_attn: bool | None = None,
+                 cache_type_k: str = "f16", cache_type_v: str = "f16") -> None:
+        sink = _backend()
+        self.model = model
+        p = C.llama_context_default_params()
+        p.n_ctx = n_ctx
+        p.n_batch = n_batch or min(n_ctx, 2048)
+        p.n_ubatch = min(n_ubatch, p.n_batch)
+        p.n_seq_max = n_seq_max
+        p.n_threads = n_threads
+        p.n_threads_batch = n_threads
+        p.embeddings = embeddings
+        p.kv_unified = kv_unified
+        p.no_perf = True
+        if embeddings:
+            p.pooling_type = C.LLAMA_POOLING_TYPE_MEAN
+        if flash_attn is not None:
+            p.flash_attn_type = C.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else C.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        p.type_k = KV_CACHE_TYPES[cache_type_k]
+        p.type_v = KV_CACHE_TYPES[cache_type_v]
+        mark = sink.mark()
+        ptr = C.llama_init_from_model(model.ptr, p)
+        if not ptr:
+            raise _explain_load_failure(model.path, sink.since(mark), sink.since(mark, _LOG_ERROR))
+        self._ptr = ptr
+        self._mem = C.llama_get_memory(ptr)
+        self.n_ctx = int(C.llama_n_ctx(ptr))
+        self.n_batch = int(C.llama_n_batch(ptr))
+        self.n_seq_max = n_seq_max
+        self.embeddings = embeddings
+
+    @property
+    def ptr(self):
+        if self._ptr is None:
+            raise RuntimeFailure("context already freed")
+        return self._ptr
+
+    def decode(self, batch: Batch) -> None:
+        rc = C.llama_decode(self.ptr, batch.raw)
+        if rc == 0:
+            return
+        if rc == 1:
+            raise RuntimeFailure("the KV cache is full: no slot for this batch",
+                                 hint="use a larger context (--ctx) or fewer parallel sequences")
+        if rc == 2:
+            raise RuntimeFailure("decoding was aborted")
+        raise RuntimeFailure(f"llama_decode failed (code {rc})")
+
+    def logits(self, i: int) -> np.ndarray:
+        """A zero-copy float32 view of the logits of batch row ``i`` (valid until
+        the next decode)."""
+        ptr = C.llama_get_logits_ith(self.ptr, i)
+        if not ptr:
+            raise RuntimeFailure(f"no logits for batch row {i}")
+        return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,))
+
+    def embedding(self, seq_id: int) -> np.ndarray:
+        ptr = C.llama_get_embeddings_seq(self.ptr, seq_id)
+        if not ptr:
+            raise RuntimeFailure("no pooled embedding for this sequence")
+        return np.ctypeslib.as_array(ptr, shape=(self.model.n_embd,)).copy()
+
+    # -- KV cache by sequence
+    @property
+    def _memory(self):
+        if self._ptr is None:  # the memory belongs to the context: never touch it once freed
+            raise RuntimeFailure("context already freed")
+        return self._mem
+
+    def seq_rm(self, seq_id: int, p0: int = -1, p1: int = -1) -> bool:
+        return bool(C.llama_memory_seq_rm(self._memory, seq_id, p0, p1))
+
+    def seq_cp(self, src: int, dst: int, p0: int = -1, p1: int = -1) -> None:
+        C.llama_memory_seq_cp(self._memory, src, dst, p0, p1)
+
+    def clear(self) -> None:
+        C.llama_memory_clear(self._memory, True)
+
+    def close(self) -> None:
+        if self._ptr is not None:
+            C.llama_free(self._ptr)
+            self._ptr = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
