@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from localllm import tools as toolsmod
 from localllm.core.logprobs import TokenLogprob
 from localllm.core.request import Choice, Request, collect
 from localllm.errors import InvalidArgumentError, ModelBusyError, ModelClosedError
@@ -52,10 +53,12 @@ class Completion:
     tokens: list[int] = field(default_factory=list, repr=False)
     logprobs: list[TokenLogprob] | None = field(default=None, repr=False)
     choices: list[Choice] = field(default_factory=list, repr=False)
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)  # with tools: the calls (OpenAI shape)
+    tool_call_error: str | None = None   # with tools: why an answer that looked like a call is not one
 
     def timings(self) -> dict[str, float | int]:
         d = asdict(self)
-        for k in ("text", "tokens", "logprobs", "choices", "finish_reason"):
+        for k in ("text", "tokens", "logprobs", "choices", "finish_reason", "tool_calls", "tool_call_error"):
             d.pop(k)
         return d
 
@@ -241,19 +244,24 @@ class Model:
         return SamplingParams(**sampling)
 
     def _start(self, prompt: Any, chat: bool, system: str | None, sampling: dict[str, Any],
-               default_max: int) -> Request:
+               default_max: int, tools: toolsmod.ToolSpec | None = None) -> Request:
         """Validate and tokenize; the caller holds the lock."""
-        params = self._params(sampling, default_max)
-        ids = self._engine.chat_ids(prompt, system) if chat else self._engine.text_ids(prompt)
+        params = toolsmod.with_grammar(self._params(sampling, default_max), tools, self._engine.tool_family)
+        ids = self._engine.chat_ids(prompt, system, tools) if chat else self._engine.text_ids(prompt)
         return Request(ids, params)
 
     def _complete(self, prompt: Any, chat: bool, system: str | None, sampling: dict[str, Any],
-                  default_max: int) -> Completion:
+                  default_max: int, tools: toolsmod.ToolSpec | None = None) -> Completion:
         self._enter()
         try:
-            req = self._start(prompt, chat, system, sampling, default_max)
+            req = self._start(prompt, chat, system, sampling, default_max, tools)
             choices = collect(self._engine.run(req), req.params.n)
             self.last = _completion(req, choices)
+            if tools is not None and tools.active:
+                p = toolsmod.parse(self.last.text, tools, self._engine.tool_family)
+                self.last.text, self.last.tool_calls, self.last.tool_call_error = p.content or "", p.calls, p.error
+                if p.calls:
+                    self.last.finish_reason = "tool_calls"
             return self.last
         finally:
             self._lock.release()
@@ -326,9 +334,13 @@ class Model:
         return self._stream(prompt, False, None, dict(sampling), 256)
 
     def chat_complete(self, messages: Sequence[dict[str, Any]], *, system: str | None = None,
-                      **sampling: Unpack[SamplingKwargs]) -> Completion:
-        """Like :meth:`chat`, returning a :class:`Completion`."""
-        return self._complete(messages, True, system, dict(sampling), 512)
+                      tools: Sequence[dict[str, Any]] | None = None, tool_choice: Any = None,
+                      parallel_tool_calls: bool | None = None, **sampling: Unpack[SamplingKwargs]) -> Completion:
+        """Like :meth:`chat`, returning a :class:`Completion`. ``tools``/``tool_choice``/``parallel_tool_calls``
+        as in OpenAI's API: calls come back in ``Completion.tool_calls`` (``text`` holds any other content,
+        or the whole answer with ``tool_call_error`` when it was not a valid call)."""
+        spec = toolsmod.spec_from(tools, tool_choice, parallel_tool_calls)
+        return self._complete(messages, True, system, dict(sampling), 512, spec)
 
     def chat(self, messages: Sequence[dict[str, Any]], *, system: str | None = None,
              **sampling: Unpack[SamplingKwargs]) -> str:

@@ -50,13 +50,14 @@ class Prompter:
             raise InvalidArgumentError("the prompt is empty", param="prompt")
         return ids
 
-    def render(self, messages: Any, *, add_generation_prompt: bool = True) -> str:
+    def render(self, messages: Any, *, add_generation_prompt: bool = True, **extra: Any) -> str:
         return chatmod.render_chat(self.template, messages, bos_token=self.bos_text, eos_token=self.eos_text,
-                                   add_generation_prompt=add_generation_prompt)
+                                   add_generation_prompt=add_generation_prompt, **extra)
 
-    def chat_ids(self, messages: Any) -> list[int]:
-        """Render ``messages`` with the template and tokenize, parsing special tokens."""
-        text = self.render(messages)
+    def chat_ids(self, messages: Any, **extra: Any) -> list[int]:
+        """Render ``messages`` with the template (``extra``: variables such as ``tools``) and tokenize,
+        parsing special tokens."""
+        text = self.render(messages, **extra)
         # templates usually write the BOS themselves; don't add a second one
         add_bos = self.model.add_bos and not (self.bos_text and text.startswith(self.bos_text))
         return self.tokenize(text, add_special=add_bos, special=True)

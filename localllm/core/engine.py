@@ -16,10 +16,12 @@ from typing import Any
 
 from localllm import chat as chatmod
 from localllm import loader
+from localllm import tools as toolsmod
 from localllm.core.request import Event, Request
 from localllm.core.scheduler import Scheduler
 from localllm.errors import InvalidArgumentError
 from localllm.loader import ModelInfo, ModelSettings
+from localllm.tools import ToolSpec
 
 
 class Engine:
@@ -64,15 +66,23 @@ class Engine:
             return list(prompt)  # ids outside the vocabulary: the scheduler's check refuses them
         raise InvalidArgumentError("prompt must be a string or a non-empty list of token ids", param="prompt")
 
-    def chat_ids(self, messages: Any, system: str | None = None) -> list[int]:
-        """OpenAI-style messages → token ids through the model's own template (sandboxed)."""
+    def chat_ids(self, messages: Any, system: str | None = None, tools: ToolSpec | None = None) -> list[int]:
+        """OpenAI-style messages → token ids through the model's own template (sandboxed),
+        with ``tools`` rendered as the template's family expects (:mod:`localllm.tools`)."""
         msgs = chatmod.normalize_messages(messages)
         if system is not None:
             if not isinstance(system, str):
                 raise InvalidArgumentError("system must be a string", param="system")
             if not (msgs and msgs[0]["role"] == "system"):
                 msgs = [{"role": "system", "content": system}, *msgs]
-        return self.prompter.chat_ids(msgs)
+        toolsmod.check_messages(msgs)
+        msgs, extra = toolsmod.render_inputs(msgs, tools, self.tool_family)
+        return self.prompter.chat_ids(msgs, **extra)
+
+    @property
+    def tool_family(self) -> str:
+        """The call syntax of this model's chat template (hermes, llama3, mistral or generic)."""
+        return toolsmod.family_of(self.prompter.template)
 
     def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = True) -> list[int]:
         """Text → ids with the model's own tokenizer (the embedded HF one when present).

@@ -10,10 +10,12 @@ Example:
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from typing import Any
 
 from localllm.core.logprobs import TokenLogprob
 from localllm.core.request import Choice, Request
+from localllm.tools import ToolSpec, parse
 
 
 def _top(alts: list[tuple[int, bytes, float]]) -> list[dict[str, Any]]:
@@ -37,9 +39,21 @@ def completion_logprobs(lps: list[TokenLogprob] | None) -> dict[str, Any] | None
             "text_offset": [lp.offset for lp in lps]}
 
 
-def chat_choice(c: Choice) -> dict[str, Any]:
-    return {"index": c.index, "message": {"role": "assistant", "content": c.text},
-            "logprobs": chat_logprobs(c.logprobs), "finish_reason": c.finish_reason}
+def chat_choice(c: Choice, tools: tuple[ToolSpec, str] | None = None) -> dict[str, Any]:
+    """A chat choice; with tools, the answer split into content and ``tool_calls`` (an answer
+    that is not a valid call stays content, and ``localllm.tool_call_error`` says why)."""
+    if tools is None:
+        return {"index": c.index, "message": {"role": "assistant", "content": c.text},
+                "logprobs": chat_logprobs(c.logprobs), "finish_reason": c.finish_reason}
+    p = parse(c.text, *tools)
+    msg: dict[str, Any] = {"role": "assistant", "content": p.content}
+    if p.calls:
+        msg["tool_calls"] = p.calls
+    out = {"index": c.index, "message": msg, "logprobs": chat_logprobs(c.logprobs),
+           "finish_reason": "tool_calls" if p.calls else c.finish_reason}
+    if p.error:
+        out["localllm"] = {"tool_call_error": p.error}
+    return out
 
 
 def completion_choice(c: Choice) -> dict[str, Any]:
@@ -54,10 +68,47 @@ def usage(req: Request) -> dict[str, Any]:
             "prompt_tokens_details": {"cached_tokens": req.cached_tokens}}
 
 
-def response(rid: str, created: int, model: str, chat: bool, choices: list[Choice], req: Request) -> dict[str, Any]:
-    fmt = chat_choice if chat else completion_choice
+def response(rid: str, created: int, model: str, chat: bool, choices: list[Choice], req: Request,
+             tools: tuple[ToolSpec, str] | None = None) -> dict[str, Any]:
+    out = [chat_choice(c, tools) for c in choices] if chat else [completion_choice(c) for c in choices]
     return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
-            "model": model, "choices": [fmt(c) for c in choices], "usage": usage(req)}
+            "model": model, "choices": out, "usage": usage(req)}
+
+
+def tool_stream(rid: str, created: int, model: str, req: Request, tools: tuple[ToolSpec, str], include_usage: bool,
+                disconnected: Any) -> Iterator[str]:
+    """A chat stream with tools: each choice is parsed when it ends, then sent as a content delta
+    and/or ``tool_calls`` deltas (OpenAI's chunk shape), and its finish reason."""
+    texts: dict[int, list[str]] = {}
+    head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model}
+    extra = {"usage": None} if include_usage else {}
+    try:
+        for i in range(req.params.n):
+            yield sse({**head, "choices": [{"index": i, "delta": {"role": "assistant"}, "logprobs": None,
+                                           "finish_reason": None}], **extra})
+        for ev in req.events(disconnected=disconnected):
+            if ev.kind == "text":
+                texts.setdefault(ev.index, []).append(ev.text)
+            elif ev.kind == "done":
+                c = chat_choice(Choice(ev.index, "".join(texts.pop(ev.index, [])), ev.finish_reason), tools)
+                m = c["message"]
+                delta: dict[str, Any] = {}
+                if m["content"]:
+                    delta["content"] = m["content"]
+                if m.get("tool_calls"):
+                    delta["tool_calls"] = [{"index": k, **call} for k, call in enumerate(m["tool_calls"])]
+                if delta:
+                    yield sse({**head, "choices": [{"index": ev.index, "delta": delta, "logprobs": None,
+                                                   "finish_reason": None}], **extra})
+                last = {"index": ev.index, "delta": {}, "logprobs": None, "finish_reason": c["finish_reason"]}
+                if "localllm" in c:
+                    last["localllm"] = c["localllm"]
+                yield sse({**head, "choices": [last], **extra})
+        if include_usage:
+            yield sse(usage_chunk(rid, created, model, True, req))
+        yield "data: [DONE]\n\n"
+    finally:
+        req.cancel()
 
 
 def chunk(rid: str, created: int, model: str, chat: bool, index: int, text: str | None, finish: str | None,

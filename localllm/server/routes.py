@@ -18,6 +18,7 @@ from typing import Any
 from flask import Blueprint, Response, current_app, request, send_from_directory
 from werkzeug.exceptions import RequestEntityTooLarge
 
+from localllm import tools as toolsmod
 from localllm.core.request import Request, collect
 from localllm.errors import InvalidArgumentError, LocalLLMError, ModelNotFoundError, PayloadTooLargeError
 from localllm.server import openai_format as fmt
@@ -155,8 +156,7 @@ def anthropic_messages() -> Response:
             req.cancel()
             _account(metrics, req)
 
-    return Response(events(), mimetype="text/event-stream",
-                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return _stream(events(), None)
 
 
 @api.post("/v1/messages/count_tokens")
@@ -205,8 +205,11 @@ def chat_completions() -> Response:
     eng = _engine_for(body)
     params = protocol.sampling(body, default_max_tokens=None, chat=True)
     stream, usage = protocol.stream_flags(body, params)
-    prompt = eng.chat_ids(body.get("messages"))
-    return _generate(eng, Request(prompt, params, stream=stream), usage, chat=True)
+    spec = toolsmod.spec_from(body.get("tools"), body.get("tool_choice"), body.get("parallel_tool_calls"))
+    params = toolsmod.with_grammar(params, spec, eng.tool_family)
+    prompt = eng.chat_ids(body.get("messages"), tools=spec)
+    calls = (spec, eng.tool_family) if spec is not None and spec.active else None
+    return _generate(eng, Request(prompt, params, stream=stream), usage, chat=True, tools=calls)
 
 
 @api.post("/v1/completions")
@@ -231,7 +234,8 @@ def _account(m: Any, req: Request) -> None:
         m.ttft.observe(req.t_first - req.t_submit)
 
 
-def _generate(eng: Any, req: Request, include_usage: bool, chat: bool) -> Response:
+def _generate(eng: Any, req: Request, include_usage: bool, chat: bool,
+              tools: tuple[toolsmod.ToolSpec, str] | None = None) -> Response:
     st = _state()
     eng.submit(req)
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
@@ -249,7 +253,10 @@ def _generate(eng: Any, req: Request, include_usage: bool, chat: bool) -> Respon
         finally:
             req.cancel()
             account()
-        return _json(fmt.response(rid, created, model_id, chat, choices, req))
+        return _json(fmt.response(rid, created, model_id, chat, choices, req, tools))
+
+    if tools is not None:  # a call is known only at the end: the answer comes in the final chunks
+        return _stream(fmt.tool_stream(rid, created, model_id, req, tools, include_usage, disconnected), account)
 
     def events() -> Iterator[str]:
         try:
@@ -272,5 +279,18 @@ def _generate(eng: Any, req: Request, include_usage: bool, chat: bool) -> Respon
             req.cancel()  # a client that went away frees its slot at the next step
             account()
 
-    return Response(events(), mimetype="text/event-stream",
+    return _stream(events(), None)
+
+
+def _stream(chunks: Iterator[str], account: Callable[[], None] | None) -> Response:
+    def guarded() -> Iterator[str]:
+        try:
+            yield from chunks
+        except LocalLLMError as e:  # headers are gone: report in the stream
+            yield fmt.sse(e.to_dict())
+        finally:
+            if account is not None:
+                account()
+
+    return Response(guarded() if account is not None else chunks, mimetype="text/event-stream",
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
