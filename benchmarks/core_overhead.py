@@ -25,7 +25,7 @@ def main() -> None:
 
     from localllm import Model, runtime
 
-    m = Model(a.model, n_ctx=a.tokens + 256)
+    m = Model(a.model, n_ctx=a.tokens + 256, prompt_cache=False)
     row = np.zeros(m.info.n_vocab, dtype=np.float32)
     row[m.tokenize(" hello", add_bos=False)[0]] = 5.0  # greedy picks one ordinary token every time
     runtime.Context.decode = lambda self, batch: None  # type: ignore[method-assign]

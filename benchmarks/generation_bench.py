@@ -80,7 +80,7 @@ def main() -> None:
     rows = []
     for ref in a.models:
         path = store.resolve(ref)
-        with Model(path, n_ctx=1024, n_threads=a.threads) as m:
+        with Model(path, n_ctx=1024, n_threads=a.threads, prompt_cache=False) as m:
             ours_tg(m, 16)  # warm up (page in the weights)
             depth = len(m.tokenize(PROMPT))
             nat, our, ratios, pps, ttfts = [], [], [], [], []

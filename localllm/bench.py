@@ -120,6 +120,7 @@ def _once(model: str, *, prompt_tokens: int, gen_tokens: int, depth: int, n_thre
     from localllm.loader import ModelSettings
 
     settings = ModelSettings(model=model, models_dir=models_dir, n_ctx=depth + prompt_tokens + gen_tokens + 8,
+                             prompt_cache=False,  # measures decoding, not the disk
                              n_threads=n_threads)
     t0 = time.perf_counter()
     engine = Engine(settings)

@@ -55,6 +55,9 @@ class ModelSettings:
     cache_type_k: str = "f16"   # KV cache element types: f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0, iq4_nl, f32
     cache_type_v: str = "f16"
     flash_attn: str = "auto"    # auto, on, off
+    prompt_cache: bool = True   # KV states of past prompts on disk (localllm/core/prompt_cache.py)
+    prompt_cache_dir: str | os.PathLike[str] | None = None   # default: <home>/prompt-cache
+    prompt_cache_bytes: int = 1 << 30
 
     def __post_init__(self) -> None:
         from localllm.placement import parse_gpu_layers
@@ -75,6 +78,9 @@ class ModelSettings:
         _check_int("n_seq", self.n_seq, 1, 256)
         if not isinstance(self.repack, bool):
             raise InvalidArgumentError("repack must be true or false", param="repack")
+        if not isinstance(self.prompt_cache, bool):
+            raise InvalidArgumentError("prompt_cache must be true or false", param="prompt_cache")
+        _check_int("prompt_cache_bytes", self.prompt_cache_bytes, 1 << 20)
         object.__setattr__(self, "n_gpu_layers", parse_gpu_layers(self.n_gpu_layers))
 
     def threads(self) -> int:
@@ -84,6 +90,9 @@ class ModelSettings:
         """The llama.cpp context options these settings decide (for every generation context)."""
         fa = {"auto": None, "on": True, "off": False}[self.flash_attn]
         return {"cache_type_k": self.cache_type_k, "cache_type_v": self.cache_type_v, "flash_attn": fa}
+
+    def prompt_cache_root(self) -> Path:
+        return Path(self.prompt_cache_dir) if self.prompt_cache_dir else settings_mod.home() / "prompt-cache"
 
 
 @dataclass(frozen=True)
@@ -117,6 +126,7 @@ class ModelInfo:
     cache_type_k: str
     cache_type_v: str
     flash_attn: str
+    prompt_cache: bool
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -208,7 +218,8 @@ def load(s: ModelSettings, progress: Callable[[str], None] | None = None) -> Loa
         has_chat_template=prompter.template_source == "gguf", template_source=prompter.template_source,
         tokenizer_source=prompter.tokenizer_source, gpu_layers=min(gpu_layers, llama.n_layer + 1),
         gpu_layers_requested=s.n_gpu_layers, placement=notes[-1] if notes else reason, threads=s.threads(),
-        repack=s.repack, cache_type_k=s.cache_type_k, cache_type_v=s.cache_type_v, flash_attn=s.flash_attn)
+        repack=s.repack, cache_type_k=s.cache_type_k, cache_type_v=s.cache_type_v, flash_attn=s.flash_attn,
+        prompt_cache=s.prompt_cache)
     return Loaded(llama=llama, prompter=prompter, info=info, settings=s, path=prep.path, notes=prep.notes + notes)
 
 

@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 import warnings
@@ -120,7 +121,10 @@ class Model:
     instead of corrupted state. ``localllm serve`` batches many clients.
 
     Successive calls reuse the KV cache for the longest common token prefix,
-    so the next turn of a chat does not re-read the history.
+    so the next turn of a chat does not re-read the history. ``prompt_cache``
+    (on by default; ``False`` turns it off, a folder moves it) keeps those KV
+    states on disk too, so a new process starts with them
+    (``Completion.cached_tokens`` counts the tokens not decoded again).
 
     Example:
         >>> with Model("smollm2-135m", n_ctx=2048, seed=1) as m:      # doctest: +SKIP
@@ -132,7 +136,7 @@ class Model:
     def __init__(self, model: str | Path | None = None, *, n_ctx: int | None = None,
                  n_threads: int | None = None, n_gpu_layers: GpuLayers = "auto",
                  seed: int | None = None, models_dir: str | Path | None = None, repack: bool = True,
-                 settings: ModelSettings | None = None) -> None:
+                 prompt_cache: bool | str | Path | None = None, settings: ModelSettings | None = None) -> None:
         from localllm.core.engine import Engine  # loads llama.cpp: import late
 
         self._lock = threading.Lock()
@@ -142,6 +146,11 @@ class Model:
         if settings is None:
             settings = ModelSettings(model=model, models_dir=models_dir, n_ctx=n_ctx, n_threads=n_threads,
                                      n_gpu_layers=n_gpu_layers, repack=repack)
+        if prompt_cache is not None:  # a folder turns it on there
+            on = prompt_cache if isinstance(prompt_cache, bool) else True
+            folder = None if isinstance(prompt_cache, bool) else prompt_cache
+            settings = dataclasses.replace(settings, prompt_cache=on,
+                                           prompt_cache_dir=folder or settings.prompt_cache_dir)
         self._engine = Engine(settings)
         self._closed = False
         for note in self._engine.notes:  # the library never prints: a warning the caller may show

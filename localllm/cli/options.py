@@ -37,13 +37,13 @@ def int_range(name: str) -> click.IntRange:
 
 def model_settings(model: str | None, n_ctx: int | None, n_threads: int | None, gpu_layers: int | str,
                    models_dir: str | None, cache_type_k: str = "f16", cache_type_v: str = "f16",
-                   flash_attn: str = "auto", **extra: Any) -> Any:
+                   flash_attn: str = "auto", prompt_cache: bool = True, **extra: Any) -> Any:
     """The flags of :func:`model_options` as one ``ModelSettings``."""
     from localllm.loader import ModelSettings
 
     return ModelSettings(model=model, models_dir=models_dir, n_ctx=n_ctx, n_threads=n_threads,
                          n_gpu_layers=gpu_layers, cache_type_k=cache_type_k, cache_type_v=cache_type_v,
-                         flash_attn=flash_attn, **extra)
+                         flash_attn=flash_attn, prompt_cache=prompt_cache, **extra)
 
 
 # plan.CACHE_TYPES, spelled out (importing plan would slow every command's start); tests/test_flags.py compares
@@ -67,6 +67,9 @@ def model_options(f):
                      help="KV cache type of values (quantized needs flash attention)."),
         click.option("--flash-attn", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
                      help="llama.cpp's flash attention."),
+        click.option("--prompt-cache/--no-prompt-cache", default=True, show_default=True,
+                     help="Keep KV states of past prompts on disk (<home>/prompt-cache) and restore "
+                          "the longest shared prefix, also after a restart."),
     ]):
         f = opt(f)
     return f

@@ -104,7 +104,7 @@ def verify(src: str | Path, gguf_path: str | Path, *, quant: str, greedy_tokens:
     model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
     model.eval()
     refs, gots = [], []
-    with Model(Path(gguf_path), n_ctx=256, n_gpu_layers=0) as gm:
+    with Model(Path(gguf_path), n_ctx=256, n_gpu_layers=0, prompt_cache=False) as gm:
         for p in PROMPTS:
             ids = list(hf_tok(p, add_special_tokens=True)["input_ids"])
             if gm.tokenize(p, add_bos=True) != ids:

@@ -17,6 +17,7 @@ from typing import Any
 from localllm import chat as chatmod
 from localllm import loader
 from localllm import tools as toolsmod
+from localllm.core.prompt_cache import open_cache
 from localllm.core.request import Event, Request
 from localllm.core.scheduler import Scheduler
 from localllm.errors import InvalidArgumentError
@@ -50,8 +51,13 @@ class Engine:
             raise
 
     def _scheduler(self, n_slots: int) -> Scheduler:
+        st = self.settings
+        pc = None
+        if st.prompt_cache:
+            pc = open_cache(st.prompt_cache_root(), self.loaded.path, n_stream=n_slots,
+                            context=st.context_options(), max_bytes=st.prompt_cache_bytes)
         s = Scheduler(self.llama, n_slots=n_slots, n_ctx_seq=self.info.context, n_threads=self.info.threads,
-                      max_queue=self._max_queue, on_step=self._on_step, **self.settings.context_options())
+                      max_queue=self._max_queue, on_step=self._on_step, prompt_cache=pc, **st.context_options())
         if self._threaded:
             s.start()
         return s

@@ -28,6 +28,7 @@ from localllm import runtime
 from localllm.core import lanes as lanes_mod
 from localllm.core.beams import Beams
 from localllm.core.lanes import Lane, Slot
+from localllm.core.prompt_cache import MIN_TOKENS, PromptCache
 from localllm.core.request import Event, Request
 from localllm.core.sampled import Sampled
 from localllm.errors import (ContextOverflowError, InvalidArgumentError, LocalLLMError, QueueFullError,
@@ -61,8 +62,10 @@ class Scheduler:
 
     def __init__(self, model: runtime.LlamaModel, *, n_slots: int, n_ctx_seq: int, n_threads: int,
                  max_queue: int = 16, n_batch: int = 512,
-                 on_step: Callable[[dict[str, Any]], None] | None = None, **context: Any) -> None:
+                 on_step: Callable[[dict[str, Any]], None] | None = None,
+                 prompt_cache: PromptCache | None = None, **context: Any) -> None:
         self.model = model
+        self.prompt_cache = prompt_cache  # KV states on disk (restored in _start, saved in _reap)
         self.n_slots = n_slots
         self.n_ctx_seq = n_ctx_seq
         self.max_queue = max_queue
@@ -221,6 +224,8 @@ class Scheduler:
     def _start(self, req: Request, chosen: list[Slot]) -> None:
         prompt = req.prompt
         lanes = [Lane(s) for s in chosen]
+        if self.prompt_cache is not None:
+            self._restore(chosen[0], prompt)
         req.cached_tokens = lanes_mod.start(self.ctx, lanes[0], prompt)
         for lane in lanes[1:]:
             lanes_mod.truncate(self.ctx, lane.slot, 0)
@@ -243,8 +248,38 @@ class Scheduler:
         self.active.sort(key=lambda u: u.lanes[0].slot.seq)
         self.stats["busy_slots"] = self.busy_slots()
 
-    def _reap(self) -> None:
-        """Free the slots of finished or cancelled requests."""
+    def _restore(self, slot: Slot, prompt: list[int]) -> None:
+        """Load the cached state sharing the longest prefix with ``prompt`` into ``slot``, when
+        the disk has more of it than the slot. A state llama.cpp will not read is deleted."""
+        pc = self.prompt_cache
+        assert pc is not None
+        try:
+            entry = pc.lookup(prompt, have=lanes_mod.lcp(slot.cached, prompt))
+            blob = pc.load(entry) if entry is not None else None
+        except OSError as e:
+            log.warning("prompt cache: lookup failed (%s)", e)
+            return
+        if entry is None or blob is None:
+            return
+        if self.ctx.set_seq_state(slot.seq, blob):
+            slot.cached = list(entry.tokens)
+        else:
+            slot.cached = []  # set_seq_state left the sequence empty
+            pc.refuse(entry, "llama.cpp could not read its state")
+
+    def _save(self, slot: Slot) -> None:
+        """Save ``slot``'s KV state (prompt and answer) for later requests and processes."""
+        pc = self.prompt_cache
+        if pc is None or len(slot.cached) < MIN_TOKENS or pc.has(slot.cached):
+            return
+        try:
+            pc.save(list(slot.cached), self.ctx.seq_state(slot.seq))
+        except (OSError, LocalLLMError) as e:
+            log.warning("prompt cache: could not save (%s)", e)
+
+    def _reap(self, *, save: bool = True) -> None:
+        """Free the slots of finished or cancelled requests (saving the lead's state
+        unless the step failed and the caches are about to be dropped)."""
         keep = []
         now = time.monotonic()
         for u in self.active:
@@ -254,6 +289,8 @@ class Scheduler:
             u.close()
             if u.req.t_end is None:
                 u.req.t_end = time.perf_counter()
+            if save and u.lanes:
+                self._save(u.lanes[0].slot)
             for lane in u.lanes:
                 lane.slot.busy = False
                 lane.slot.last_used = now
@@ -272,7 +309,7 @@ class Scheduler:
                 for req in self.waiting:
                     req.queue.put(Event("error", error=err))
                 self.waiting.clear()
-        self._reap()
+        self._reap(save=False)
         self._drop_caches()
 
     def _drop_caches(self) -> None:

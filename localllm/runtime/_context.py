@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import ctypes
+
 import numpy as np
 
 from localllm.errors import RuntimeFailure
@@ -105,6 +107,30 @@ class Context:
 
     def clear(self) -> None:
         C.llama_memory_clear(self._memory, True)
+
+    # -- a sequence's state as bytes (the prompt cache on disk)
+    def seq_state(self, seq_id: int) -> bytes:
+        """The KV state of sequence ``seq_id`` (llama.cpp's own format: cells, positions, K and V)."""
+        n = int(C.llama_state_seq_get_size(self.ptr, seq_id))
+        buf = (ctypes.c_uint8 * n)()
+        got = int(C.llama_state_seq_get_data(self.ptr, buf, n, seq_id))
+        if got != n:
+            raise RuntimeFailure(f"llama.cpp wrote {got} of {n} bytes of sequence {seq_id}'s state")
+        return bytes(buf)
+
+    def set_seq_state(self, seq_id: int, data: bytes) -> bool:
+        """Load ``data`` (from :meth:`seq_state`) into sequence ``seq_id``, replacing what it held.
+        False when llama.cpp refuses it (another model's layout, a size that does not add up);
+        the sequence is then empty."""
+        self.seq_rm(seq_id, -1, -1)
+        if not data:
+            return False
+        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        got = int(C.llama_state_seq_set_data(self.ptr, buf, len(data), seq_id))
+        if got != len(data):
+            self.seq_rm(seq_id, -1, -1)
+            return False
+        return True
 
     def close(self) -> None:
         if self._ptr is not None:
