@@ -6,7 +6,8 @@ syntax is chosen from the template, one parser per family:
 
 - ``hermes`` (Qwen2.5, Hermes 2/3): ``<tool_call>{"name": …, "arguments": {…}}</tool_call>``
 - ``llama3`` (Llama 3.1–3.3): a JSON object ``{"name": …, "parameters": {…}}``, maybe after ``<|python_tag|>``
-- ``mistral`` (Nemo, Small): ``[TOOL_CALLS][{"name": …, "arguments": {…}}]`` or ``[TOOL_CALLS]name[ARGS]{…}``
+- ``mistral`` (Nemo): ``[TOOL_CALLS][{"name": …, "arguments": {…}}]``
+- ``mistral-args`` (Small 3.2, Devstral): ``[TOOL_CALLS]name[CALL_ID]id[ARGS]{…}``
 - ``generic``: a template that knows no tools; the tools are described in a
   system message and the model is asked for the hermes syntax.
 
@@ -120,7 +121,7 @@ def family_of(template: str | None) -> str:
     if "<tool_call>" in t:
         return "hermes"
     if "[TOOL_CALLS]" in t:
-        return "mistral"
+        return "mistral-args" if "[ARGS]" in t else "mistral"
     if "<|python_tag|>" in t or "ipython" in t:
         return "llama3"
     return "generic"
@@ -166,10 +167,16 @@ def render_inputs(messages: list[dict[str, Any]], spec: ToolSpec | None, family:
     if spec is None or not spec.active:
         return out, {}
     if family == "generic":
-        if out and out[0].get("role") == "system":
-            out[0] = {**out[0], "content": out[0]["content"] + "\n\n" + _generic_system(spec)}
-        else:
+        # into the system message if there is one; else before the first user turn (Gemma's
+        # templates, for one, refuse a system role)
+        k = 0 if out and out[0].get("role") == "system" else next(
+            (i for i, m in enumerate(out) if m.get("role") == "user"), None)
+        if k is None:
             out.insert(0, {"role": "system", "content": _generic_system(spec)})
+        elif out[k].get("role") == "system":
+            out[k] = {**out[k], "content": out[k]["content"] + "\n\n" + _generic_system(spec)}
+        else:
+            out[k] = {**out[k], "content": _generic_system(spec) + "\n\n" + out[k]["content"]}
         return out, {}
     return out, {"tools": [t.openai() for t in spec.tools]}
 
@@ -206,6 +213,12 @@ def call_grammar(spec: ToolSpec, family: str) -> str | None:
         return None
     tools = [spec.by_name(spec.named)] if spec.named else list(spec.tools)
     schemas = [_call_schema(t, family) for t in tools if t is not None]
+    if family == "mistral-args":  # the name outside the JSON: arguments of any tool, paired up when parsed
+        args = runtime.json_schema_to_grammar(tools[0].parameters if len(tools) == 1  # type: ignore[union-attr]
+                                              else {"anyOf": [t.parameters for t in tools]})  # type: ignore[union-attr]
+        names = " | ".join(json.dumps(t.name) for t in tools)  # type: ignore[union-attr]
+        return (args.replace("root ::=", "tool-args-json ::=", 1) + f"\ntool-name ::= {names}\n"
+                + 'root ::= "[TOOL_CALLS]" tool-name "[ARGS]" tool-args-json\n')
     if family == "mistral":
         inner = {"type": "array", "items": schemas[0] if len(schemas) == 1 else {"anyOf": schemas},
                  "minItems": 1, **({} if spec.parallel else {"maxItems": 1})}
@@ -256,8 +269,10 @@ def _validate(spec: ToolSpec, name: Any, args: Any) -> str | None:
     return None
 
 
-def _call(name: str, args: dict[str, Any]) -> dict[str, Any]:
-    return {"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
+def _call(name: str, args: dict[str, Any], family: str) -> dict[str, Any]:
+    # Mistral's templates refuse call ids that are not 9 letters or digits
+    cid = uuid.uuid4().hex[:9] if family.startswith("mistral") else "call_" + uuid.uuid4().hex[:24]
+    return {"id": cid, "type": "function",
             "function": {"name": name, "arguments": json.dumps(args, ensure_ascii=False)}}
 
 
@@ -271,12 +286,13 @@ def _raw_calls(text: str, family: str) -> tuple[list[tuple[Any, Any]], str, bool
         rest = re.sub(r"<tool_call>.*?(?:</tool_call>|$)", "", s, flags=re.S).strip()
         objs = [json.loads(b.strip()) for b in blocks]
         return [(o.get("name"), o.get("arguments", {})) for o in objs], rest, True
-    if family == "mistral":
+    if family.startswith("mistral"):
         if "[TOOL_CALLS]" not in s:
             return [], text, False
         head, _, tail = s.partition("[TOOL_CALLS]")
         if "[ARGS]" in tail:
-            pairs = re.findall(r"([A-Za-z0-9_.\-]+)\[ARGS\](\{.*?\})(?=\[TOOL_CALLS\]|$)", tail.replace("\n", " "))
+            pairs = re.findall(r"([A-Za-z0-9_.\-]+)(?:\[CALL_ID\][A-Za-z0-9]*)?\[ARGS\](\{.*?\})\s*(?=\[TOOL_CALLS\]|$)",
+                               tail.replace("\n", " "))
             return [(n, json.loads(a)) for n, a in pairs], head.strip(), True
         arr = json.loads(tail.strip())
         return [(o.get("name"), o.get("arguments", {})) for o in (arr if isinstance(arr, list) else [arr])], head.strip(), True
@@ -305,7 +321,7 @@ def parse(text: str, spec: ToolSpec | None, family: str) -> Parsed:
             return Parsed(text, [], err)
     if not pairs:
         return Parsed(text, [], "the answer starts a tool call but holds none")
-    return Parsed(rest or None, [_call(n, a) for n, a in pairs])
+    return Parsed(rest or None, [_call(n, a, family) for n, a in pairs])
 
 
 __all__ = ["Tool", "ToolSpec", "Parsed", "spec_from", "family_of", "render_inputs", "check_messages",
