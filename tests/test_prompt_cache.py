@@ -1,0 +1,174 @@
+"""The prompt cache on disk (localllm/core/prompt_cache.py), on the default model.
+
+A restored prefix gives the same greedy tokens as decoding the whole prompt;
+a new process finds the prefix on disk; a file from another model, a damaged
+or truncated file, or a state llama.cpp will not read is refused, deleted and
+rebuilt, never trusted."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from localllm.core.prompt_cache import MAGIC, PromptCache
+
+ROOT = Path(__file__).resolve().parent.parent
+SYSTEM = "You are a careful assistant. " + " ".join(f"Rule {i}: answer politely and cite item {i * 7}."
+                                                    for i in range(20))
+GREEDY = dict(temperature=0, max_tokens=12)
+
+
+def _msgs(question: str) -> list[dict[str, str]]:
+    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
+
+
+def _entries(d: Path) -> list[Path]:
+    return sorted(d.glob("*/*.kv"))
+
+
+@pytest.fixture(scope="module")
+def reference(default_model_path: Path) -> dict[str, object]:
+    """Greedy answers with no cache at all."""
+    from localllm import Model
+
+    with Model(default_model_path, n_ctx=1024, prompt_cache=False) as m:
+        a = m.chat_complete(_msgs("What is rule 3?"), **GREEDY)
+        b = m.chat_complete(_msgs("What is rule 9?"), **GREEDY)
+        sys_ids = m._chat_ids([{"role": "system", "content": SYSTEM}])
+    assert a.cached_tokens == 0
+    return {"a": a.tokens, "b": b.tokens, "prompt": a.prompt_tokens, "system": len(sys_ids)}
+
+
+RESTART = """
+import json, sys
+from localllm import Model
+sys_text, path, folder = sys.argv[1], sys.argv[2], sys.argv[3]
+msgs = lambda q: [{"role": "system", "content": sys_text}, {"role": "user", "content": q}]
+with Model(path, n_ctx=1024, prompt_cache=folder) as m:
+    a = m.chat_complete(msgs("What is rule 3?"), temperature=0, max_tokens=12)
+    m.reset()  # the slot forgets: the next prompt can only come from disk
+    b = m.chat_complete(msgs("What is rule 9?"), temperature=0, max_tokens=12)
+print(json.dumps({"a": a.tokens, "a_cached": a.cached_tokens, "b": b.tokens, "b_cached": b.cached_tokens}))
+"""
+
+
+def test_a_new_process_restores_the_prefix_and_answers_the_same(tmp_path: Path, default_model_path: Path,
+                                                                reference) -> None:
+    from localllm import Model
+
+    with Model(default_model_path, n_ctx=1024, prompt_cache=tmp_path) as m:
+        first = m.chat_complete(_msgs("What is rule 3?"), **GREEDY)
+    assert first.cached_tokens == 0 and first.tokens == reference["a"]
+    assert len(_entries(tmp_path)) == 1
+    out = subprocess.run([sys.executable, "-c", RESTART, SYSTEM, str(default_model_path), str(tmp_path)],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    # the whole prompt but its last token came from the file; the answer is the same, token for token
+    assert got["a_cached"] == reference["prompt"] - 1
+    assert got["a"] == reference["a"]
+    # another conversation with the same system prompt reuses at least the system prompt
+    assert got["b_cached"] >= reference["system"]
+    assert got["b"] == reference["b"]
+
+
+def _forge(entry: Path, blob: bytes, *, key: str | None = None) -> None:
+    """Rewrite ``entry`` with ``blob`` as its state (a valid checksum), keeping its tokens and key unless given."""
+    pc = PromptCache(entry.parent.parent, {})
+    pc.key_text = json.loads(_header(entry))["key"] if key is None else key
+    head = pc._read_header(entry)
+    assert head is not None
+    new = json.dumps({"key": pc.key_text, "tokens": head["tokens"], "length": len(blob),
+                      "sha256": hashlib.sha256(blob).hexdigest()}).encode()
+    entry.write_bytes(MAGIC + struct.pack("<I", len(new)) + new + blob)
+
+
+def _header(entry: Path) -> bytes:
+    raw = entry.read_bytes()
+    (n,) = struct.unpack("<I", raw[len(MAGIC):len(MAGIC) + 4])
+    return raw[len(MAGIC) + 4:len(MAGIC) + 4 + n]
+
+
+def _tiny_state(tiny_gguf: Path) -> bytes:
+    from localllm import runtime
+
+    m = runtime.LlamaModel(tiny_gguf)
+    ctx = runtime.Context(m, n_ctx=256, n_threads=1, n_seq_max=1, kv_unified=False)
+    b = runtime.Batch(128, 1)
+    for i in range(80):
+        b.add(5 + i % 20, i, 0, i == 79)
+    ctx.decode(b)
+    blob = ctx.seq_state(0)
+    b.close(), ctx.close(), m.close()
+    return blob
+
+
+def _other_models_entry(tmp: Path) -> bytes:
+    """The entry file smollm2-135m:q4_0 writes for the same prompt (same KV layout, other weights)."""
+    from localllm import Model, store
+
+    with Model(store.resolve("smollm2-135m:q4_0"), n_ctx=1024, prompt_cache=tmp) as m:
+        m.chat_complete(_msgs("What is rule 3?"), **GREEDY)
+    (f,) = _entries(tmp)
+    return f.read_bytes()
+
+
+def test_foreign_damaged_or_unreadable_files_are_refused_and_rebuilt(tmp_path: Path, default_model_path: Path,
+                                                                     tiny_gguf: Path, reference) -> None:
+    from localllm import Model
+
+    d = tmp_path / "cache"
+    with Model(default_model_path, n_ctx=1024, prompt_cache=d) as m:
+        m.chat_complete(_msgs("What is rule 3?"), **GREEDY)
+        (entry,) = _entries(d)
+        good = entry.read_bytes()
+        foreign = _other_models_entry(tmp_path / "q4_0")
+        key = json.loads(_header(entry))["key"]
+        blob_at = len(good) - json.loads(_header(entry))["length"]
+        damage = {
+            "another model's file": lambda: entry.write_bytes(foreign),
+            "truncated": lambda: entry.write_bytes(good[:len(good) // 2]),
+            "a flipped byte": lambda: entry.write_bytes(good[:-100] + bytes([good[-100] ^ 0x40]) + good[-99:]),
+            "llama.cpp refuses the state": lambda: _forge(entry, _tiny_state(tiny_gguf), key=key),
+            "not a cache file": lambda: entry.write_bytes(b"\0" * blob_at),
+        }
+        pc = m._engine.scheduler.prompt_cache
+        for why, spoil in damage.items():
+            spoil()
+            m.reset()  # nothing in memory: only the file could supply the prefix
+            refused = pc.stats["refused"]
+            r = m.chat_complete(_msgs("What is rule 3?"), **GREEDY)
+            assert (why, r.cached_tokens, r.tokens) == (why, 0, reference["a"])
+            assert pc.stats["refused"] == refused + 1, why
+            assert entry.read_bytes() == good, why  # rebuilt: the same state, written again
+            m.reset()
+            again = m.chat_complete(_msgs("What is rule 3?"), **GREEDY)
+            assert (why, again.cached_tokens) == (why, reference["prompt"] - 1)
+
+
+def test_size_cap_evicts_the_least_recently_used(tmp_path: Path) -> None:
+    pc = PromptCache(tmp_path, {"model": "m"}, max_bytes=3 * 1000 + 2000)
+    blob = bytes(1000)
+    a, b, c = ([i] * 70 for i in (1, 2, 3))
+    for toks in (a, b, c):
+        assert pc.save(toks, blob) is not None
+    (ea,) = [e for e in pc._index().values() if e.tokens == a]
+    assert pc.load(ea) == blob  # a is used: b is now the oldest
+    pc.save([4] * 70, blob)
+    left = {e.tokens[0] for e in PromptCache(tmp_path, {"model": "m"})._index().values()}
+    assert left == {1, 3, 4}
+    # a longer sequence supersedes the entry it extends
+    pc.save(a + [9] * 5, blob)
+    assert sorted(len(e.tokens) for e in pc._index().values() if e.tokens[0] == 1) == [75]
+    # another key sees none of it
+    assert PromptCache(tmp_path, {"model": "other"}).lookup(a + [5], have=0) is None
+    assert PromptCache(tmp_path, {"model": "m"}).lookup(a + [5], have=0).tokens == a + [9] * 5
+
