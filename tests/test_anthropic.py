@@ -66,12 +66,46 @@ def test_errors_in_anthropics_shape(server, client):
     with pytest.raises(anthropic.BadRequestError) as e:
         client.messages.create(model=MODEL, max_tokens=0, messages=MSGS)
     assert e.value.body["type"] == "error" and e.value.body["error"]["type"] == "invalid_request_error"
-    with pytest.raises(anthropic.BadRequestError, match="tools"):
+    with pytest.raises(anthropic.BadRequestError, match="tool_choice"):
+        client.messages.create(model=MODEL, max_tokens=4, messages=MSGS, tools=[WEATHER],
+                               tool_choice={"type": "tool", "name": "nope"})
+    with pytest.raises(anthropic.BadRequestError, match="name"):
         client.messages.create(model=MODEL, max_tokens=4, messages=MSGS,
-                               tools=[{"name": "f", "input_schema": {"type": "object"}}])
+                               tools=[{"name": "bad name!", "input_schema": {"type": "object"}}])
     with pytest.raises(anthropic.NotFoundError):
         client.messages.create(model="claude-3-opus", max_tokens=4, messages=MSGS)
     bad = anthropic.Anthropic(base_url=server.url, api_key="wrong", max_retries=0)
     with pytest.raises(anthropic.AuthenticationError) as e:
         bad.messages.create(model=MODEL, max_tokens=4, messages=MSGS)
     assert e.value.body["error"]["type"] == "authentication_error"
+
+
+WEATHER = {"name": "get_weather", "description": "Current weather in a city",
+           "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_two_turn_tool_exchange(client, stream):
+    """tool_choice any → a tool_use block with a valid input; its tool_result → a text answer."""
+    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+    kw = dict(model=MODEL, max_tokens=60, tools=[WEATHER], tool_choice={"type": "any"}, extra_body={"temperature": 0})
+    if stream:
+        with client.messages.stream(messages=ask, **kw) as s:
+            first = s.get_final_message()
+    else:
+        first = client.messages.create(messages=ask, **kw)
+    assert first.stop_reason == "tool_use"
+    uses = [b for b in first.content if b.type == "tool_use"]
+    assert len(uses) == 1 and uses[0].name == "get_weather" and isinstance(uses[0].input.get("city"), str)
+    assert uses[0].id.startswith("toolu_")
+    turn2 = ask + [{"role": "assistant", "content": [b.model_dump() for b in first.content]},
+                   {"role": "user", "content": [{"type": "tool_result", "tool_use_id": uses[0].id,
+                                                 "content": '{"temperature": 18}'}]}]
+    r = client.messages.create(model=MODEL, max_tokens=20, messages=turn2, tools=[WEATHER],
+                               tool_choice={"type": "none"}, extra_body={"temperature": 0})
+    assert r.stop_reason in ("end_turn", "max_tokens") and r.content[0].type == "text" and r.content[0].text
+    # count_tokens counts what the request is rendered to: the tool result, and the tools when they may be called
+    n = client.messages.count_tokens(model=MODEL, messages=turn2, tools=[WEATHER], tool_choice={"type": "none"})
+    assert n.input_tokens == r.usage.input_tokens
+    with_tools = client.messages.count_tokens(model=MODEL, messages=turn2, tools=[WEATHER]).input_tokens
+    assert with_tools > n.input_tokens + 50   # the tool's description and schema

@@ -15,6 +15,7 @@ from typing import Any
 from localllm.core.request import Choice, Request
 from localllm.errors import InvalidArgumentError, LocalLLMError
 from localllm.sampling import SamplingParams
+from localllm.tools import ToolSpec, parse, spec_from
 
 # our error classes → Anthropic's error types (by HTTP status)
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
@@ -35,8 +36,33 @@ def _text(v: Any, param: str) -> str:
     raise _bad(param, "must be a string or a list of text blocks")
 
 
-def messages(body: Mapping[str, Any]) -> tuple[list[dict[str, str]], str | None]:
-    """(chat messages, system) from an Anthropic body; only text content is taken."""
+def _blocks(m: Mapping[str, Any], i: int) -> list[dict[str, Any]]:
+    """One Anthropic message → chat messages: text, an assistant's ``tool_use`` blocks as
+    ``tool_calls``, a user's ``tool_result`` blocks as ``tool`` messages."""
+    content, role, p = m.get("content"), m["role"], f"messages.{i}.content"
+    if isinstance(content, str):
+        return [{"role": role, "content": content}]
+    if not isinstance(content, list) or not all(isinstance(b, Mapping) for b in content):
+        raise _bad(p, "must be a string or a list of content blocks")
+    text = "".join(b["text"] for b in content if b.get("type") == "text" and isinstance(b.get("text"), str))
+    calls, results = [], []
+    for j, b in enumerate(content):
+        kind = b.get("type")
+        if kind == "tool_use" and role == "assistant" and isinstance(b.get("name"), str):
+            calls.append({"id": str(b.get("id", "")), "type": "function",
+                          "function": {"name": b["name"], "arguments": json.dumps(b.get("input", {}))}})
+        elif kind == "tool_result" and role == "user":
+            results.append({"role": "tool", "tool_call_id": str(b.get("tool_use_id", "")),
+                            "content": _text(b.get("content", ""), f"{p}.{j}.content")})
+        elif kind != "text":
+            raise _bad(f"{p}.{j}", "must be a text, tool_use (assistant) or tool_result (user) block")
+    if calls:
+        return [{"role": "assistant", "content": text or None, "tool_calls": calls}]
+    return results + ([{"role": role, "content": text}] if text or not results else [])
+
+
+def messages(body: Mapping[str, Any]) -> tuple[list[dict[str, Any]], str | None]:
+    """(chat messages, system) from an Anthropic body."""
     msgs = body.get("messages")
     if not isinstance(msgs, list) or not msgs:
         raise _bad("messages", "must be a non-empty list")
@@ -44,14 +70,52 @@ def messages(body: Mapping[str, Any]) -> tuple[list[dict[str, str]], str | None]
     for i, m in enumerate(msgs):
         if not isinstance(m, Mapping) or m.get("role") not in ("user", "assistant"):
             raise _bad(f"messages.{i}.role", "must be 'user' or 'assistant'")
-        out.append({"role": m["role"], "content": _text(m.get("content"), f"messages.{i}.content")})
+        out += _blocks(m, i)
     system = body.get("system")
     return out, None if system is None else _text(system, "system")
 
 
+def tool_spec(body: Mapping[str, Any]) -> ToolSpec | None:
+    """Anthropic's ``tools`` / ``tool_choice`` as the core's :class:`ToolSpec`."""
+    tools = body.get("tools")
+    if tools is None:
+        return None
+    if not isinstance(tools, list):
+        raise _bad("tools", "must be a list")
+    conv = []
+    for i, t in enumerate(tools):
+        if not isinstance(t, Mapping):
+            raise _bad(f"tools.{i}", "must be an object")
+        conv.append({"type": "function", "function": {"name": t.get("name"), "description": t.get("description", ""),
+                                                      "parameters": t.get("input_schema", {"type": "object"})}})
+    tc = body.get("tool_choice") or {"type": "auto"}
+    kind = tc.get("type") if isinstance(tc, Mapping) else None
+    choice: Any = {"auto": "auto", "any": "required", "none": "none"}.get(kind or "")
+    if kind == "tool":
+        choice = {"type": "function", "function": {"name": tc.get("name")}}
+    if choice is None:
+        raise _bad("tool_choice", "type must be auto, any, tool or none")
+    parallel = tc.get("disable_parallel_tool_use") is False
+    try:
+        return spec_from(conv, choice, parallel)
+    except InvalidArgumentError as e:
+        raise _bad(str(e.param).replace("[", ".").replace("]", "").replace(".function", ""),
+                   e.message.split(" ", 1)[1]) from None
+
+
+def _content(c: Choice, tools: tuple[ToolSpec, str] | None) -> tuple[list[dict[str, Any]], str | None]:
+    """The answer's content blocks, and the tool-call error, if any."""
+    if tools is None:
+        return [{"type": "text", "text": c.text}], None
+    p = parse(c.text, *tools)
+    blocks: list[dict[str, Any]] = [{"type": "text", "text": p.content}] if p.content else []
+    blocks += [{"type": "tool_use", "id": "toolu_" + call["id"].removeprefix("call_"),
+                "name": call["function"]["name"], "input": json.loads(call["function"]["arguments"])}
+               for call in p.calls]
+    return blocks or [{"type": "text", "text": ""}], p.error
+
+
 def sampling(body: Mapping[str, Any]) -> SamplingParams:
-    if body.get("tools"):
-        raise _bad("tools", "are not supported yet by this server")
     if "max_tokens" not in body:
         raise _bad("max_tokens", "is required")
     kw: dict[str, Any] = {"max_tokens": body["max_tokens"]}
@@ -75,11 +139,40 @@ def stop_reason(finish: str | None, stop_sequence: str | None) -> str:
     return "stop_sequence" if stop_sequence else "end_turn"
 
 
-def message(mid: str, model: str, c: Choice, req: Request) -> dict[str, Any]:
-    return {"id": mid, "type": "message", "role": "assistant", "model": model,
-            "content": [{"type": "text", "text": c.text}],
-            "stop_reason": stop_reason(c.finish_reason, c.stop_sequence), "stop_sequence": c.stop_sequence,
-            "usage": {"input_tokens": len(req.prompt), "output_tokens": req.completion_tokens}}
+def message(mid: str, model: str, c: Choice, req: Request, tools: tuple[ToolSpec, str] | None = None
+            ) -> dict[str, Any]:
+    blocks, err = _content(c, tools)
+    used = any(b["type"] == "tool_use" for b in blocks)
+    out = {"id": mid, "type": "message", "role": "assistant", "model": model, "content": blocks,
+           "stop_reason": "tool_use" if used else stop_reason(c.finish_reason, c.stop_sequence),
+           "stop_sequence": c.stop_sequence,
+           "usage": {"input_tokens": len(req.prompt), "output_tokens": req.completion_tokens}}
+    if err:
+        out["localllm"] = {"tool_call_error": err}
+    return out
+
+
+def tool_events(mid: str, model: str, c: Choice, req: Request, tools: tuple[ToolSpec, str]) -> list[str]:
+    """A whole answer with tools as Anthropic's stream events (a call is known only at the end)."""
+    msg = message(mid, model, c, req, tools)
+    head = {**msg, "content": [], "stop_reason": None, "stop_sequence": None,
+            "usage": {"input_tokens": len(req.prompt), "output_tokens": 0}}
+    head.pop("localllm", None)
+    out = [event("message_start", {"message": head})]
+    for k, b in enumerate(msg["content"]):
+        if b["type"] == "text":
+            out += [event("content_block_start", {"index": k, "content_block": {"type": "text", "text": ""}}),
+                    event("content_block_delta", {"index": k, "delta": {"type": "text_delta", "text": b["text"]}})]
+        else:
+            out += [event("content_block_start", {"index": k, "content_block": {**b, "input": {}}}),
+                    event("content_block_delta", {"index": k, "delta": {"type": "input_json_delta",
+                                                                        "partial_json": json.dumps(b["input"])}})]
+        out.append(event("content_block_stop", {"index": k}))
+    delta = {"delta": {"stop_reason": msg["stop_reason"], "stop_sequence": msg["stop_sequence"]},
+             "usage": {"output_tokens": req.completion_tokens}}
+    if "localllm" in msg:
+        delta["localllm"] = msg["localllm"]
+    return out + [event("message_delta", delta), event("message_stop", {})]
 
 
 def event(kind: str, data: dict[str, Any]) -> str:

@@ -127,8 +127,11 @@ def anthropic_messages() -> Response:
     eng = _engine_for(body)
     params = af.sampling(body)
     msgs, system = af.messages(body)
+    spec = af.tool_spec(body)
+    params = toolsmod.with_grammar(params, spec, eng.tool_family)
+    tools = (spec, eng.tool_family) if spec is not None and spec.active else None
     stream = protocol.get_bool(body, "stream", False)
-    req = Request(eng.chat_ids(msgs, system), params, stream=stream)
+    req = Request(eng.chat_ids(msgs, system, spec), params, stream=stream)
     st = _state()
     metrics = st.metrics
     eng.submit(req)
@@ -140,10 +143,14 @@ def anthropic_messages() -> Response:
         finally:
             req.cancel()
             _account(metrics, req)
-        return _json(af.message(mid, model_id, choice, req))
+        return _json(af.message(mid, model_id, choice, req, tools))
 
     def events() -> Iterator[str]:
         try:
+            if tools is not None:  # the answer is parsed when it ends
+                choice = collect(req.events(disconnected=disconnected), 1)[0]
+                yield from af.tool_events(mid, model_id, choice, req, tools)
+                return
             yield from af.start_events(mid, model_id, req)
             for ev in req.events(disconnected=disconnected):
                 if ev.kind == "text" and ev.text:
@@ -166,7 +173,7 @@ def anthropic_count_tokens() -> Response:
     body = _body()
     eng = _engine_for(body)
     msgs, system = af.messages(body)
-    return _json({"input_tokens": len(eng.chat_ids(msgs, system))})
+    return _json({"input_tokens": len(eng.chat_ids(msgs, system, af.tool_spec(body)))})
 
 
 # ---------------------------------------------------------------------- tokens (llama-server's shapes)
