@@ -81,6 +81,7 @@ def test_the_page_sends_every_setting(page, server):
     with page.expect_request("**/v1/chat/completions") as sent:
         page.press("#input", "Enter")
     body = sent.value.post_data_json
+    assert body["model"] == page.locator("#models").input_value() == "smollm2-135m:" + body["model"].split(":")[1]
     assert {k: body.get(k) for k in ("temperature", "max_tokens", "top_p", "top_k", "min_p", "repeat_penalty",
                                      "presence_penalty", "frequency_penalty", "seed", "stop")} == {
         "temperature": 0.9, "max_tokens": 16, "top_p": 0.8, "top_k": 20, "min_p": 0.02, "repeat_penalty": 1.1,
@@ -94,8 +95,66 @@ def test_the_page_sends_every_setting(page, server):
         model="smollm2-135m", max_tokens=16, temperature=0.9, top_p=0.8, presence_penalty=0.3,
         frequency_penalty=0.2, seed=7, stop=["zebra"], messages=msgs,
         extra_body={"top_k": 20, "min_p": 0.02, "repeat_penalty": 1.1})
-    assert answer.locator(".text").text_content() == r.choices[0].message.content
+    # the raw answer (the bubble shows it rendered as markdown)
+    assert page.evaluate("window.localllm.history().at(-1).content") == r.choices[0].message.content
     # the same request without the panel's settings answers otherwise: the settings mattered
     plain = client.chat.completions.create(model="smollm2-135m", max_tokens=16, temperature=0.9, seed=7,
                                            messages=[{"role": "user", "content": "Name a colour."}])
     assert plain.choices[0].message.content != r.choices[0].message.content
+
+
+HOSTILE = ('**bold** <img src=x onerror="window.pwned=1"> <script>window.pwned=2</script> '
+           '[link](javascript:window.pwned=3) <a href="https://example.org" onclick="window.pwned=4">x</a>\n\n'
+           '```python\nprint("<b>not bold</b>")\n```')
+
+
+def test_answers_render_as_sanitized_markdown(page):
+    """The vendored marked + DOMPurify, in the page, on a hostile answer: markdown stays, script goes."""
+    got = page.evaluate("""(md) => {
+        const el = document.createElement("div");
+        window.localllm.renderMarkdown(el, md);
+        document.body.appendChild(el);
+        const a = [...el.querySelectorAll("a")];
+        return {strong: el.querySelector("strong")?.textContent, code: el.querySelector("pre code")?.textContent,
+                handlers: [...el.querySelectorAll("*")].flatMap(e => [...e.attributes].map(x => x.name))
+                          .filter(n => n.startsWith("on")),
+                scripts: el.querySelectorAll("script").length, bold_in_code: el.querySelectorAll("pre b").length,
+                hrefs: a.map(x => x.getAttribute("href")), targets: a.map(x => x.rel)};
+    }""", HOSTILE)
+    assert got["strong"] == "bold" and got["code"] == 'print("<b>not bold</b>")\n'
+    assert got["handlers"] == [] and got["scripts"] == 0 and got["bold_in_code"] == 0
+    assert not any(h and h.startswith("javascript:") for h in got["hrefs"]) and "https://example.org" in got["hrefs"]
+    assert all(t == "noopener noreferrer" for t in got["targets"])
+    page.wait_for_timeout(300)
+    assert page.evaluate("window.pwned") is None
+
+
+def test_a_user_message_with_html_is_shown_as_text(page):
+    page.click("#clear")
+    page.fill("#maxtok", "4")
+    page.fill("#input", '<b>hi</b><img src=x onerror="window.pwned=5">')
+    page.press("#input", "Enter")
+    user = page.locator(".msg.user").last
+    sync_api.expect(page.locator(".msg.assistant").last).to_have_attribute("data-state", "done", timeout=60000)
+    assert user.locator("b, img").count() == 0
+    assert user.inner_text() == '<b>hi</b><img src=x onerror="window.pwned=5">'
+    assert page.evaluate("window.pwned") is None
+
+
+def test_model_picker_and_token_count_match_the_server(page, server):
+    from serverutil import post
+
+    ids = [m["id"] for m in get(server.api + "/models").json()["data"]]
+    assert page.locator("#models option").evaluate_all("os => os.map(o => o.value)") == ids
+    page.click("#clear")
+    page.fill("#maxtok", "8")
+    page.fill("#input", "Hello there")
+    page.press("#input", "Enter")
+    sync_api.expect(page.locator(".msg.assistant").last).to_have_attribute("data-state", "done", timeout=60000)
+    page.wait_for_function("() => document.querySelector('#tokens').dataset.count", timeout=10000)
+    sent = page.evaluate("window.localllm.conversation()")   # the system message of the panel, then the turns
+    assert [m["role"] for m in sent][-2:] == ["user", "assistant"] and sent[-2]["content"] == "Hello there"
+    want = len(post(server.url + "/tokenize", json={"messages": sent}).json()["tokens"])
+    context = get(server.api + "/models").json()["data"][0]["meta"]["context"]
+    page.wait_for_function(f"() => document.querySelector('#tokens').dataset.count == '{want}'", timeout=10000)
+    assert page.locator("#tokens").inner_text() == f"{want} / {context} tokens"

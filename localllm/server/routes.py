@@ -8,14 +8,16 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import json
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from flask import Blueprint, Response, current_app, request, send_from_directory
+from flask import Blueprint, Response, current_app, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from localllm import tools as toolsmod
@@ -62,7 +64,20 @@ def _engine_for(body: dict[str, Any]) -> Any:
 # ---------------------------------------------------------------------- plain endpoints
 @api.get("/")
 def index() -> Response:
-    return send_from_directory(STATIC, "chat.html", max_age=0)
+    return Response(_page(), mimetype="text/html", headers={"Cache-Control": "no-cache"})
+
+
+@functools.lru_cache(maxsize=1)
+def _page() -> str:
+    """chat.html with its vendored libraries (marked, DOMPurify; scripts/vendor_js.sh) inlined:
+    one request, nothing from outside, and the API key's auth never stands in a script's way."""
+    html = (STATIC / "chat.html").read_text(encoding="utf-8")
+    libs = []
+    for name in ("purify.min.js", "marked.umd.js"):
+        js = (STATIC / "vendor" / name).read_text(encoding="utf-8")
+        js = re.sub(r"//# sourceMappingURL=\S+", "", js).replace("</script", "<\\/script")
+        libs.append(f"<script>{js}</script>")
+    return html.replace("<!--VENDOR-->", "\n".join(libs), 1)
 
 
 @api.get("/health")
