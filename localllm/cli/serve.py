@@ -42,6 +42,9 @@ def _is_loopback(host: str) -> bool:
 @click.option("--repack/--no-repack", default=True, show_default=True,
               help="llama.cpp's repacked weights (faster Q4_0/Q4_K on AVX2). --no-repack uses the same "
                    "kernel for every batch size (see docs/serve.md).")
+@click.option("--drain-timeout", type=click.FloatRange(0), default=20.0, show_default=True,
+              help="On SIGTERM: refuse new requests (503) and give those in flight this many seconds to "
+                   "finish, then exit 0.")
 @click.option("--alias", "model_alias", default=None, help="The model id clients see (default NAME:VERSION).")
 @click.option("--insecure", is_flag=True, help="Allow binding a non-loopback address without --api-key.")
 @click.option("--server", "server_kind", type=click.Choice(["auto", "waitress", "werkzeug"]), default="auto",
@@ -49,7 +52,7 @@ def _is_loopback(host: str) -> bool:
 @model_options
 def command(model: str | None, model_path: str | None, host: str, port: int, api_key: str | None,
             parallel: int, max_queue: int, cors_origins: tuple[str, ...], max_body_bytes: int, repack: bool, insecure: bool,
-            model_alias: str | None, server_kind: str, n_ctx: int | None, n_threads: int | None, gpu_layers: int | str,
+            drain_timeout: float, model_alias: str | None, server_kind: str, n_ctx: int | None, n_threads: int | None, gpu_layers: int | str,
             models_dir: str | None, cache_type_k: str, cache_type_v: str, flash_attn: str,
             prompt_cache: bool) -> None:
     """Serve MODEL (a name or .gguf path; the default model if omitted) on http://HOST:PORT.
@@ -73,7 +76,7 @@ def command(model: str | None, model_path: str | None, host: str, port: int, api
                                               cache_type_k, cache_type_v, flash_attn, prompt_cache,
                                               repack=repack, n_seq=parallel),
                          host=host, port=port, api_key=api_key, max_queue=max_queue, cors_origins=cors_origins,
-                         max_body_bytes=max_body_bytes, model_alias=model_alias)
+                         max_body_bytes=max_body_bytes, model_alias=model_alias, drain_timeout=drain_timeout)
     app = create_app(cfg)
     serve_app(app, cfg, server_kind, parallel, max_queue)
 
@@ -96,11 +99,44 @@ def _exit_if_the_load_fails(app: Flask) -> None:
     threading.Thread(target=watch, name="localllm-load-watch", daemon=True).start()
 
 
+def _drain_on_sigterm(app: Flask, timeout: float) -> None:
+    """SIGTERM (``docker stop``, Kubernetes) stops the server gracefully: new requests get 503,
+    those in flight get ``timeout`` seconds to finish, then the server stops as on Ctrl-C (exit 0)."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from localllm.server import drain
+
+    state = app.extensions["localllm"]
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def stop() -> None:
+        if not drain(app, timeout):
+            click.echo(f"localllm serve: {state.inflight} request(s) still running after {timeout:g} s: "
+                       "stopping anyway", err=True)
+        time.sleep(0.5)  # let the server write the last bytes of the responses that just ended
+        os.kill(os.getpid(), signal.SIGINT)  # the HTTP server's own way out (KeyboardInterrupt)
+
+    def on_term(signum: int, frame: object) -> None:
+        if state.draining.is_set():
+            return
+        state.draining.set()
+        click.echo(f"localllm serve: SIGTERM: finishing {state.inflight} request(s) in flight "
+                   f"(at most {timeout:g} s), then stopping", err=True)
+        threading.Thread(target=stop, name="localllm-drain", daemon=True).start()
+
+    signal.signal(signal.SIGTERM, on_term)
+
+
 def serve_app(app: Flask, cfg: ServerSettings, server_kind: str, parallel: int, max_queue: int) -> None:
     """Run ``app`` under waitress (or werkzeug) until interrupted, then free the model."""
     from localllm.server import shutdown
 
     _exit_if_the_load_fails(app)
+    _drain_on_sigterm(app, cfg.drain_timeout)
     host, port = cfg.host, cfg.port
     url = f"http://{'localhost' if _is_loopback(host) else host}:{port}/"
     click.echo(f"localllm serve: {url} (OpenAI API at {url}v1, Ctrl-C stops)", err=True)
@@ -116,8 +152,12 @@ def serve_app(app: Flask, cfg: ServerSettings, server_kind: str, parallel: int, 
             import waitress
 
             # one process (the model and its KV cache live in it), threads for connections
+            # waitress reads a whole body (to a temporary file) before the app sees it, up to its own
+            # limit, 1 GiB: a chunked body (no Content-Length) was refused only after that. A few times
+            # --max-body, so that a body a little too large still gets the app's JSON 413 (waitress
+            # closes the connection on larger ones, often before the client has sent it all)
             waitress.serve(app, host=host, port=port, threads=max(8, parallel + max_queue + 4),
-                           channel_timeout=600, ident="localllm")
+                           channel_timeout=600, ident="localllm", max_request_body_size=4 * cfg.max_body_bytes)
         else:
             from werkzeug.serving import run_simple
 
