@@ -10,6 +10,6 @@ Example:
     >>> app = create_app(ServerSettings.create(model="smollm2-135m"))  # doctest: +SKIP
 """
 
-from localllm.server.app import ServerSettings, create_app, make_app, shutdown
+from localllm.server.app import ServerSettings, create_app, drain, make_app, shutdown
 
-__all__ = ["create_app", "make_app", "shutdown", "ServerSettings"]
+__all__ = ["create_app", "drain", "make_app", "shutdown", "ServerSettings"]

@@ -51,6 +51,7 @@ class ServerSettings:
     max_body_bytes: int = 4 << 20
     model_alias: str | None = None
     load_async: bool = True  # /health answers 503 while the model loads
+    drain_timeout: float = 20.0  # SIGTERM: how long requests in flight may take to finish
 
     @classmethod
     def create(cls, **kw: Any) -> ServerSettings:
@@ -79,6 +80,18 @@ class State:
         self.created = int(time.time())
         self.loaded = threading.Event()
         self.aliases: set[str] = set()
+        self.draining = threading.Event()  # set by drain(): new requests get 503
+        self.idle = threading.Condition()
+        self.inflight = 0  # requests whose response is not closed yet (a stream until its end)
+
+    def enter(self) -> None:
+        with self.idle:
+            self.inflight += 1
+
+    def leave(self) -> None:
+        with self.idle:
+            self.inflight -= 1
+            self.idle.notify_all()
 
     def load(self) -> None:
         from localllm.core.engine import Engine
@@ -144,6 +157,11 @@ def _install_hooks(app: Flask, cfg: ServerSettings, state: State) -> None:
 
     @app.before_request
     def _auth() -> Response | None:
+        if state.draining.is_set():  # a load balancer reads /health; everyone else is told to go elsewhere
+            if request.path == "/health":
+                return Response(json.dumps({"status": "shutting_down"}), status=503, mimetype="application/json",
+                                headers={"Retry-After": "1"})
+            raise ServiceUnavailableError("the server is shutting down", retry_after=1)
         if request.method == "OPTIONS":
             return cors(Response(status=204))
         if key is None or request.path in PUBLIC:
@@ -184,6 +202,33 @@ def _install_hooks(app: Flask, cfg: ServerSettings, state: State) -> None:
         return error_response(LocalLLMError(f"internal error: {type(e).__name__}"))
 
 
+def _count_inflight(app: Flask, state: State) -> None:
+    """Count each request from its arrival until the server closes its response (a stream's last chunk)."""
+    from werkzeug.wsgi import ClosingIterator
+
+    inner = app.wsgi_app
+
+    def counted(environ: Any, start_response: Any) -> Any:
+        state.enter()
+        try:
+            body = inner(environ, start_response)
+        except BaseException:
+            state.leave()
+            raise
+        return ClosingIterator(body, [state.leave])
+
+    app.wsgi_app = counted  # type: ignore[method-assign]
+
+
+def drain(app: Flask, timeout: float) -> bool:
+    """Stop taking requests (503, and ``/health`` says ``shutting_down``) and wait up to ``timeout``
+    seconds for those in flight to finish; True when none is left."""
+    state: State = app.extensions["localllm"]
+    state.draining.set()
+    with state.idle:
+        return state.idle.wait_for(lambda: state.inflight <= 0, timeout=timeout)
+
+
 def create_app(cfg: ServerSettings | None = None) -> Flask:
     """A Flask app serving ``cfg.model``; the model loads in a background thread
     (``/health`` is 503 until it is ready) unless ``cfg.load_async`` is False.
@@ -203,6 +248,7 @@ def create_app(cfg: ServerSettings | None = None) -> Flask:
     state = State(cfg)
     app.extensions["localllm"] = state
     _install_hooks(app, cfg, state)
+    _count_inflight(app, state)
     app.register_blueprint(api)
     if cfg.load_async:
         threading.Thread(target=state.load, name="localllm-load", daemon=True).start()
