@@ -120,6 +120,12 @@ class InsufficientMemoryError(LocalLLMError, MemoryError):
     code = "insufficient_memory"
 
 
+class ModelTooLargeError(_ClientError, MemoryError):
+    """The requested model can never fit this server's memory budget (carries ``needed`` bytes)."""
+
+    code = "model_too_large"
+
+
 class PrerequisiteError(LocalLLMError, RuntimeError):
     """Something the machine lacks (an optional package, a CPU feature, a tool)."""
 
