@@ -20,6 +20,25 @@ class GpuLayers(click.ParamType):
             self.fail(str(e), param, ctx)
 
 
+class ByteSize(click.ParamType):
+    """A size: bytes, or a number with K, M, G or T (powers of 1024)."""
+
+    name = "SIZE"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int:
+        if isinstance(value, int):
+            return value
+        text = str(value).strip().upper().removesuffix("IB").removesuffix("B")
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(text[-1:], 1)
+        try:
+            n = float(text[:-1] if scale > 1 else text) * scale
+        except ValueError:
+            self.fail(f"{value!r} is not a size (like 512M or 4G)", param, ctx)
+        if n < 1 << 20:
+            self.fail(f"{value!r} is less than 1 MiB", param, ctx)
+        return int(n)
+
+
 def float_range(name: str) -> click.FloatRange:
     """A click range made from :data:`localllm.sampling.LIMITS` (the one table of limits)."""
     from localllm.sampling import LIMITS

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from localllm.cli.options import model_options, model_settings
+from localllm.cli.options import ByteSize, model_options, model_settings
 
 if TYPE_CHECKING:
     from flask import Flask
@@ -45,6 +45,14 @@ def _is_loopback(host: str) -> bool:
 @click.option("--drain-timeout", type=click.FloatRange(0), default=20.0, show_default=True,
               help="On SIGTERM: refuse new requests (503) and give those in flight this many seconds to "
                    "finish, then exit 0.")
+@click.option("--all-models", is_flag=True,
+              help="Serve every model in the store: a request names one (NAME[:VERSION]); it loads on first use. "
+                   "MODEL is the one loaded at start and used when a request names none.")
+@click.option("--max-memory", type=ByteSize(), default=None,
+              help="With --all-models: memory for loaded models, e.g. 4G (default: 80%% of the RAM available). "
+                   "The least recently used idle model is unloaded to make room.")
+@click.option("--keep-alive", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="With --all-models: unload a model idle for this many seconds.")
 @click.option("--alias", "model_alias", default=None, help="The model id clients see (default NAME:VERSION).")
 @click.option("--insecure", is_flag=True, help="Allow binding a non-loopback address without --api-key.")
 @click.option("--server", "server_kind", type=click.Choice(["auto", "waitress", "werkzeug"]), default="auto",
@@ -52,7 +60,8 @@ def _is_loopback(host: str) -> bool:
 @model_options
 def command(model: str | None, model_path: str | None, host: str, port: int, api_key: str | None,
             parallel: int, max_queue: int, cors_origins: tuple[str, ...], max_body_bytes: int, repack: bool, insecure: bool,
-            drain_timeout: float, model_alias: str | None, server_kind: str, n_ctx: int | None, n_threads: int | None, gpu_layers: int | str,
+            drain_timeout: float, all_models: bool, max_memory: int | None, keep_alive: float | None,
+            model_alias: str | None, server_kind: str, n_ctx: int | None, n_threads: int | None, gpu_layers: int | str,
             models_dir: str | None, cache_type_k: str, cache_type_v: str, flash_attn: str,
             prompt_cache: bool) -> None:
     """Serve MODEL (a name or .gguf path; the default model if omitted) on http://HOST:PORT.
@@ -65,6 +74,8 @@ def command(model: str | None, model_path: str | None, host: str, port: int, api
 
     if model and model_path:
         raise click.UsageError("give either MODEL or --model-path, not both")
+    if not all_models and (max_memory is not None or keep_alive is not None):
+        raise click.UsageError("--max-memory and --keep-alive need --all-models")
     if not _is_loopback(host) and not api_key:
         if not insecure:
             raise click.UsageError(f"binding {host} exposes the server without authentication: "
@@ -76,7 +87,8 @@ def command(model: str | None, model_path: str | None, host: str, port: int, api
                                               cache_type_k, cache_type_v, flash_attn, prompt_cache,
                                               repack=repack, n_seq=parallel),
                          host=host, port=port, api_key=api_key, max_queue=max_queue, cors_origins=cors_origins,
-                         max_body_bytes=max_body_bytes, model_alias=model_alias, drain_timeout=drain_timeout)
+                         max_body_bytes=max_body_bytes, model_alias=model_alias, drain_timeout=drain_timeout,
+                         all_models=all_models, max_memory=max_memory, keep_alive=keep_alive)
     app = create_app(cfg)
     serve_app(app, cfg, server_kind, parallel, max_queue)
 

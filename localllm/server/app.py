@@ -52,6 +52,9 @@ class ServerSettings:
     model_alias: str | None = None
     load_async: bool = True  # /health answers 503 while the model loads
     drain_timeout: float = 20.0  # SIGTERM: how long requests in flight may take to finish
+    all_models: bool = False  # serve every model in the store, each loaded on first use (localllm.server.pool)
+    max_memory: int | None = None  # the pool's budget in bytes (default: 80 % of the RAM available at start)
+    keep_alive: float | None = None  # the pool unloads a model idle for this many seconds
 
     @classmethod
     def create(cls, **kw: Any) -> ServerSettings:
@@ -83,6 +86,7 @@ class State:
         self.draining = threading.Event()  # set by drain(): new requests get 503
         self.idle = threading.Condition()
         self.inflight = 0  # requests whose response is not closed yet (a stream until its end)
+        self.pool: Any = None  # a ModelPool with --all-models
 
     def enter(self) -> None:
         with self.idle:
@@ -97,7 +101,11 @@ class State:
         from localllm.core.engine import Engine
 
         try:
-            eng = Engine(self.cfg.model, threaded=True, max_queue=self.cfg.max_queue, on_step=self.metrics.on_step)
+            if self.cfg.all_models:
+                eng = self._start_pool()
+            else:
+                eng = Engine(self.cfg.model, threaded=True, max_queue=self.cfg.max_queue,
+                             on_step=self.metrics.on_step)
             sched = eng.scheduler
             self.metrics.bind(lambda: sched.stats["queue_depth"], sched.busy_slots, sched.n_slots)
             for note in eng.notes:
@@ -119,12 +127,33 @@ class State:
         finally:
             self.loaded.set()
 
-    def need_engine(self) -> Any:
+    def _start_pool(self) -> Any:
+        """--all-models: the pool, with the default model (or MODEL) loaded now."""
+        from localllm import hardware
+        from localllm.server.pool import ModelPool
+
+        budget = self.cfg.max_memory or int(0.8 * hardware.memory()["available"])
+        self.pool = ModelPool(self.cfg.model, max_memory=budget, keep_alive=self.cfg.keep_alive,
+                              max_queue=self.cfg.max_queue, on_step=self.metrics.on_step)
+        eng = self.pool.get(str(self.cfg.model.model) if self.cfg.model.model else None)
+        if self.cfg.keep_alive is not None:
+            self.pool.start_reaper()
+        return eng
+
+    def need_engine(self, name: str | None = None) -> Any:
+        """The engine for a request's ``model`` (with --all-models: loaded on first use)."""
         if self.engine is None:
             if self.load_error is not None:
                 raise ServiceUnavailableError(f"the model failed to load: {self.load_error}")
             raise ServiceUnavailableError("the model is still loading", retry_after=1)
+        if self.pool is not None:
+            default = str(self.cfg.model.model) if self.cfg.model.model else None
+            return self.pool.get(default if not name or name in self.aliases else name)
         return self.engine
+
+    def served_id(self, eng: Any) -> str:
+        """The model id a response names."""
+        return eng.info.id if self.pool is not None and eng is not self.engine else self.model_id
 
 
 def error_response(e: LocalLLMError) -> Response:
@@ -276,6 +305,9 @@ def shutdown(app: Flask) -> None:
     """Stop the scheduler and free the model of an app made by :func:`create_app`."""
     state: State = app.extensions["localllm"]
     state.loaded.wait(timeout=120)
+    if state.pool is not None:  # every model it loaded, the first one included
+        state.pool.close()
+        state.engine = None
     if state.engine is not None:
         state.engine.close()
         state.engine = None

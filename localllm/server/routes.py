@@ -53,9 +53,9 @@ def _body() -> dict[str, Any]:
 
 def _engine_for(body: dict[str, Any]) -> Any:
     st = _state()
-    eng = st.need_engine()
     name = protocol.get_str(body, "model")
-    if name and name not in st.aliases:
+    eng = st.need_engine(name)
+    if st.pool is None and name and name not in st.aliases:
         raise ModelNotFoundError(f"model {name!r} is not served here (this server runs {st.model_id!r})",
                                  param="model")
     return eng
@@ -89,6 +89,8 @@ def health() -> Response:
         if st.load_error:
             body["error"] = str(st.load_error)
         return _json(body, 503, {"Retry-After": "1"})
+    if st.pool is not None:  # ready while the server runs: models load on first use
+        return _json({"status": "ok", "model": st.model_id, "models_loaded": sorted(st.pool.loaded)})
     sched = eng.scheduler
     busy = sched.busy_slots()
     return _json({"status": "ok", "model": st.model_id, "slots_idle": sched.n_slots - busy,
@@ -108,14 +110,35 @@ def _model_card() -> dict[str, Any]:
             "meta": eng.info.to_dict()}
 
 
+def _pool_cards() -> list[dict[str, Any]]:
+    """--all-models: every model in the store, whether loaded, and the loaded ones' info."""
+    st = _state()
+    st.need_engine()  # 503 while the server starts
+    cards = []
+    for e in st.pool.catalog():
+        card = {"id": e["id"], "object": "model", "created": st.created, "owned_by": "localllm", "loaded": e["loaded"]}
+        entry = st.pool.loaded.get(e["id"]) if e["loaded"] else None
+        if entry is not None:
+            card["meta"] = entry.engine.info.to_dict()
+        cards.append(card)
+    return cards
+
+
 @api.get("/v1/models")
 def models() -> Response:
+    if _state().pool is not None:
+        return _json({"object": "list", "data": _pool_cards()})
     return _json({"object": "list", "data": [_model_card()]})
 
 
 @api.get("/v1/models/<path:name>")
 def model(name: str) -> Response:
     st = _state()
+    if st.pool is not None:
+        found = [c for c in _pool_cards() if name in (c["id"], c["id"].split(":")[0])]
+        if not found:
+            raise ModelNotFoundError(f"model {name!r} is not in this server's store", param="model")
+        return _json(found[0])
     card = _model_card()
     if name not in st.aliases:
         raise ModelNotFoundError(f"model {name!r} is not served here (this server runs {st.model_id!r})",
@@ -128,7 +151,7 @@ def embeddings() -> Response:
     body = _body()
     eng = _engine_for(body)
     vectors, n = eng.embed(protocol.embedding_input(body))
-    return _json({"object": "list", "model": _state().model_id,
+    return _json({"object": "list", "model": _state().served_id(eng),
                   "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)],
                   "usage": {"prompt_tokens": n, "total_tokens": n}})
 
@@ -150,7 +173,7 @@ def anthropic_messages() -> Response:
     st = _state()
     metrics = st.metrics
     eng.submit(req)
-    mid, model_id = "msg_" + uuid.uuid4().hex[:24], st.model_id
+    mid, model_id = "msg_" + uuid.uuid4().hex[:24], st.served_id(eng)
     disconnected: Callable[[], bool] | None = request.environ.get("waitress.client_disconnected")
     if not stream:
         try:
@@ -261,7 +284,7 @@ def _generate(eng: Any, req: Request, include_usage: bool, chat: bool,
     st = _state()
     eng.submit(req)
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-    created, model_id = int(time.time()), st.model_id
+    created, model_id = int(time.time()), st.served_id(eng)
     disconnected: Callable[[], bool] | None = request.environ.get("waitress.client_disconnected")
 
     metrics = st.metrics
