@@ -33,7 +33,8 @@ def spies(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[dict[str, Any]]]:
         ctx_init(self, model, **kw)
 
     def on_submit(self, req):
-        seen["request"].append({"params": req.params, "prompt": req.prompt, "model": self.model})
+        seen["request"].append({"params": req.params, "prompt": req.prompt, "model": self.model,
+                                "prompt_cache": self.prompt_cache})
         return submit(self, req)
 
     monkeypatch.setattr(runtime.LlamaModel, "__init__", on_model)
@@ -108,6 +109,9 @@ SERVE_CHECKS = {
                                      and g["engine"].info.cache_type_v == "q4_0"),
     "flash_attn": lambda g, s, p: (any(c.get("flash_attn") is True for c in s["context"])
                                    and g["engine"].info.flash_attn == "on"),
+    "prompt_cache": lambda g, s, p: (g["engine"].scheduler.prompt_cache is None
+                                     and g["engine"].info.prompt_cache is False),
+    "drain_timeout": lambda g, s, p: g["cfg"].drain_timeout == 7.5,
     "gpu_layers": lambda g, s, p: (s["model"][-1]["n_gpu_layers"] == 20
                                    and g["engine"].info.gpu_layers_requested == 20
                                    and (runtime.supports_gpu_offload() or g["engine"].info.gpu_layers == 0)),
@@ -117,17 +121,33 @@ SERVE_CHECKS = {
 def test_every_serve_flag_arrives(monkeypatch: pytest.MonkeyPatch, spies, default_model_path: Path) -> None:
     from localllm.cli.serve import command
 
-    names = {p.name for p in command.params if p.name not in ("help", "model", "models_dir")}
+    # the --all-models flags change the serving mode: test_all_models_flags_arrive checks them
+    names = {p.name for p in command.params
+             if p.name not in ("help", "model", "models_dir", "all_models", "max_memory", "keep_alive")}
     assert names == set(SERVE_CHECKS), names ^ set(SERVE_CHECKS)
     g = _serve(monkeypatch, [
         "--model-path", str(default_model_path), "--host", "0.0.0.0", "--insecure", "--port", "9999",
         "--api-key", "k3y", "--parallel", "3", "--max-queue", "5", "--cors-origin", "http://app.example",
         "--max-body", "2048", "--no-repack", "--alias", "my-model", "--server", "werkzeug", "--ctx", "384",
-        "--threads", "1", "--gpu-layers", "20", "--cache-type-k", "q8_0", "--cache-type-v", "q4_0",
-        "--flash-attn", "on"])
+        "--threads", "1", "--gpu-layers", "20", "--cache-type-k", "q8_0", "--cache-type-v", "q4_0", "--drain-timeout", "7.5",
+        "--flash-attn", "on", "--no-prompt-cache"])
     assert g["error"] is None, g["error"]
     failed = [name for name, check in SERVE_CHECKS.items() if not check(g, spies, default_model_path)]
     assert not failed
+
+
+def test_all_models_flags_arrive(monkeypatch: pytest.MonkeyPatch, spies, default_model_path: Path) -> None:
+    g = _serve(monkeypatch, ["smollm2-135m", "--all-models", "--max-memory", "3G", "--keep-alive", "7",
+                             "--ctx", "128", "--parallel", "1"])
+    assert g["error"] is None, g["error"]
+    pool = g["app"].extensions["localllm"].pool
+    assert (g["cfg"].all_models, g["cfg"].max_memory, g["cfg"].keep_alive) == (True, 3 << 30, 7.0)
+    assert pool is not None and (pool.max_memory, pool.keep_alive) == (3 << 30, 7.0)
+    assert any(m["loaded"] and m["id"].startswith("smollm2-135m:") for m in g["models"].get_json()["data"])
+    from localllm.cli.serve import command
+
+    r = CliRunner().invoke(command, ["--keep-alive", "5"])
+    assert r.exit_code == 2 and "need --all-models" in r.output
 
 
 def test_insecure_serves_a_public_address_and_warns(monkeypatch: pytest.MonkeyPatch, spies,
@@ -184,13 +204,15 @@ def test_every_run_flag_arrives(spies, tiny_gguf: Path, store_dir: Path) -> None
     from localllm.cli.run import command
 
     other = {"model", "prompt", "chat", "system", "n_ctx", "n_threads", "gpu_layers", "models_dir", "repack",
-             "json_schema", "num_beams", "ignore_eos", "cache_type_k", "cache_type_v", "flash_attn"}
+             "json_schema", "num_beams", "ignore_eos", "cache_type_k", "cache_type_v", "flash_attn",
+             "prompt_cache"}
     names = {p.name for p in command.params if p.name != "help"}
     assert names == set(RUN_CHECKS) | other, names ^ (set(RUN_CHECKS) | other)
     r = _run(["smollm2-135m", "Say hi", "--raw", "--json", *RUN_SAMPLING])
     assert r.exit_code == 0, r.output
     out = json.loads(r.output)
     params = spies["request"][-1]["params"]
+    assert spies["request"][-1]["prompt_cache"] is not None  # on by default
     failed = [name for name, check in RUN_CHECKS.items() if not check(params, out)]
     assert not failed
 
@@ -206,9 +228,10 @@ def test_every_run_flag_arrives(spies, tiny_gguf: Path, store_dir: Path) -> None
     # chat, system and the model flags
     r = _run(["smollm2-135m", "Hello there", "--chat", "--system", "You are Zed.", "--json", "-n", "2",
               "--ctx", "320", "--threads", "1", "--gpu-layers", "9", "--no-repack", "--ignore-eos",
-              "--cache-type-k", "bf16", "--cache-type-v", "q8_0", "--flash-attn", "on"])
+              "--cache-type-k", "bf16", "--cache-type-v", "q8_0", "--flash-attn", "on", "--no-prompt-cache"])
     assert r.exit_code == 0, r.output
     assert spies["request"][-1]["params"].ignore_eos is True
+    assert spies["request"][-1]["prompt_cache"] is None
     req = spies["request"][-1]
     text = req["model"].detokenize(req["prompt"], special=True).decode()
     assert "You are Zed." in text and "Hello there" in text and "<|im_start|>assistant" in text
