@@ -314,7 +314,7 @@ def materialize_auto(b: catalog.Builtin, root: Path, notes: list[str] | None = N
     os.replace(tmp, root / b.name / AUTO)
     if notes is not None:
         notes.append(f"{b.name}: using {version}, the fastest version within the KL budget {why}; "
-                     f"every version: `localllm models show {b.name}:{version}`")
+                     f"the measured table: `localllm models show {b.name}:{version}`")
     return path
 
 
