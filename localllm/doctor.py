@@ -90,7 +90,8 @@ def report(model: str | None = None, *, n_ctx: int | None = None, models_dir: st
     out: dict[str, Any] = {
         "cpu": cpu,
         "build": {"llama_cpp_python": runtime.llama_cpp_version(), "system_info": info.strip(), "features": feats,
-                  "missing_on_cpu": missing, "gpu_offload": offload, "rebuild": REBUILD_NATIVE if missing else None},
+                  "missing_on_cpu": missing, "gpu_offload": offload,
+                  "cpu_variant": runtime.cpu_variant(), "rebuild": REBUILD_NATIVE if missing else None},
         "gpu": {"devices": gpus, "gpu_rebuild": gpu_rebuild},
         "memory": mem,
         "disk": disk,

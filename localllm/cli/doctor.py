@@ -33,6 +33,8 @@ def command(as_json: bool, model: str | None, n_ctx: int | None, models_dir: str
                       + " ".join(k for k, on in b["features"].items() if on)),
         ("GPU offload", "compiled in" if b["gpu_offload"] else "not compiled in (CPU only)"),
     ]
+    if b.get("cpu_variant"):  # a GGML_CPU_ALL_VARIANTS build (the container image): the kernels ggml chose
+        rows.insert(4, ("  CPU variant", f"libggml-cpu-{b['cpu_variant']} (the best of the image's variants here)"))
     for d in r["gpu"]["devices"]:
         rows.append(("  device", f"{d['name']} {d['description']}: {human_bytes(d['memory_free'])} free "
                                  f"of {human_bytes(d['memory_total'])}"))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
+import re
 import sys
 import threading
 from collections import deque
@@ -68,7 +70,49 @@ def _backend() -> _LogSink:
     sink = _LogSink()
     C.llama_log_set(sink.callback, ctypes.c_void_p(0))
     C.llama_backend_init()
+    _load_dl_backends()
     return sink
+
+
+def _backend_dirs() -> list[Path]:
+    """Where a GGML_BACKEND_DL build of llama-cpp-python puts its ``libggml-cpu-*.so`` variants:
+    ``llama_cpp/lib`` or the wheel's ``bin/`` (site-packages/bin); $LOCALLLM_GGML_BACKEND_DIR first."""
+    here = Path(C.__file__).resolve().parent
+    dirs = [here / "lib", here.parent / "bin", here.parent / "lib"]
+    env = os.environ.get("LOCALLLM_GGML_BACKEND_DIR")
+    return ([Path(env)] if env else []) + dirs
+
+
+def _load_dl_backends() -> None:
+    """Load llama.cpp's backends when it was built with ``GGML_BACKEND_DL=ON`` (the container
+    image: ``GGML_CPU_ALL_VARIANTS`` builds one CPU library per instruction set and ggml picks
+    the best this CPU runs). Such a build registers no backend by itself and llama-cpp-python
+    0.3.36 does not load them; an ordinary build already has its CPU backend linked in."""
+    ggml = _ggml_lib()
+    if ggml is None:
+        return
+    ggml.ggml_backend_reg_count.restype = ctypes.c_size_t
+    if ggml.ggml_backend_reg_count() > 0:
+        return
+    ggml.ggml_backend_load_all_from_path.argtypes = [ctypes.c_char_p]
+    ggml.ggml_backend_load_all_from_path.restype = None
+    for d in _backend_dirs():
+        if d.is_dir() and any(d.glob("*ggml-cpu*")):
+            ggml.ggml_backend_load_all_from_path(str(d).encode())
+            return
+
+
+def cpu_variant() -> str | None:
+    """The CPU variant a ``GGML_CPU_ALL_VARIANTS`` build loaded (``haswell``, ``icelake``, ...),
+    from ggml's "loaded CPU backend from .../libggml-cpu-VARIANT.so"; None for an ordinary build."""
+    sink = _backend()
+    with sink.lock:
+        lines = [line for _lv, line in sink.lines]
+    for line in lines:
+        m = re.search(r"loaded CPU backend from \S*ggml-cpu-([A-Za-z0-9_]+)\.", line)
+        if m:
+            return m.group(1)
+    return None
 
 
 # llama.cpp's summary lines after the real reason: never the reason themselves
