@@ -21,8 +21,8 @@ from localllm.core.prompt_cache import MAGIC, PromptCache
 
 ROOT = Path(__file__).resolve().parent.parent
 SYSTEM = "You are a careful assistant. " + " ".join(f"Rule {i}: answer politely and cite item {i * 7}."
-                                                    for i in range(20))
-GREEDY = dict(temperature=0, max_tokens=12)
+                                                    for i in range(8))
+GREEDY = dict(temperature=0, max_tokens=8)
 
 
 def _msgs(question: str) -> list[dict[str, str]]:
@@ -52,9 +52,9 @@ from localllm import Model
 sys_text, path, folder = sys.argv[1], sys.argv[2], sys.argv[3]
 msgs = lambda q: [{"role": "system", "content": sys_text}, {"role": "user", "content": q}]
 with Model(path, n_ctx=1024, prompt_cache=folder) as m:
-    a = m.chat_complete(msgs("What is rule 3?"), temperature=0, max_tokens=12)
+    a = m.chat_complete(msgs("What is rule 3?"), temperature=0, max_tokens=8)
     m.reset()  # the slot forgets: the next prompt can only come from disk
-    b = m.chat_complete(msgs("What is rule 9?"), temperature=0, max_tokens=12)
+    b = m.chat_complete(msgs("What is rule 9?"), temperature=0, max_tokens=8)
 print(json.dumps({"a": a.tokens, "a_cached": a.cached_tokens, "b": b.tokens, "b_cached": b.cached_tokens}))
 """
 
@@ -128,6 +128,8 @@ def test_foreign_damaged_or_unreadable_files_are_refused_and_rebuilt(tmp_path: P
     d = tmp_path / "cache"
     with Model(default_model_path, n_ctx=1024, prompt_cache=d) as m:
         m.chat_complete(_msgs("What is rule 3?"), **GREEDY)
+        pc = m._engine.scheduler.prompt_cache
+        pc.flush()  # states are written on a thread of their own
         (entry,) = _entries(d)
         good = entry.read_bytes()
         foreign = _other_models_entry(tmp_path / "q4_0")
@@ -140,7 +142,6 @@ def test_foreign_damaged_or_unreadable_files_are_refused_and_rebuilt(tmp_path: P
             "llama.cpp refuses the state": lambda: _forge(entry, _tiny_state(tiny_gguf), key=key),
             "not a cache file": lambda: entry.write_bytes(b"\0" * blob_at),
         }
-        pc = m._engine.scheduler.prompt_cache
         for why, spoil in damage.items():
             spoil()
             m.reset()  # nothing in memory: only the file could supply the prefix,
@@ -149,6 +150,7 @@ def test_foreign_damaged_or_unreadable_files_are_refused_and_rebuilt(tmp_path: P
             r = m.chat_complete(_msgs("What is rule 3?"), **GREEDY)
             assert (why, r.cached_tokens, r.tokens) == (why, 0, reference["a"])
             assert pc.stats["refused"] == refused + 1, why
+            pc.flush()
             assert entry.read_bytes() == good, why  # rebuilt: the same state, written again
         m.reset()
         again = m.chat_complete(_msgs("What is rule 3?"), **GREEDY)

@@ -32,6 +32,7 @@ import logging
 import os
 import struct
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,10 +78,16 @@ class PromptCache:
         self.key_text, self.dir = _key_dir(Path(root), key)
         self.max_bytes = max_bytes
         self._entries: dict[str, Entry] | None = None  # read on first use
+        self._lock = threading.RLock()  # the index: the scheduler's thread and the writers share it
+        self._writers: list[threading.Thread] = []
         self.stats = {"hits": 0, "misses": 0, "saved": 0, "refused": 0, "evicted": 0}
 
     # ------------------------------------------------------------------ the index
     def _index(self) -> dict[str, Entry]:
+        with self._lock:
+            return self._read_index()
+
+    def _read_index(self) -> dict[str, Entry]:
         if self._entries is None:
             self._entries = {}
             for p in sorted(self.dir.glob("*.kv")) if self.dir.is_dir() else []:
@@ -113,8 +120,9 @@ class PromptCache:
         self._drop(p)
 
     def _drop(self, p: Path) -> None:
-        if self._entries is not None:
-            self._entries.pop(p.name, None)
+        with self._lock:
+            if self._entries is not None:
+                self._entries.pop(p.name, None)
         try:
             p.unlink()
         except OSError:
@@ -126,7 +134,7 @@ class PromptCache:
         when that is at least MIN_GAIN tokens more than the ``have`` already in memory."""
         want = prompt[:-1]
         best, best_n = None, have + MIN_GAIN - 1
-        for e in self._index().values():
+        for e in list(self._index().values()):
             if min(len(e.tokens), len(want)) <= best_n or e.tokens[:best_n + 1] != want[:best_n + 1]:
                 continue
             n = common_prefix(e.tokens, want)
@@ -136,20 +144,25 @@ class PromptCache:
             self.stats["misses"] += 1
         return best
 
-    def load(self, e: Entry) -> bytes | None:
+    def load(self, e: Entry) -> bytearray | None:
         """The state bytes of ``e``, checked against its header; None (and the file gone) if any check fails."""
         head = self._read_header(e.path)
         if head is None or head["tokens"] != e.tokens:
             self._refuse(e.path, "header does not match this model or its index entry")
             return None
+        if head["length"] != e.path.stat().st_size - head["offset"]:  # before allocating what it claims
+            self._refuse(e.path, "truncated or damaged")
+            return None
+        blob = bytearray(head["length"])
         try:
             with open(e.path, "rb") as f:
                 f.seek(head["offset"])
-                blob = f.read(head["length"] + 1)
+                got = f.readinto(blob)
+                extra = f.read(1)
         except OSError as err:
             self._refuse(e.path, f"unreadable: {err}")
             return None
-        if len(blob) != head["length"] or hashlib.sha256(blob).hexdigest() != head.get("sha256"):
+        if got != len(blob) or extra or hashlib.sha256(blob).hexdigest() != head.get("sha256"):
             self._refuse(e.path, "truncated or damaged")
             return None
         e.used = time.time()
@@ -165,14 +178,31 @@ class PromptCache:
         self._refuse(e.path, why)
 
     # ------------------------------------------------------------------ save
-    def has(self, tokens: list[int]) -> bool:
-        return any(e.tokens == tokens for e in self._index().values())
+    def wants(self, tokens: list[int]) -> bool:
+        """Whether saving ``tokens`` pays: at least MIN_TOKENS, and a quarter of them on no file yet
+        (a chat's every turn would rewrite the whole conversation; a restart then decodes at most that quarter)."""
+        if len(tokens) < MIN_TOKENS:
+            return False
+        covered = max((common_prefix(e.tokens, tokens) for e in list(self._index().values())), default=0)
+        return len(tokens) - covered >= max(MIN_TOKENS, len(tokens) // 4)
+
+    def save_later(self, tokens: list[int], blob: bytes) -> None:
+        """:meth:`save` on a thread of its own (the checksum and the write stay off the decode loop)."""
+        self._writers = [t for t in self._writers if t.is_alive()]
+        t = threading.Thread(target=self.save, args=(tokens, blob), name="localllm-prompt-cache", daemon=True)
+        self._writers.append(t)
+        t.start()
+
+    def flush(self) -> None:
+        """Wait for the writes in progress."""
+        for t in self._writers:
+            t.join()
+        self._writers = []
 
     def save(self, tokens: list[int], blob: bytes) -> Path | None:
         """Store ``blob`` as the state of ``tokens``; drop entries it covers; evict beyond the cap."""
-        if len(tokens) < MIN_TOKENS or not blob or len(blob) > self.max_bytes or self.has(tokens):
+        if len(tokens) < MIN_TOKENS or not blob or len(blob) > self.max_bytes:
             return None
-        index = self._index()
         head = json.dumps({"key": self.key_text, "tokens": tokens, "length": len(blob),
                            "sha256": hashlib.sha256(blob).hexdigest()}).encode()
         name = hashlib.sha256(self.key_text.encode() + struct.pack(f"<{len(tokens)}i", *tokens)).hexdigest()[:32]
@@ -187,12 +217,14 @@ class PromptCache:
         except OSError as err:
             log.warning("prompt cache: could not save an entry (%s)", err)
             return None
-        for e in list(index.values()):  # covered: the new entry restores all of it
-            if len(e.tokens) < len(tokens) and tokens[:len(e.tokens)] == e.tokens:
-                self._drop(e.path)
-        index[path.name] = Entry(path, list(tokens), path.stat().st_size, time.time())
-        self.stats["saved"] += 1
-        self._evict()
+        with self._lock:
+            index = self._read_index()
+            for e in list(index.values()):  # covered: the new entry restores all of it
+                if len(e.tokens) < len(tokens) and tokens[:len(e.tokens)] == e.tokens:
+                    self._drop(e.path)
+            index[path.name] = Entry(path, list(tokens), path.stat().st_size, time.time())
+            self.stats["saved"] += 1
+            self._evict()
         return path
 
     def _evict(self) -> None:

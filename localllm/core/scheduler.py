@@ -176,6 +176,8 @@ class Scheduler:
                 log.warning("the scheduler thread did not stop in 10 s; leaving its llama.cpp context allocated")
                 return
         self._fail_all(ServiceUnavailableError("the server is shutting down"), waiting=True)
+        if self.prompt_cache is not None:
+            self.prompt_cache.flush()  # a state being written is whole on disk before the process may end
         self.batch.close()
         self.ctx.close()
 
@@ -270,10 +272,10 @@ class Scheduler:
     def _save(self, slot: Slot) -> None:
         """Save ``slot``'s KV state (prompt and answer) for later requests and processes."""
         pc = self.prompt_cache
-        if pc is None or len(slot.cached) < MIN_TOKENS or pc.has(slot.cached):
+        if pc is None or len(slot.cached) < MIN_TOKENS or not pc.wants(slot.cached):
             return
         try:
-            pc.save(list(slot.cached), self.ctx.seq_state(slot.seq))
+            pc.save_later(list(slot.cached), self.ctx.seq_state(slot.seq))
         except (OSError, LocalLLMError) as e:
             log.warning("prompt cache: could not save (%s)", e)
 

@@ -118,14 +118,15 @@ class Context:
             raise RuntimeFailure(f"llama.cpp wrote {got} of {n} bytes of sequence {seq_id}'s state")
         return bytes(buf)
 
-    def set_seq_state(self, seq_id: int, data: bytes) -> bool:
+    def set_seq_state(self, seq_id: int, data: bytes | bytearray) -> bool:
         """Load ``data`` (from :meth:`seq_state`) into sequence ``seq_id``, replacing what it held.
         False when llama.cpp refuses it (another model's layout, a size that does not add up);
         the sequence is then empty."""
         self.seq_rm(seq_id, -1, -1)
         if not data:
             return False
-        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        arr = ctypes.c_uint8 * len(data)  # a bytearray is lent to llama.cpp as it is, bytes are copied
+        buf = arr.from_buffer(data) if isinstance(data, bytearray) else arr.from_buffer_copy(data)
         got = int(C.llama_state_seq_set_data(self.ptr, buf, len(data), seq_id))
         if got != len(data):
             self.seq_rm(seq_id, -1, -1)

@@ -1,0 +1,130 @@
+"""Time to first token after a restart, with the prompt cache on disk and without it.
+
+Every measurement is a fresh process (a restart): it loads the model and asks
+one chat question under a fixed system prompt of about 1,000 tokens. Three
+kinds, in alternating order each round:
+
+* ``off``: ``Model(prompt_cache=False)``: the whole prompt is decoded;
+* ``cold``: the cache on, its folder empty: the whole prompt is decoded and the
+  state saved at the end (what the cache costs when it does not help);
+* ``warm``: the cache on, its folder holding an earlier conversation with the same
+  system prompt and another question: the system prompt comes from disk.
+
+Reports medians and the per-round ratios (median and range) side by side.
+
+Usage:
+    python benchmarks/prompt_cache_bench.py --rounds 5 [--model smollm2-135m] [--json out.json]
+
+Not run in CI. Writes only to a temporary folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SYSTEM = ("You are the support assistant of a hardware shop. Follow these rules. "
+          + " ".join(f"Rule {i}: when asked about product {i * 13}, give its price, say it ships in {i % 5 + 1} "
+                     f"days, and never promise a discount." for i in range(31)))
+
+
+def child(mode: str, folder: str, model: str | None, question: str) -> dict[str, float]:
+    from localllm import Model
+
+    t0 = time.perf_counter()
+    pc: bool | str = False if mode == "off" else folder
+    with Model(model, n_ctx=2048, prompt_cache=pc) as m:
+        load = time.perf_counter() - t0
+        msgs = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
+        t = time.perf_counter()
+        r = m.chat_complete(msgs, temperature=0, max_tokens=8)
+        total = time.perf_counter() - t
+    return {"ttft": r.time_to_first_token_s, "total": total, "cached": r.cached_tokens,
+            "prompt": r.prompt_tokens, "load": load}
+
+
+def run_child(mode: str, folder: Path, model: str | None, question: str) -> dict[str, float]:
+    cmd = [sys.executable, __file__, "--child", mode, "--folder", str(folder), "--question", question]
+    if model:
+        cmd += ["--model", model]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "?"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--child", default=None)
+    ap.add_argument("--folder", default=None)
+    ap.add_argument("--question", default="What does product 26 cost?")
+    a = ap.parse_args()
+    if a.child:
+        print(json.dumps(child(a.child, a.folder, a.model, a.question)))
+        return
+    tmp = Path(tempfile.mkdtemp(prefix="localllm-pcbench-"))
+    try:
+        warm = tmp / "warm"
+        run_child("warm", warm, a.model, "Hello, who are you?")  # an earlier conversation, not timed
+        rows: dict[str, list[dict[str, float]]] = {"off": [], "cold": [], "warm": []}
+        kinds = list(rows)
+        for i in range(a.rounds):
+            order = kinds[i % 3:] + kinds[:i % 3]
+            for kind in order:
+                folder = warm if kind == "warm" else tmp / f"cold{i}"
+                rows[kind].append(run_child(kind, folder, a.model, f"What does product {13 * (i + 2)} cost?"))
+                shutil.rmtree(tmp / f"cold{i}", ignore_errors=True)
+            print(f"round {i + 1}: " + ", ".join(f"{k} {rows[k][-1]['ttft'] * 1000:.0f} ms" for k in kinds),
+                  file=sys.stderr)
+        report(rows, a)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def report(rows: dict[str, list[dict[str, float]]], a: argparse.Namespace) -> None:
+    med = {k: {f: statistics.median(r[f] for r in v) for f in ("ttft", "total", "cached", "prompt")}
+           for k, v in rows.items()}
+    ratio = [w["ttft"] / o["ttft"] for w, o in zip(rows["warm"], rows["off"])]
+    cost = [c["total"] / o["total"] for c, o in zip(rows["cold"], rows["off"])]
+    out = {"cpu": cpu_name(), "threads": os.cpu_count(), "model": a.model or "default", "rounds": a.rounds,
+           "median": med, "ttft_warm_over_off": {"median": statistics.median(ratio), "min": min(ratio),
+                                                 "max": max(ratio)},
+           "total_cold_over_off": {"median": statistics.median(cost), "min": min(cost), "max": max(cost)}}
+    print(f"CPU: {out['cpu']}, {a.rounds} rounds, each a fresh process; prompt {med['off']['prompt']:.0f} tokens")
+    print("| | time to first token | whole request (8 tokens) | cached tokens |")
+    print("|---|---|---|---|")
+    for k, label in (("off", "no cache"), ("cold", "cache on, empty (decode + save)"),
+                     ("warm", "cache on, system prompt on disk")):
+        m = med[k]
+        print(f"| {label} | {m['ttft'] * 1000:.0f} ms | {m['total'] * 1000:.0f} ms | {m['cached']:.0f} |")
+    r, c = out["ttft_warm_over_off"], out["total_cold_over_off"]
+    print(f"first token, warm / off: {r['median']:.3f} (range {r['min']:.3f}-{r['max']:.3f})")
+    print(f"whole request, cold / off: {c['median']:.3f} (range {c['min']:.3f}-{c['max']:.3f})")
+    if a.json:
+        Path(a.json).write_text(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
