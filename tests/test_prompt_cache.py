@@ -175,3 +175,23 @@ def test_size_cap_evicts_the_least_recently_used(tmp_path: Path) -> None:
     assert PromptCache(tmp_path, {"model": "other"}).lookup(a + [5], have=0) is None
     assert PromptCache(tmp_path, {"model": "m"}).lookup(a + [5], have=0).tokens == a + [9] * 5
 
+
+
+def test_a_restarted_server_reports_the_prefix_it_read_from_disk(tmp_path: Path, default_model_path: Path,
+                                                                 reference) -> None:
+    from localllm.server import ServerSettings, create_app, shutdown
+
+    def ask(question: str) -> dict:
+        app = create_app(ServerSettings.create(model=str(default_model_path), ctx=1024, parallel=2,
+                                               prompt_cache_dir=str(tmp_path), load_async=False))
+        try:
+            r = app.test_client().post("/v1/chat/completions", json={
+                "messages": _msgs(question), "temperature": 0, "max_tokens": 8})
+            assert r.status_code == 200, r.get_data(as_text=True)
+            return r.get_json()["usage"]
+        finally:
+            shutdown(app)  # the state is on disk when the server has stopped
+
+    assert ask("What is rule 3?")["prompt_tokens_details"]["cached_tokens"] == 0
+    usage = ask("What is rule 9?")  # a new server: its slots are empty
+    assert usage["prompt_tokens_details"]["cached_tokens"] >= reference["system"]
