@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import fcntl
 import hashlib
 import json
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from localllm import catalog, settings
-from localllm.errors import (InvalidArgumentError, InvalidModelFileError, ModelIntegrityError,
+from localllm.errors import (DiskFullError, InvalidArgumentError, InvalidModelFileError, ModelIntegrityError,
                              ModelNotFoundError)
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
@@ -211,11 +212,14 @@ def sha256_file(path: Path, progress: Callable[[int], None] | None = None) -> st
 
 
 def add(produce: Callable[[Path], None], name: str, version: str, *, source: dict[str, Any],
-        root: Path | None = None, extra: dict[str, Any] | None = None) -> Path:
+        root: Path | None = None, extra: dict[str, Any] | None = None, exist_ok: bool = True) -> Path:
     """Atomically add a model: ``produce(tmp_path)`` writes the GGUF to a
     temporary file in the store, which is hashed and renamed into place with
     its manifest, under the store lock. A kill at any point leaves either
-    nothing or a complete entry.
+    nothing or a complete entry. An entry that is already there is kept: its
+    path is returned, or, with ``exist_ok=False``, InvalidArgumentError says so
+    (another process may have added it while this one waited for the lock).
+    A full disk (or file-size limit) is a DiskFullError, with nothing left behind.
     """
     root = root or settings.models_dir()
     parse_ref(f"{name}:{version}")
@@ -224,13 +228,24 @@ def add(produce: Callable[[Path], None], name: str, version: str, *, source: dic
     vdir = root / name / version
     with locked(root):
         if (vdir / MANIFEST).is_file():
+            if not exist_ok:
+                raise InvalidArgumentError(f"{name}:{version} is already in the store",
+                                           hint=f"pick another --version, or `localllm models rm {name}:{version}` "
+                                                "first", param="version")
             return gguf_in(vdir)
         _stale_temps(root)
         tmpdir = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-{version}-", dir=root))
         try:
             fname = f"{name}-{version}.gguf"
             tmp = tmpdir / fname
-            produce(tmp)
+            try:
+                produce(tmp)
+            except OSError as e:
+                if e.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+                    raise
+                raise DiskFullError(f"{root}: {e.strerror or e} while writing {name}:{version} (the disk is full, "
+                                    "or a file-size limit); nothing was added",
+                                    hint="free some space, or use another --models-dir") from None
             summary = validate.summary(tmp)
             manifest = {
                 "name": name, "version": version, "file": fname,
@@ -514,7 +529,7 @@ def import_file(path: str | os.PathLike[str], name: str, version: str | None = N
                 pass
         shutil.copyfile(src, tmp)
 
-    add(produce, name, version.lower(), source={"path": str(src)}, root=root)
+    add(produce, name, version.lower(), source={"path": str(src)}, root=root, exist_ok=False)
     if move:  # only now: a failed or interrupted import must never lose the user's file
         src.unlink(missing_ok=True)
     return show(f"{name}:{version.lower()}", root)
