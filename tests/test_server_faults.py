@@ -461,6 +461,44 @@ def test_sigterm_cuts_what_outlasts_the_drain_timeout(default_model_path: Path, 
         assert "still running" in s.log.read_text()
 
 
+# ---------------------------------------------------------------------------------------- soak (-m soak)
+
+@pytest.mark.soak
+def test_soak(default_model_path: Path, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """Mixed load with faults for LOCALLLM_SOAK_SECONDS (600): rounds of 16 clients, a client that
+    vanishes mid-stream and a hostile body each round; prints the figures for docs/RELIABILITY.md."""
+    if "soak" not in (request.config.getoption("markexpr") or ""):
+        pytest.skip("a long soak: run with -m soak (LOCALLLM_SOAK_SECONDS, default 600)")
+    seconds = float(os.environ.get("LOCALLLM_SOAK_SECONDS", "600"))
+    with serve(default_model_path, tmp_path) as s:
+        ref = reference(s)
+        rss_start, total, rounds = s.rss, Counter(), 0
+        rss_first = 0
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            c = _conn(s.url)
+            c.request("POST", "/v1/completions", body=json.dumps(comp_body(max_tokens=CTX, ignore_eos=True,
+                                                                           stream=True)),
+                      headers={"Content-Type": "application/json"})
+            r = c.getresponse()
+            if r.status == 200:
+                _event(r)
+            total[f"vanished ({r.status})"] += 1
+            _reset(c, r)
+            bad = post(s.api + "/completions", content=b"[" * 100000, headers={"Content-Type": "application/json"})
+            total[f"hostile ({bad.status_code})"] += 1
+            total.update(_round(s, ref, clients=16, each=2))
+            s.alive()
+            rounds += 1
+            if rounds == 1:
+                rss_first = s.rss
+        assert wait_for(lambda: _busy(s) == 0, timeout=60)
+        rss_end = s.rss
+        print(f"\nSOAK {seconds:g} s, {rounds} rounds: {dict(total)}; RSS start {rss_start >> 20} MiB, "
+              f"after round 1 {rss_first >> 20} MiB, end {rss_end >> 20} MiB")
+        assert rss_end <= rss_first * 1.10 + (32 << 20)
+
+
 # ---------------------------------------------------------------------------------------- the document
 
 def test_reliability_doc_lists_the_server_cases() -> None:
