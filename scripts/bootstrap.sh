@@ -37,6 +37,51 @@ T
   macOS:         brew install cmake
 T
     ;;
+    vulkan) cat >&2 <<'T'
+  Debian/Ubuntu: sudo apt install libvulkan-dev glslc mesa-vulkan-drivers
+                 (llama.cpp needs Vulkan headers >= 1.3.255: Debian 12's 1.3.239 are too old, see docs/gpu.md)
+  Fedora:        sudo dnf install vulkan-headers vulkan-loader-devel glslc
+  macOS:         use LOCALLLM_GPU=metal
+T
+    ;;
+    cuda) cat >&2 <<'T'
+  Debian/Ubuntu: sudo apt install nvidia-cuda-toolkit   (or NVIDIA's CUDA toolkit; nvcc must be on PATH)
+  Fedora:        NVIDIA's CUDA toolkit (dnf install cuda-toolkit from NVIDIA's repository)
+T
+    ;;
+  esac
+}
+
+# LOCALLLM_GPU=vulkan|cuda|metal: the llama.cpp backend to build into llama-cpp-python (empty: CPU only).
+# Prints the CMAKE_ARGS; says what to install and fails when the toolkit is missing.
+gpu_cmake_args() {
+  case "${LOCALLLM_GPU:-}" in
+    "") return 0 ;;
+    vulkan)
+      local inc="${VULKAN_INCLUDE_DIR:-/usr/include}"
+      if ! command -v glslc >/dev/null 2>&1 || [ ! -f "$inc/vulkan/vulkan.h" ]; then
+        say "LOCALLLM_GPU=vulkan needs the Vulkan headers and the glslc shader compiler, and they were not found."
+        how_to_install vulkan; return 1
+      fi
+      local v
+      v="$(grep -m1 -oE 'VK_HEADER_VERSION [0-9]+' "$inc/vulkan/vulkan_core.h" 2>/dev/null | cut -d' ' -f2)"
+      if [ -n "$v" ] && [ "$v" -lt 255 ]; then
+        say "the Vulkan headers in $inc are version 1.3.$v; llama.cpp needs 1.3.255 or newer."
+        how_to_install vulkan; return 1
+      fi
+      echo "-DGGML_VULKAN=ON${VULKAN_INCLUDE_DIR:+ -DVulkan_INCLUDE_DIR=$VULKAN_INCLUDE_DIR}" ;;
+    cuda)
+      if ! command -v nvcc >/dev/null 2>&1; then
+        say "LOCALLLM_GPU=cuda needs the CUDA toolkit (nvcc), and it was not found."
+        how_to_install cuda; return 1
+      fi
+      echo "-DGGML_CUDA=ON" ;;
+    metal)
+      if [ "$(uname -s)" != Darwin ]; then
+        say "LOCALLLM_GPU=metal needs macOS; on Linux use vulkan or cuda."; return 1
+      fi
+      echo "-DGGML_METAL=ON" ;;
+    *) say "LOCALLLM_GPU must be vulkan, cuda or metal (or empty for CPU only), not '$LOCALLLM_GPU'."; return 1 ;;
   esac
 }
 
@@ -53,7 +98,9 @@ find_python() {
 bootstrap() {
   local extras="${1:-}" spec="." stamp want
   [ -n "$extras" ] && spec=".[$extras]"
-  want="$(cat "$LOCALLLM_ROOT/setup.cfg" "$LOCALLLM_ROOT/scripts/bootstrap.sh" | cksum | cut -d' ' -f1)-$extras"
+  local gpu_args
+  gpu_args="$(gpu_cmake_args)" || return 1
+  want="$(cat "$LOCALLLM_ROOT/setup.cfg" "$LOCALLLM_ROOT/scripts/bootstrap.sh" | cksum | cut -d' ' -f1)-${LOCALLLM_GPU:-cpu}-$extras"
   stamp="$VENV/.localllm-bootstrap"
   # the test extra includes everything the serve extra has
   if [ -x "$VENV/bin/localllm" ] && [ -f "$stamp" ] && { grep -qx -- "$want" "$stamp" || \
@@ -75,7 +122,12 @@ bootstrap() {
   local log="$VENV/bootstrap.log" vpy="$VENV/bin/python"
   : > "$log"
   "$vpy" -m pip install -q --upgrade pip >>"$log" 2>&1 || true
-  if ! "$vpy" -c 'import llama_cpp' >/dev/null 2>&1; then
+  local rebuild=""
+  if [ -n "$gpu_args" ] && "$vpy" -c 'import sys, llama_cpp; sys.exit(bool(llama_cpp.llama_supports_gpu_offload()))' \
+       >/dev/null 2>&1; then
+    rebuild="--force-reinstall --no-deps --no-binary llama-cpp-python --no-cache-dir"  # a CPU-only build is there
+  fi
+  if [ -n "$rebuild" ] || ! "$vpy" -c 'import llama_cpp' >/dev/null 2>&1; then
     # llama-cpp-python compiles llama.cpp unless pip has a wheel cached
     if ! command -v cc >/dev/null 2>&1 && ! command -v gcc >/dev/null 2>&1 && ! command -v clang >/dev/null 2>&1; then
       say "a C/C++ compiler is required to build llama.cpp, and none was found."
@@ -85,8 +137,9 @@ bootstrap() {
       say "cmake is required to build llama.cpp, and it was not found."
       how_to_install cmake; return 1
     fi
-    say "installing $LLAMA_PIN (compiling llama.cpp takes about 5 minutes on 2 cores, unless pip has the wheel cached)"
-    if ! "$vpy" -m pip install "$LLAMA_PIN" >>"$log" 2>&1; then
+    say "installing $LLAMA_PIN${gpu_args:+ with $LOCALLLM_GPU ($gpu_args)} (compiling llama.cpp takes about 5 minutes on 2 cores${gpu_args:+, more with a GPU backend}, unless pip has the wheel cached)"
+    # shellcheck disable=SC2086
+    if ! CMAKE_ARGS="${CMAKE_ARGS:-} $gpu_args" "$vpy" -m pip install $rebuild "$LLAMA_PIN" >>"$log" 2>&1; then
       say "building $LLAMA_PIN failed. The first errors from $log:"
       grep -m 5 -iE 'error[: ]' "$log" | cut -c1-200 >&2
       if grep -qiE "no cmake_cxx_compiler|c\+\+: not found|g\+\+: not found|CMAKE_CXX_COMPILER" "$log"; then

@@ -55,3 +55,55 @@ def test_no_compiler_then_no_cmake(tmp_path: Path) -> None:
     assert r.returncode == 1
     assert "cmake is required" in r.stderr and "brew install cmake" in r.stderr
     assert len(r.stderr.splitlines()) < 10  # a short message, never a wall of compiler output
+
+
+def _gpu_args(tmp_path: Path, gpu: str, tools: dict[str, str], include: Path | None = None
+              ) -> subprocess.CompletedProcess:
+    proj, env = _sandbox(tmp_path, tools)
+    for name in ("uname",):
+        found = shutil.which(name)
+        if found and not (Path(env["PATH"]) / name).exists():
+            (Path(env["PATH"]) / name).symlink_to(found)
+    env = {**env, "LOCALLLM_GPU": gpu, **({"VULKAN_INCLUDE_DIR": str(include)} if include else {})}
+    return subprocess.run([env["PATH"] + "/bash", "-c", f"source {proj}/scripts/bootstrap.sh; gpu_cmake_args"],
+                          env=env, capture_output=True, text=True, timeout=60)
+
+
+def _headers(tmp_path: Path, version: int) -> Path:
+    inc = tmp_path / f"inc{version}"
+    (inc / "vulkan").mkdir(parents=True)
+    (inc / "vulkan" / "vulkan.h").write_text("")
+    (inc / "vulkan" / "vulkan_core.h").write_text(f"#define VK_HEADER_VERSION {version}\n")
+    return inc
+
+
+def test_gpu_builds_take_the_right_flags_or_say_what_to_install(tmp_path: Path) -> None:
+    fake = tmp_path / "fake-tool"
+    fake.write_text("#!/bin/sh\nexit 0\n")
+    fake.chmod(0o755)
+    r = _gpu_args(tmp_path / "a", "cuda", {})
+    assert r.returncode == 1 and "needs the CUDA toolkit (nvcc)" in r.stderr and "nvidia-cuda-toolkit" in r.stderr
+    r = _gpu_args(tmp_path / "b", "cuda", {"nvcc": str(fake)})
+    assert r.returncode == 0 and r.stdout.strip() == "-DGGML_CUDA=ON"
+    r = _gpu_args(tmp_path / "c", "vulkan", {})
+    assert r.returncode == 1 and "glslc" in r.stderr and "libvulkan-dev" in r.stderr
+    r = _gpu_args(tmp_path / "d", "vulkan", {"glslc": str(fake)}, _headers(tmp_path, 239))   # Debian 12's
+    assert r.returncode == 1 and "1.3.239" in r.stderr and "1.3.255 or newer" in r.stderr
+    inc = _headers(tmp_path, 309)   # Debian 13's
+    r = _gpu_args(tmp_path / "e", "vulkan", {"glslc": str(fake)}, inc)
+    assert r.returncode == 0 and r.stdout.strip() == f"-DGGML_VULKAN=ON -DVulkan_INCLUDE_DIR={inc}"
+    if os.uname().sysname != "Darwin":
+        r = _gpu_args(tmp_path / "f", "metal", {})
+        assert r.returncode == 1 and "needs macOS" in r.stderr
+    r = _gpu_args(tmp_path / "g", "rocm", {})
+    assert r.returncode == 1 and "must be vulkan, cuda or metal" in r.stderr
+    r = _gpu_args(tmp_path / "h", "", {})
+    assert r.returncode == 0 and r.stdout == ""
+
+
+def test_run_stops_on_a_bad_gpu_choice_before_building(tmp_path: Path) -> None:
+    proj, env = _sandbox(tmp_path, {"python3": sys.executable})
+    r = subprocess.run([env["PATH"] + "/bash", str(proj / "run"), "--version"], env={**env, "LOCALLLM_GPU": "rocm"},
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "must be vulkan, cuda or metal" in r.stderr
+    assert not (proj / ".venv").exists()   # nothing was created or built
