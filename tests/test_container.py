@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.container, pytest.mark.slow]
 
 STORAGE = ["--storage-driver", "vfs"]
-BASE_IMAGE = "localhost/localllm-test-base:bookworm"
+BASE_IMAGE = "localhost/localllm-test-base:bookworm-ca"
 IMAGE = "localhost/localllm-test:latest"
 TOOLS = {"buildah": "buildah", "podman": "podman", "debootstrap": "debootstrap"}
 
@@ -68,6 +68,24 @@ def _run(cmd: list[str], timeout: float, **kw) -> subprocess.CompletedProcess[st
     return r
 
 
+def _trust_host_cas(rootfs: Path) -> None:
+    """The build reaches PyPI and Debian's mirror from inside the chroot: where this host trusts
+    extra CAs (a TLS-inspecting egress proxy), the test base trusts them too. Users' bases need
+    nothing of this."""
+    extra = Path("/usr/local/share/ca-certificates")
+    if extra.is_dir() and any(extra.iterdir()):
+        dest = rootfs / "usr/local/share/ca-certificates"
+        dest.mkdir(parents=True, exist_ok=True)
+        for crt in extra.iterdir():
+            shutil.copy(crt, dest / crt.name)
+        bundle = Path("/etc/ssl/certs/ca-certificates.crt")
+        if bundle.is_file():  # until the image's apt installs ca-certificates and rebuilds it with those
+            (rootfs / "etc/ssl/certs").mkdir(parents=True, exist_ok=True)
+            shutil.copy(bundle, rootfs / "etc/ssl/certs/ca-certificates.crt")
+        # pip vendors its own CA list: point it at the system bundle
+        (rootfs / "etc/pip.conf").write_text("[global]\ncert = /etc/ssl/certs/ca-certificates.crt\n")
+
+
 def _have_image(name: str) -> bool:
     return subprocess.run(["buildah", *STORAGE, "inspect", "--type", "image", name],
                           capture_output=True).returncode == 0
@@ -79,13 +97,14 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> str:
     if not _have_image(BASE_IMAGE):
         rootfs = tmp_path_factory.mktemp("rootfs")
         _run(["debootstrap", "--variant=minbase", "bookworm", str(rootfs), "http://deb.debian.org/debian"], 900)
+        _trust_host_cas(rootfs)
         tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
         _run(["podman", *STORAGE, "import", "-", BASE_IMAGE], 600, stdin=tar.stdout)
         tar.wait()
         shutil.rmtree(rootfs, ignore_errors=True)
     if not _have_image(IMAGE):
         t0 = time.monotonic()
-        _run(["buildah", *STORAGE, "bud", "--isolation", "chroot", "--format", "docker",
+        _run(["buildah", *STORAGE, "bud", "--layers", "--isolation", "chroot", "--format", "docker",
               "--build-arg", f"BASE={BASE_IMAGE}", "-f", "deploy/Dockerfile", "-t", IMAGE, "."], 7200, cwd=ROOT)
         _say(f"image built in {time.monotonic() - t0:.0f} s")
     yield IMAGE
