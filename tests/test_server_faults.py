@@ -37,7 +37,8 @@ CASES = Cases("server-faults", "tests/test_server_faults.py", "Servers under loa
     "`localllm serve` (waitress, `--parallel 2 --max-queue 6 --ctx 256`) runs as its own process on loopback, "
     "serving a private copy of the default model; every answer is greedy and compared with the same request "
     "alone."), {
-    "load-32": ("32 concurrent clients, 3 rounds of 2 requests each (chat, streamed completion, `max_tokens` 4)",
+    "load-32": ("32 concurrent clients, 3 rounds of one request each (chat or streamed completion, "
+                "`max_tokens` 4)",
                 "every request: 200 with the answer it gets alone, or 503 `server_busy` with `Retry-After`; "
                 "never a reset or a 5xx; the process lives"),
     "load-rss": ("RSS of the server after rounds 2 and 3 of the load",
@@ -241,7 +242,7 @@ def test_load_32_clients(server: Server) -> None:
     ref = reference(server)
     rss = []
     for _ in range(3):
-        out = _round(server, ref)
+        out = _round(server, ref, each=1)
         server.alive()
         assert out["ok"] >= 2, out  # the server did serve, not only refuse
         assert wait_for(lambda: get(server.url + "/health").json()["slots_processing"] == 0, timeout=60)

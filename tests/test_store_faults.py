@@ -29,7 +29,7 @@ from reliability_doc import Cases
 from localllm import store
 
 ROOT = Path(__file__).resolve().parent.parent
-KILLS = 8
+KILLS = 6
 CASES = Cases("store-faults", "tests/test_store_faults.py", "Files: kills, full disks, two writers", (
     "Each door runs as its own process on the default model (a ~140 MB GGUF); after each fault the store must be "
     "*consistent*: every version directory has a manifest, `store.verify` passes on every entry (size and "
