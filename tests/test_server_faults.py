@@ -106,6 +106,8 @@ def serve(model_path: Path, tmp: Path, *args: str) -> Iterator[Server]:
         proc = subprocess.Popen([sys.executable, "-m", "localllm", "serve", "--model-path", str(model_path),
                                  "--port", str(port), "--parallel", "2", "--max-queue", "6", "--ctx", str(CTX),
                                  "--server", "waitress", *args], stdout=f, stderr=subprocess.STDOUT, cwd=ROOT,
+                                # as a background job of a shell (`localllm serve &`): SIGINT ignored
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
                                 env={k: v for k, v in os.environ.items() if k != "LOCALLLM_API_KEY"})
     s = Server(proc, f"http://127.0.0.1:{port}", log, model_path)
     try:

@@ -136,6 +136,8 @@ def _drain_on_sigterm(app: Flask, timeout: float) -> None:
         if state.draining.is_set():
             return
         state.draining.set()
+        # the way out is SIGINT, which a shell ignores in background jobs (`localllm serve &`): restore it
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         click.echo(f"localllm serve: SIGTERM: finishing {state.inflight} request(s) in flight "
                    f"(at most {timeout:g} s), then stopping", err=True)
         threading.Thread(target=stop, name="localllm-drain", daemon=True).start()
