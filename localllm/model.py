@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import os
 import threading
 import time
 import warnings
@@ -146,6 +147,8 @@ class Model:
         if settings is None:
             settings = ModelSettings(model=model, models_dir=models_dir, n_ctx=n_ctx, n_threads=n_threads,
                                      n_gpu_layers=n_gpu_layers, repack=repack)
+        if prompt_cache is not None and not isinstance(prompt_cache, (bool, str, os.PathLike)):
+            raise InvalidArgumentError("prompt_cache must be true, false or a folder", param="prompt_cache")
         if prompt_cache is not None:  # a folder turns it on there
             on = prompt_cache if isinstance(prompt_cache, bool) else True
             folder = None if isinstance(prompt_cache, bool) else prompt_cache

@@ -195,3 +195,15 @@ def test_a_restarted_server_reports_the_prefix_it_read_from_disk(tmp_path: Path,
     assert ask("What is rule 3?")["prompt_tokens_details"]["cached_tokens"] == 0
     usage = ask("What is rule 9?")  # a new server: its slots are empty
     assert usage["prompt_tokens_details"]["cached_tokens"] >= reference["system"]
+
+
+def test_prompt_cache_option_is_checked() -> None:
+    from localllm import Model
+    from localllm.errors import InvalidArgumentError
+    from localllm.loader import ModelSettings
+
+    with pytest.raises(InvalidArgumentError, match="prompt_cache must be true, false or a folder"):
+        Model(prompt_cache=3)  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgumentError, match="prompt_cache must be true or false"):
+        ModelSettings(prompt_cache="yes")  # type: ignore[arg-type]
+    assert ModelSettings(prompt_cache_dir="/x").prompt_cache_root() == Path("/x")
