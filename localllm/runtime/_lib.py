@@ -188,7 +188,9 @@ def _ggml_lib() -> ctypes.CDLL | None:
     """libggml from llama-cpp-python's wheel, for the backend-device API that
     llama-cpp-python does not bind."""
     libdir = Path(C.__file__).parent / "lib"
-    for name in ("libggml.so", "libggml.dylib", "ggml.dll"):
+    # a wheel holds libggml.so, .so.0 and .so.0.x as separate copies (zip has no symlinks); libllama
+    # links the soname (.so.0), so that is the copy whose backend registry llama.cpp uses
+    for name in ("libggml.so.0", "libggml.so", "libggml.dylib", "ggml.dll"):
         p = libdir / name
         if p.exists():
             lib = ctypes.CDLL(str(p))
