@@ -149,11 +149,12 @@ def serve_app(app: Flask, cfg: ServerSettings, server_kind: str, parallel: int, 
     """Run ``app`` under waitress (or werkzeug) until interrupted, then free the model."""
     from localllm.server import shutdown
 
-    _exit_if_the_load_fails(app)
     _drain_on_sigterm(app, cfg.drain_timeout)
     host, port = cfg.host, cfg.port
     url = f"http://{'localhost' if _is_loopback(host) else host}:{port}/"
     click.echo(f"localllm serve: {url} (OpenAI API at {url}v1, Ctrl-C stops)", err=True)
+    # after the banner: a load that already failed must end the output with its error, not with the banner
+    _exit_if_the_load_fails(app)
     use_waitress = server_kind == "waitress"
     if server_kind == "auto":
         try:
