@@ -43,23 +43,16 @@ def hf_reference(shipped: Path, work: Path) -> Path:
 
 def logits_gap(a: Path, b: Path) -> float:
     """NMSE between two files' logits on the same 128 token ids (llama.cpp's tokenizer of file a)."""
+    from convert_fixtures import gguf_logits
+
     from localllm import runtime
     from localllm.evaluate import default_text
 
     m = runtime.LlamaModel(a)
     ids = m.tokenize(default_text()[:2000], add_special=True, parse_special=False)[:128]
     m.close()
-    out = []
-    for path in (a, b):
-        m = runtime.LlamaModel(path)
-        ctx = runtime.Context(m, n_ctx=256, n_threads=2)
-        batch = runtime.Batch(256)
-        for i, t in enumerate(ids):
-            batch.add(t, i, 0, True)
-        ctx.decode(batch)
-        out.append(np.stack([ctx.logits(i).copy() for i in range(len(ids))]))
-        batch.close(); ctx.close(); m.close()
-    return float(np.mean((out[0] - out[1]) ** 2) / np.var(out[1]))
+    x, y = gguf_logits(a, ids), gguf_logits(b, ids)
+    return float(np.mean((x - y) ** 2) / np.var(y))
 
 
 def main() -> int:
