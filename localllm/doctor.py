@@ -6,8 +6,9 @@ The report is a plain dict (the ``--json`` output). Keys:
 - ``build``: llama_cpp_python version, system_info (llama.cpp's own line),
   features {name: bool} it was compiled for, missing_on_cpu [names],
   gpu_offload (bool), rebuild (command or null)
-- ``gpu``: devices [{name, description, type, memory_free, memory_total}],
-  gpu_rebuild {cuda, metal} commands when offload is not compiled in
+- ``gpu``: devices [{name, description, type, memory_free, memory_total}] (the GPU ones),
+  backends [the same for every backend device llama.cpp sees, the CPU included],
+  offload (bool), gpu_rebuild {vulkan, cuda, metal} commands when offload is not compiled in
 - ``memory``: total, available (bytes)
 - ``disk``: path (the model store), total, free (bytes)
 - ``model`` (with ``--model``): the memory plan (see :mod:`localllm.plan`)
@@ -35,6 +36,9 @@ PIN = "llama-cpp-python==0.3.36"
 REBUILD_NATIVE = f'CMAKE_ARGS="-DGGML_NATIVE=ON" pip install --force-reinstall --no-cache-dir {PIN}'
 REBUILD_CUDA = f'CMAKE_ARGS="-DGGML_CUDA=on" pip install --force-reinstall --no-cache-dir {PIN}'
 REBUILD_METAL = f'CMAKE_ARGS="-DGGML_METAL=on" pip install --force-reinstall --no-cache-dir {PIN}'
+REBUILD_VULKAN = f'CMAKE_ARGS="-DGGML_VULKAN=on" pip install --force-reinstall --no-cache-dir {PIN}'
+# in a checkout, ./run and ./test build the backend into the venv (scripts/bootstrap.sh, docs/gpu.md)
+CHECKOUT_GPU = "LOCALLLM_GPU={} ./run doctor"
 MIN_RAM = 512 * 2**20
 MIN_DISK = 1 * 2**30
 
@@ -49,6 +53,43 @@ def parse_system_info(info: str) -> dict[str, bool]:
             if k:
                 feats[k] = v.strip() == "1"
     return feats
+
+
+def _gpu_hardware() -> str | None:
+    """A GPU this machine has, from its device nodes (Linux) or the chip (Apple silicon); None if none seen."""
+    import glob
+    import platform
+
+    if glob.glob("/dev/nvidia[0-9]*"):
+        return "cuda"
+    if platform.system() == "Darwin" and platform.machine() == "arm64":
+        return "metal"
+    if glob.glob("/dev/dri/renderD*"):
+        return "vulkan"
+    return None
+
+
+def _gpu_section(problems: list[dict[str, str | None]]) -> tuple[bool, dict[str, Any]]:
+    """Offload, the devices llama.cpp sees, and a problem when a GPU goes unused."""
+    from localllm import runtime
+
+    offload = runtime.supports_gpu_offload()
+    devices = runtime.backend_devices()
+    gpus = [d for d in devices if d["type"] in ("gpu", "igpu")]
+    hw = _gpu_hardware()
+    if not offload and hw:
+        problems.append({"severity": "warning",
+                         "message": f"this machine has a GPU ({hw}) that this CPU-only llama.cpp build cannot use",
+                         "fix": {"cuda": REBUILD_CUDA, "metal": REBUILD_METAL}.get(hw, REBUILD_VULKAN)
+                         + f" (in a checkout: {CHECKOUT_GPU.format(hw)})"})
+    if offload and not gpus:
+        problems.append({"severity": "warning",
+                         "message": "GPU offload is compiled in, but llama.cpp sees no GPU device: every layer "
+                                    "stays on the CPU",
+                         "fix": "check the GPU driver; a CPU Vulkan device (Mesa's lavapipe) is used only "
+                                "with GGML_VK_VISIBLE_DEVICES=0"})
+    rebuild = None if offload else {"vulkan": REBUILD_VULKAN, "cuda": REBUILD_CUDA, "metal": REBUILD_METAL}
+    return offload, {"devices": gpus, "backends": devices, "offload": offload, "gpu_rebuild": rebuild}
 
 
 def report(model: str | None = None, *, n_ctx: int | None = None, models_dir: str | None = None) -> dict[str, Any]:
@@ -72,12 +113,7 @@ def report(model: str | None = None, *, n_ctx: int | None = None, models_dir: st
         problems.append({"severity": "warning",
                          "message": f"this CPU has {', '.join(unused)} but llama.cpp was built without it (slower)",
                          "fix": REBUILD_NATIVE})
-    offload = runtime.supports_gpu_offload()
-    devices = runtime.backend_devices()
-    gpus = [d for d in devices if d["type"] in ("gpu", "igpu")]
-    gpu_rebuild = None
-    if not offload:
-        gpu_rebuild = {"cuda": REBUILD_CUDA, "metal": REBUILD_METAL}
+    offload, gpu = _gpu_section(problems)
     mem = hardware.memory()
     if mem["total"] and mem["available"] < MIN_RAM:
         problems.append({"severity": "error", "message": f"only {mem['available'] / 2**20:.0f} MiB of RAM is free",
@@ -92,7 +128,7 @@ def report(model: str | None = None, *, n_ctx: int | None = None, models_dir: st
         "build": {"llama_cpp_python": runtime.llama_cpp_version(), "system_info": info.strip(), "features": feats,
                   "missing_on_cpu": missing, "gpu_offload": offload,
                   "cpu_variant": runtime.cpu_variant(), "rebuild": REBUILD_NATIVE if missing else None},
-        "gpu": {"devices": gpus, "gpu_rebuild": gpu_rebuild},
+        "gpu": gpu,
         "memory": mem,
         "disk": disk,
         "problems": problems,

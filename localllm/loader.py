@@ -50,6 +50,7 @@ class ModelSettings:
     n_ctx: int | None = None
     n_threads: int | None = None
     n_gpu_layers: GpuLayers = "auto"
+    gpu_memory: int | str | None = None   # caps "auto": bytes or a size like "2GiB" (placement.parse_gpu_memory)
     repack: bool = True
     n_seq: int = 1
     cache_type_k: str = "f16"   # KV cache element types: f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0, iq4_nl, f32
@@ -60,7 +61,7 @@ class ModelSettings:
     prompt_cache_bytes: int = 1 << 30
 
     def __post_init__(self) -> None:
-        from localllm.placement import parse_gpu_layers
+        from localllm.placement import parse_gpu_layers, parse_gpu_memory
         from localllm.plan import CACHE_TYPES
 
         for name in ("cache_type_k", "cache_type_v"):
@@ -82,6 +83,7 @@ class ModelSettings:
             raise InvalidArgumentError("prompt_cache must be true or false", param="prompt_cache")
         _check_int("prompt_cache_bytes", self.prompt_cache_bytes, 1 << 20)
         object.__setattr__(self, "n_gpu_layers", parse_gpu_layers(self.n_gpu_layers))
+        object.__setattr__(self, "gpu_memory", parse_gpu_memory(self.gpu_memory))
 
     def threads(self) -> int:
         return self.n_threads or settings_mod.default_threads()
@@ -120,6 +122,7 @@ class ModelInfo:
     tokenizer_source: str
     gpu_layers: int         # layers llama.cpp was asked to offload (0 on a CPU-only build)
     gpu_layers_requested: int | str
+    gpu_memory: int | None  # the cap on "auto" (bytes), None for none
     placement: str          # why that many
     threads: int
     repack: bool
@@ -174,7 +177,8 @@ def prepare(s: ModelSettings) -> Prepared:
     path = store.resolve(s.model, models_dir=s.models_dir, notes=notes)
     header = validate.read_header(path)
     n_ctx = s.n_ctx * s.n_seq if s.n_ctx else None
-    gpu_layers, reason = placement.explain(path, s.n_gpu_layers, n_ctx, cache_types=(s.cache_type_k, s.cache_type_v))
+    gpu_layers, reason = placement.explain(path, s.n_gpu_layers, n_ctx, gpu_memory=s.gpu_memory,  # type: ignore[arg-type]
+                                           cache_types=(s.cache_type_k, s.cache_type_v))
     return Prepared(path, header, gpu_layers, reason, notes)
 
 
@@ -217,7 +221,7 @@ def load(s: ModelSettings, progress: Callable[[str], None] | None = None) -> Loa
         eos_token=llama.eos, add_bos=llama.add_bos,
         has_chat_template=prompter.template_source == "gguf", template_source=prompter.template_source,
         tokenizer_source=prompter.tokenizer_source, gpu_layers=min(gpu_layers, llama.n_layer + 1),
-        gpu_layers_requested=s.n_gpu_layers, placement=notes[-1] if notes else reason, threads=s.threads(),
+        gpu_layers_requested=s.n_gpu_layers, gpu_memory=s.gpu_memory, placement=notes[-1] if notes else reason, threads=s.threads(),
         repack=s.repack, cache_type_k=s.cache_type_k, cache_type_v=s.cache_type_v, flash_attn=s.flash_attn,
         prompt_cache=s.prompt_cache)
     return Loaded(llama=llama, prompter=prompter, info=info, settings=s, path=prep.path, notes=prep.notes + notes)

@@ -135,7 +135,7 @@ class Model:
     MAX_BEAMS = MAX_BEAMS
 
     def __init__(self, model: str | Path | None = None, *, n_ctx: int | None = None,
-                 n_threads: int | None = None, n_gpu_layers: GpuLayers = "auto",
+                 n_threads: int | None = None, n_gpu_layers: GpuLayers = "auto", gpu_memory: int | str | None = None,
                  seed: int | None = None, models_dir: str | Path | None = None, repack: bool = True,
                  prompt_cache: bool | str | Path | None = None, settings: ModelSettings | None = None) -> None:
         from localllm.core.engine import Engine  # loads llama.cpp: import late
@@ -146,7 +146,7 @@ class Model:
             raise InvalidArgumentError("seed must be an integer", param="seed")
         if settings is None:
             settings = ModelSettings(model=model, models_dir=models_dir, n_ctx=n_ctx, n_threads=n_threads,
-                                     n_gpu_layers=n_gpu_layers, repack=repack)
+                                     n_gpu_layers=n_gpu_layers, gpu_memory=gpu_memory, repack=repack)
         if prompt_cache is not None and not isinstance(prompt_cache, (bool, str, os.PathLike)):
             raise InvalidArgumentError("prompt_cache must be true, false or a folder", param="prompt_cache")
         if prompt_cache is not None:  # a folder turns it on there

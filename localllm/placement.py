@@ -12,6 +12,7 @@ Example:
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -36,6 +37,29 @@ def parse_gpu_layers(value: str | int) -> int | str:
             return int(v)
     raise InvalidArgumentError(f"gpu layers must be a number >= 0, 'auto' or 'all', not {value!r}",
                                param="gpu_layers")
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
+               "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40}
+
+
+def parse_gpu_memory(value: str | int | None) -> int | None:
+    """Parse a ``--gpu-memory`` cap: bytes, or a size like ``2GiB``, ``512MB``, ``6g`` (None: no cap).
+
+    Example:
+        >>> parse_gpu_memory("2GiB"), parse_gpu_memory(512 * 2**20), parse_gpu_memory(None)
+        (2147483648, 536870912, None)
+    """
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value)
+        if m and m.group(2).lower() in _SIZE_UNITS:
+            return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+    raise InvalidArgumentError(f"gpu memory must be a size like 2GiB, 512MB or a number of bytes >= 0, not {value!r}",
+                               param="gpu_memory")
 
 
 def choose_gpu_layers(path: str | os.PathLike[str], requested: str | int, n_ctx: int | None) -> int:

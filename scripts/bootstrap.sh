@@ -39,7 +39,8 @@ T
     ;;
     vulkan) cat >&2 <<'T'
   Debian/Ubuntu: sudo apt install libvulkan-dev glslc mesa-vulkan-drivers
-                 (llama.cpp needs Vulkan headers >= 1.3.255: Debian 12's 1.3.239 are too old, see docs/gpu.md)
+                 (llama.cpp needs Vulkan headers >= 1.3.255: on Debian 12, whose are 1.3.239,
+                  scripts/vulkan_headers.sh unpacks Debian 13's into ~/.cache/localllm-vulkan; docs/gpu.md)
   Fedora:        sudo dnf install vulkan-headers vulkan-loader-devel glslc
   macOS:         use LOCALLLM_GPU=metal
 T
@@ -58,18 +59,30 @@ gpu_cmake_args() {
   case "${LOCALLLM_GPU:-}" in
     "") return 0 ;;
     vulkan)
-      local inc="${VULKAN_INCLUDE_DIR:-/usr/include}"
+      local inc="${VULKAN_INCLUDE_DIR:-/usr/include}" v
+      v="$(grep -m1 -oE 'VK_HEADER_VERSION [0-9]+' "$inc/vulkan/vulkan_core.h" 2>/dev/null | cut -d' ' -f2)"
+      if [ -z "${VULKAN_INCLUDE_DIR:-}" ] && { [ -z "$v" ] || [ "$v" -lt 255 ]; } && command -v glslc >/dev/null 2>&1 \
+           && command -v dpkg >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+        # Debian 12: newer headers from Debian 13, unpacked into a cache folder (scripts/vulkan_headers.sh)
+        if inc="$(bash "$LOCALLLM_ROOT/scripts/vulkan_headers.sh")"; then
+          VULKAN_INCLUDE_DIR="$inc"
+          v="$(grep -m1 -oE 'VK_HEADER_VERSION [0-9]+' "$inc/vulkan/vulkan_core.h" 2>/dev/null | cut -d' ' -f2)"
+        else
+          inc=/usr/include
+        fi
+      fi
       if ! command -v glslc >/dev/null 2>&1 || [ ! -f "$inc/vulkan/vulkan.h" ]; then
         say "LOCALLLM_GPU=vulkan needs the Vulkan headers and the glslc shader compiler, and they were not found."
         how_to_install vulkan; return 1
       fi
-      local v
-      v="$(grep -m1 -oE 'VK_HEADER_VERSION [0-9]+' "$inc/vulkan/vulkan_core.h" 2>/dev/null | cut -d' ' -f2)"
       if [ -n "$v" ] && [ "$v" -lt 255 ]; then
         say "the Vulkan headers in $inc are version 1.3.$v; llama.cpp needs 1.3.255 or newer."
         how_to_install vulkan; return 1
       fi
-      echo "-DGGML_VULKAN=ON${VULKAN_INCLUDE_DIR:+ -DVulkan_INCLUDE_DIR=$VULKAN_INCLUDE_DIR}" ;;
+      # a headers folder .../usr/include also holds SPIRV-Headers' CMake config under .../usr/share
+      local prefix=""
+      [ -n "${VULKAN_INCLUDE_DIR:-}" ] && [ -d "${VULKAN_INCLUDE_DIR%/include}/share/cmake" ] && prefix="${VULKAN_INCLUDE_DIR%/include}"
+      echo "-DGGML_VULKAN=ON${VULKAN_INCLUDE_DIR:+ -DVulkan_INCLUDE_DIR=$VULKAN_INCLUDE_DIR}${prefix:+ -DCMAKE_PREFIX_PATH=$prefix}" ;;
     cuda)
       if ! command -v nvcc >/dev/null 2>&1; then
         say "LOCALLLM_GPU=cuda needs the CUDA toolkit (nvcc), and it was not found."
@@ -125,7 +138,7 @@ bootstrap() {
   local rebuild=""
   if [ -n "$gpu_args" ] && "$vpy" -c 'import sys, llama_cpp; sys.exit(bool(llama_cpp.llama_supports_gpu_offload()))' \
        >/dev/null 2>&1; then
-    rebuild="--force-reinstall --no-deps --no-binary llama-cpp-python --no-cache-dir"  # a CPU-only build is there
+    rebuild="--force-reinstall --no-deps"  # a CPU-only build is there
   fi
   if [ -n "$rebuild" ] || ! "$vpy" -c 'import llama_cpp' >/dev/null 2>&1; then
     # llama-cpp-python compiles llama.cpp unless pip has a wheel cached
@@ -138,8 +151,10 @@ bootstrap() {
       how_to_install cmake; return 1
     fi
     say "installing $LLAMA_PIN${gpu_args:+ with $LOCALLLM_GPU ($gpu_args)} (compiling llama.cpp takes about 5 minutes on 2 cores${gpu_args:+, more with a GPU backend}, unless pip has the wheel cached)"
+    # pip keys its wheel cache by the sdist, not by CMAKE_ARGS: a GPU build gets a wheel cache of its own
     # shellcheck disable=SC2086
-    if ! CMAKE_ARGS="${CMAKE_ARGS:-} $gpu_args" "$vpy" -m pip install $rebuild "$LLAMA_PIN" >>"$log" 2>&1; then
+    if ! ( [ -z "$gpu_args" ] || export PIP_CACHE_DIR="${XDG_CACHE_HOME:-$HOME/.cache}/localllm-pip-$LOCALLLM_GPU"
+           CMAKE_ARGS="${CMAKE_ARGS:-} $gpu_args" "$vpy" -m pip install $rebuild "$LLAMA_PIN" >>"$log" 2>&1 ); then
       say "building $LLAMA_PIN failed. The first errors from $log:"
       grep -m 5 -iE 'error[: ]' "$log" | cut -c1-200 >&2
       if grep -qiE "no cmake_cxx_compiler|c\+\+: not found|g\+\+: not found|CMAKE_CXX_COMPILER" "$log"; then
@@ -148,6 +163,11 @@ bootstrap() {
         say "the Python headers are missing:"; how_to_install python
       fi
       say "full log: $log"
+      return 1
+    fi
+    if [ -n "$gpu_args" ] && ! "$vpy" -c 'import sys, llama_cpp; sys.exit(not llama_cpp.llama_supports_gpu_offload())' \
+         >>"$log" 2>&1; then
+      say "the $LLAMA_PIN just installed has no GPU offload (a CPU-only wheel from a cache?); full log: $log"
       return 1
     fi
   fi

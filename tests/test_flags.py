@@ -21,8 +21,11 @@ from localllm.core.scheduler import Scheduler
 @pytest.fixture
 def spies(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[dict[str, Any]]]:
     """Record the arguments of every llama.cpp model/context created and every request submitted."""
-    seen: dict[str, list[dict[str, Any]]] = {"model": [], "context": [], "request": []}
+    from localllm import placement
+
+    seen: dict[str, list[dict[str, Any]]] = {"model": [], "context": [], "request": [], "placement": []}
     model_init, ctx_init, submit = runtime.LlamaModel.__init__, runtime.Context.__init__, Scheduler.submit
+    explain = placement.explain
 
     def on_model(self, path, **kw):
         seen["model"].append({"path": str(path), **kw})
@@ -37,6 +40,11 @@ def spies(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[dict[str, Any]]]:
                                 "prompt_cache": self.prompt_cache})
         return submit(self, req)
 
+    def on_explain(path, requested, n_ctx, gpu_memory=None, **kw):
+        seen["placement"].append({"requested": requested, "gpu_memory": gpu_memory})
+        return explain(path, requested, n_ctx, gpu_memory=gpu_memory, **kw)
+
+    monkeypatch.setattr(placement, "explain", on_explain)
     monkeypatch.setattr(runtime.LlamaModel, "__init__", on_model)
     monkeypatch.setattr(runtime.Context, "__init__", on_ctx)
     monkeypatch.setattr(Scheduler, "submit", on_submit)
@@ -112,6 +120,9 @@ SERVE_CHECKS = {
     "prompt_cache": lambda g, s, p: (g["engine"].scheduler.prompt_cache is None
                                      and g["engine"].info.prompt_cache is False),
     "drain_timeout": lambda g, s, p: g["cfg"].drain_timeout == 7.5,
+    # the cap reaches the one placement path (it bounds "auto"; --gpu-layers 20 here is explicit)
+    "gpu_memory": lambda g, s, p: (s["placement"][-1]["gpu_memory"] == 3 << 30
+                                   and g["engine"].info.gpu_memory == 3 << 30),
     "gpu_layers": lambda g, s, p: (s["model"][-1]["n_gpu_layers"] == 20
                                    and g["engine"].info.gpu_layers_requested == 20
                                    and (runtime.supports_gpu_offload() or g["engine"].info.gpu_layers == 0)),
@@ -129,7 +140,7 @@ def test_every_serve_flag_arrives(monkeypatch: pytest.MonkeyPatch, spies, defaul
         "--model-path", str(default_model_path), "--host", "0.0.0.0", "--insecure", "--port", "9999",
         "--api-key", "k3y", "--parallel", "3", "--max-queue", "5", "--cors-origin", "http://app.example",
         "--max-body", "2048", "--no-repack", "--alias", "my-model", "--server", "werkzeug", "--ctx", "384",
-        "--threads", "1", "--gpu-layers", "20", "--cache-type-k", "q8_0", "--cache-type-v", "q4_0", "--drain-timeout", "7.5",
+        "--threads", "1", "--gpu-layers", "20", "--gpu-memory", "3GiB", "--cache-type-k", "q8_0", "--cache-type-v", "q4_0", "--drain-timeout", "7.5",
         "--flash-attn", "on", "--no-prompt-cache"])
     assert g["error"] is None, g["error"]
     failed = [name for name, check in SERVE_CHECKS.items() if not check(g, spies, default_model_path)]
@@ -203,7 +214,7 @@ RUN_CHECKS = {
 def test_every_run_flag_arrives(spies, tiny_gguf: Path, store_dir: Path) -> None:
     from localllm.cli.run import command
 
-    other = {"model", "prompt", "chat", "system", "n_ctx", "n_threads", "gpu_layers", "models_dir", "repack",
+    other = {"model", "prompt", "chat", "system", "n_ctx", "n_threads", "gpu_layers", "gpu_memory", "models_dir", "repack",
              "json_schema", "num_beams", "ignore_eos", "cache_type_k", "cache_type_v", "flash_attn",
              "prompt_cache"}
     names = {p.name for p in command.params if p.name != "help"}
@@ -227,7 +238,7 @@ def test_every_run_flag_arrives(spies, tiny_gguf: Path, store_dir: Path) -> None
 
     # chat, system and the model flags
     r = _run(["smollm2-135m", "Hello there", "--chat", "--system", "You are Zed.", "--json", "-n", "2",
-              "--ctx", "320", "--threads", "1", "--gpu-layers", "9", "--no-repack", "--ignore-eos",
+              "--ctx", "320", "--threads", "1", "--gpu-layers", "9", "--gpu-memory", "1.5G", "--no-repack", "--ignore-eos",
               "--cache-type-k", "bf16", "--cache-type-v", "q8_0", "--flash-attn", "on", "--no-prompt-cache"])
     assert r.exit_code == 0, r.output
     assert spies["request"][-1]["params"].ignore_eos is True
@@ -236,6 +247,7 @@ def test_every_run_flag_arrives(spies, tiny_gguf: Path, store_dir: Path) -> None
     text = req["model"].detokenize(req["prompt"], special=True).decode()
     assert "You are Zed." in text and "Hello there" in text and "<|im_start|>assistant" in text
     assert spies["model"][-1]["n_gpu_layers"] == 9 and spies["model"][-1]["use_extra_bufts"] is False
+    assert spies["placement"][-1] == {"requested": 9, "gpu_memory": 3 << 29}
     assert spies["context"][-1]["n_ctx"] == 320 and spies["context"][-1]["n_threads"] == 1
     assert (spies["context"][-1]["cache_type_k"], spies["context"][-1]["cache_type_v"],
             spies["context"][-1]["flash_attn"]) == ("bf16", "q8_0", True)
@@ -247,3 +259,39 @@ def test_every_run_flag_arrives(spies, tiny_gguf: Path, store_dir: Path) -> None
     r = _run(["tiny", "the cat", "--models-dir", str(store_dir), "--json", "-n", "2", "--raw"])
     assert r.exit_code == 0, r.output
     assert Path(spies["model"][-1]["path"]).is_relative_to(store_dir)
+
+
+# ---------------------------------------------------------------------- --gpu-memory at every door
+
+def test_gpu_memory_reaches_every_door(monkeypatch: pytest.MonkeyPatch, spies, tiny_gguf: Path) -> None:
+    """``Model(gpu_memory=...)`` and ``plan --gpu-memory`` (run and serve: the tables above) reach placement."""
+    from localllm import Model, plan
+    from localllm.cli import _register, cli
+
+    with Model(tiny_gguf, n_ctx=64, gpu_memory="2GiB", prompt_cache=False) as m:
+        assert m.info.gpu_memory == 2 << 30
+    assert spies["placement"][-1] == {"requested": "auto", "gpu_memory": 2 << 30}
+    seen = []
+    make_plan = plan.make_plan
+    monkeypatch.setattr(plan, "make_plan", lambda *a, **kw: seen.append(kw.get("gpu_memory")) or make_plan(*a, **kw))
+    _register()
+    r = CliRunner().invoke(cli, ["plan", str(tiny_gguf), "--gpu-memory", "512MB", "--json"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert seen == [512 * 10**6]
+
+
+@pytest.mark.parametrize("bad", ["-1", "-2GiB", "lots", "2 parsecs", ""])
+def test_bad_gpu_memory_is_a_one_line_error(bad: str, tiny_gguf: Path) -> None:
+    from localllm import Model
+    from localllm.cli import _register, cli
+    from localllm.errors import InvalidArgumentError
+
+    _register()
+    for cmd in (["plan", str(tiny_gguf)], ["run", str(tiny_gguf), "hi"], ["serve", str(tiny_gguf)]):
+        r = CliRunner().invoke(cli, [*cmd, "--gpu-memory", bad])
+        assert r.exit_code == 2 and "gpu memory must be a size" in r.output, (cmd, r.output)
+        assert len([ln for ln in r.output.splitlines() if "Error" in ln]) == 1
+    with pytest.raises(InvalidArgumentError, match="gpu memory must be a size"):
+        Model(tiny_gguf, gpu_memory=bad)
+    with pytest.raises(ValueError):
+        Model(tiny_gguf, gpu_memory=-1)

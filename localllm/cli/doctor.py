@@ -35,12 +35,11 @@ def command(as_json: bool, model: str | None, n_ctx: int | None, models_dir: str
     ]
     if b.get("cpu_variant"):  # a GGML_CPU_ALL_VARIANTS build (the container image): the kernels ggml chose
         rows.insert(4, ("  CPU variant", f"libggml-cpu-{b['cpu_variant']} (the best of the image's variants here)"))
-    for d in r["gpu"]["devices"]:
-        rows.append(("  device", f"{d['name']} {d['description']}: {human_bytes(d['memory_free'])} free "
-                                 f"of {human_bytes(d['memory_total'])}"))
-    if r["gpu"]["gpu_rebuild"]:
-        rows.append(("  for CUDA", r["gpu"]["gpu_rebuild"]["cuda"]))
-        rows.append(("  for Metal", r["gpu"]["gpu_rebuild"]["metal"]))
+    for d in r["gpu"]["backends"]:  # every device llama.cpp sees, the CPU included
+        rows.append(("  device", f"{d['name']} ({d['type']}) {d['description']}: {human_bytes(d['memory_free'])} "
+                                 f"free of {human_bytes(d['memory_total'])}"))
+    for kind, cmd in (r["gpu"]["gpu_rebuild"] or {}).items():
+        rows.append((f"  for {kind.capitalize() if kind != 'cuda' else 'CUDA'}", cmd))
     rows.append(("RAM", f"{human_bytes(r['memory']['available'])} available of {human_bytes(r['memory']['total'])}"))
     rows.append(("Disk", f"{human_bytes(r['disk']['free'])} free at {r['disk']['path']}"))
     if "model" in r:

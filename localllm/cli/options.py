@@ -7,7 +7,7 @@ from typing import Any
 import click
 
 from localllm.errors import InvalidArgumentError
-from localllm.placement import parse_gpu_layers
+from localllm.placement import parse_gpu_layers, parse_gpu_memory
 
 
 class GpuLayers(click.ParamType):
@@ -16,6 +16,18 @@ class GpuLayers(click.ParamType):
     def convert(self, value: Any, param: Any, ctx: Any) -> int | str:
         try:
             return parse_gpu_layers(value)
+        except InvalidArgumentError as e:
+            self.fail(str(e), param, ctx)
+
+
+class GpuMemory(click.ParamType):
+    """``--gpu-memory``: a size like 2GiB, 512MB, 6g, or bytes (placement.parse_gpu_memory)."""
+
+    name = "SIZE"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int | None:
+        try:
+            return parse_gpu_memory(value)
         except InvalidArgumentError as e:
             self.fail(str(e), param, ctx)
 
@@ -70,7 +82,7 @@ CACHE_TYPES = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq
 
 
 def model_options(f):
-    """--ctx, --threads, --gpu-layers, --models-dir."""
+    """--ctx, --threads, --gpu-layers, --gpu-memory, --models-dir, the KV cache and prompt cache."""
     for opt in reversed([
         click.option("--ctx", "n_ctx", type=click.IntRange(min=16), default=None,
                      help="Context size in tokens (default: min(trained, 4096))."),
@@ -78,6 +90,8 @@ def model_options(f):
                      help="CPU threads (default: usable cores)."),
         click.option("--gpu-layers", "gpu_layers", type=GpuLayers(), default="auto", show_default=True,
                      help="Layers to offload to the GPU: N, auto or all."),
+        click.option("--gpu-memory", "gpu_memory", type=GpuMemory(), default=None,
+                     help="Cap on the GPU memory --gpu-layers auto may use, e.g. 2GiB (default: the free memory)."),
         click.option("--models-dir", type=click.Path(file_okay=False), default=None,
                      help="Model store to use for this command."),
         click.option("--cache-type-k", type=click.Choice(CACHE_TYPES), default="f16", show_default=True,

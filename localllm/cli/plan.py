@@ -3,28 +3,10 @@
 from __future__ import annotations
 
 import json
-import re
 
 import click
 
-from localllm.cli.options import CACHE_TYPES, human_bytes
-
-_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
-          "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40}
-
-
-class ByteSize(click.ParamType):
-    """``8GiB``, ``512MB``, ``6g``, or a number of bytes."""
-
-    name = "SIZE"
-
-    def convert(self, value, param, ctx):  # type: ignore[override]
-        if isinstance(value, int):
-            return value
-        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
-        if not m or m.group(2).lower() not in _UNITS:
-            self.fail(f"{value!r} is not a size like 8GiB, 512MB or 6g", param, ctx)
-        return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+from localllm.cli.options import CACHE_TYPES, GpuMemory, human_bytes
 
 
 def table(p: dict) -> str:
@@ -54,7 +36,7 @@ def table(p: dict) -> str:
 @click.argument("model", required=False)
 @click.option("--ctx", "n_ctx", type=click.IntRange(min=16), default=None,
               help="Context size in tokens (default: min(trained, 4096)).")
-@click.option("--gpu-memory", type=ByteSize(), default=None, help="Cap on GPU memory to use, e.g. 6GiB.")
+@click.option("--gpu-memory", type=GpuMemory(), default=None, help="Cap on GPU memory to use, e.g. 6GiB.")
 @click.option("--cache-type-k", type=click.Choice(CACHE_TYPES), default="f16", show_default=True,
               help="KV cache type of keys.")
 @click.option("--cache-type-v", type=click.Choice(CACHE_TYPES), default="f16", show_default=True,
