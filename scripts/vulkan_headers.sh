@@ -22,7 +22,8 @@ done
 # the Debian mirror this machine already uses: a deb822 URIs: line or a one-line "deb URI suite" entry
 mirror_uri() {
   local f
-  for f in /etc/apt/sources.list.d/*.sources /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
+  # shellcheck disable=SC2086
+  for f in ${LOCALLLM_APT_SOURCES:-/etc/apt/sources.list.d/*.sources /etc/apt/sources.list /etc/apt/sources.list.d/*.list}; do
     [ -f "$f" ] || continue
     awk '
       /^[[:space:]]*URIs:/ { u = $2 }

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -15,7 +18,7 @@ def _sandbox(tmp_path: Path, tools: dict[str, str]) -> tuple[Path, dict[str, str
     """A copy of the bootstrap scripts and a PATH holding only ``tools``."""
     proj = tmp_path / "proj"
     (proj / "scripts").mkdir(parents=True)
-    for f in ("run", "setup.cfg", "scripts/bootstrap.sh"):
+    for f in ("run", "setup.cfg", "scripts/bootstrap.sh", "scripts/vulkan_headers.sh"):
         shutil.copy2(ROOT / f, proj / f)
     bindir = tmp_path / "bin"
     bindir.mkdir()
@@ -99,6 +102,62 @@ def test_gpu_builds_take_the_right_flags_or_say_what_to_install(tmp_path: Path) 
     assert r.returncode == 1 and "must be vulkan, cuda or metal" in r.stderr
     r = _gpu_args(tmp_path / "h", "", {})
     assert r.returncode == 0 and r.stdout == ""
+
+
+def _fake_apt(tmp_path: Path) -> dict[str, str]:
+    """apt-get and dpkg stand-ins: apt-get logs its arguments and 'downloads' a .deb; dpkg -x unpacks
+    Debian 13's header layout (vulkan_core.h 1.4.309, spirv/, SPIRV-Headers' CMake config)."""
+    bindir = tmp_path / "fakebin"
+    bindir.mkdir()
+    log = tmp_path / "apt.log"
+    (bindir / "apt-get").write_text(f"""#!/bin/bash
+echo "$@" >> {log}
+for a in "$@"; do case "$a" in Dir::Etc::SourceList=*) cat "${{a#*=}}" >> {log};; esac; done
+case " $* " in *" download "*) : > libvulkan-dev_1.4.309.0-1_amd64.deb;; esac
+""")
+    (bindir / "dpkg").write_text("""#!/bin/bash
+[ "$1" = -x ] || exit 1
+mkdir -p "$3/usr/include/vulkan" "$3/usr/include/spirv" "$3/usr/share/cmake/SPIRV-Headers"
+: > "$3/usr/include/vulkan/vulkan.h"
+echo "#define VK_HEADER_VERSION 309" > "$3/usr/include/vulkan/vulkan_core.h"
+""")
+    tools = {}
+    for name in ("apt-get", "dpkg"):
+        (bindir / name).chmod(0o755)
+        tools[name] = str(bindir / name)
+    for name in ("awk", "find", "head", "env"):
+        if shutil.which(name):
+            tools[name] = shutil.which(name)
+    return tools
+
+
+def test_vulkan_on_debian_12_fetches_newer_headers_into_a_cache(tmp_path: Path) -> None:
+    """Too-old system headers (Debian 12's 1.3.239) and apt: scripts/vulkan_headers.sh unpacks Debian 13's
+    into ~/.cache/localllm-vulkan from the mirror in the apt sources, and the build is pointed there."""
+    core = Path("/usr/include/vulkan/vulkan_core.h")
+    m = re.search(r"VK_HEADER_VERSION (\d+)", core.read_text()) if core.exists() else None
+    if m and int(m.group(1)) >= 255:
+        pytest.skip("this machine's Vulkan headers are new enough: nothing is fetched")
+    sources = tmp_path / "debian.sources"
+    sources.write_text("Types: deb\nURIs: http://mirror.example/debian\nSuites: bookworm bookworm-updates\n"
+                       "Components: main\n")
+    fake = tmp_path / "glslc"
+    fake.write_text("#!/bin/sh\nexit 0\n")
+    fake.chmod(0o755)
+    proj, env = _sandbox(tmp_path / "s", {"glslc": str(fake), **_fake_apt(tmp_path)})
+    env = {**env, "LOCALLLM_GPU": "vulkan", "LOCALLLM_APT_SOURCES": str(sources)}
+    r = subprocess.run([env["PATH"] + "/bash", "-c", f"source {proj}/scripts/bootstrap.sh; gpu_cmake_args"],
+                       env=env, capture_output=True, text=True, timeout=60)
+    cache = Path(env["HOME"]) / ".cache" / "localllm-vulkan" / "usr"
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == f"-DGGML_VULKAN=ON -DVulkan_INCLUDE_DIR={cache}/include -DCMAKE_PREFIX_PATH={cache}"
+    log = (tmp_path / "apt.log").read_text()
+    assert "deb http://mirror.example/debian trixie main" in log and "download libvulkan-dev spirv-headers" in log
+    assert "Dir::State::Lists=" in log   # apt's own state stays untouched
+    (tmp_path / "apt.log").unlink()
+    r = subprocess.run([env["PATH"] + "/bash", "-c", f"source {proj}/scripts/bootstrap.sh; gpu_cmake_args"],
+                       env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and not (tmp_path / "apt.log").exists()   # cached: apt is not asked again
 
 
 def test_run_stops_on_a_bad_gpu_choice_before_building(tmp_path: Path) -> None:

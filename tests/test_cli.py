@@ -104,7 +104,12 @@ def test_doctor_json(tmp_path: Path) -> None:
     assert d["build"]["gpu_offload"] in (True, False)
     if not d["build"]["gpu_offload"]:
         assert "GGML_CUDA" in d["gpu"]["gpu_rebuild"]["cuda"]
-    assert d["model"]["fits"] and d["model"]["gpu_layers"] == 0
+    assert d["model"]["fits"]
+    # auto: 0 layers without offload or without a GPU device; on a GPU build with a device the plan places some
+    if not d["build"]["gpu_offload"] or not d["gpu"]["devices"]:
+        assert d["model"]["gpu_layers"] == 0
+    else:
+        assert 0 < d["model"]["gpu_layers"] <= d["model"]["n_layer"] + 1
     r = cli("doctor")
     assert r.returncode == 0 and "OK" in r.stdout
 

@@ -22,7 +22,12 @@ def test_info_describes_the_default_model(model: Model) -> None:
     assert 130e6 < info.parameters < 140e6
     assert info.context_train == 8192 and info.context == 1024
     assert info.has_chat_template
-    assert info.gpu_layers == 0
+    from localllm import placement, runtime
+
+    if runtime.supports_gpu_offload():  # auto: what the one placement path chose (0 without a GPU device)
+        assert info.gpu_layers == min(placement.choose_gpu_layers(info.path, "auto", info.context), info.n_layer + 1)
+    else:
+        assert info.gpu_layers == 0
 
 
 def test_greedy_generation_is_reproducible_and_sensible(model: Model) -> None:
