@@ -13,6 +13,16 @@ sys.path.insert(0, str(Path(__file__).parent))
 from ggufs import write_tiny_llama  # noqa: E402
 
 
+def turn_end_cut(ids: list[int], end: int) -> int:
+    """How much of a chat prompt a later prompt reuses: up to the end of its last finished turn
+    (token ``end``) that is at least MIN_CHUNK tokens after the previous one (the rule of
+    localllm.core.lanes.cuts, written again from its documentation)."""
+    from localllm.core.lanes import MIN_CHUNK
+
+    ends = [i + 1 for i, t in enumerate(ids) if t == end]
+    return max((e for e, b in zip(ends, [0] + ends) if e - b >= MIN_CHUNK), default=0)
+
+
 def default_quant() -> str:
     """The default model's version on this CPU, as the measured table says (else as first use measured it)."""
     import json

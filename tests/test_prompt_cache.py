@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from localllm.core.lanes import MIN_CHUNK
 from localllm.core.prompt_cache import MAGIC, PromptCache
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,9 +42,15 @@ def reference(default_model_path: Path) -> dict[str, object]:
     with Model(default_model_path, n_ctx=1024, prompt_cache=False) as m:
         a = m.chat_complete(_msgs("What is rule 3?"), **GREEDY)
         b = m.chat_complete(_msgs("What is rule 9?"), **GREEDY)
-        sys_ids = m._chat_ids([{"role": "system", "content": SYSTEM}])
-    assert a.cached_tokens == 0
-    return {"a": a.tokens, "b": b.tokens, "prompt": a.prompt_tokens, "system": len(sys_ids)}
+        ids = m._chat_ids(_msgs("What is rule 3?"))
+        eog = set(m._engine.llama.eog_tokens())
+    assert a.cached_tokens == 0 and len(ids) == a.prompt_tokens
+    # a prefix is reused up to the end of a finished turn (after its <|im_end|>) at least MIN_CHUNK
+    # tokens after the previous one: here the system prompt's, since the question is shorter
+    ends = [i + 1 for i, t in enumerate(ids) if t in eog]
+    last_turn = max(e for e, before in zip(ends, [0] + ends) if e - before >= MIN_CHUNK)
+    assert last_turn == ends[0] and a.prompt_tokens - last_turn < 20
+    return {"a": a.tokens, "b": b.tokens, "prompt": a.prompt_tokens, "last_turn": last_turn}
 
 
 RESTART = """
@@ -72,11 +79,11 @@ def test_a_new_process_restores_the_prefix_and_answers_the_same(tmp_path: Path, 
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert out.returncode == 0, out.stderr[-2000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
-    # the whole prompt but its last token came from the file; the answer is the same, token for token
-    assert got["a_cached"] == reference["prompt"] - 1
+    # the whole prompt up to its last finished turn came from the file; the answer is the same, token for token
+    assert got["a_cached"] == reference["last_turn"]
     assert got["a"] == reference["a"]
     # another conversation with the same system prompt reuses at least the system prompt
-    assert got["b_cached"] >= reference["system"]
+    assert got["b_cached"] == reference["last_turn"]
     assert got["b"] == reference["b"]
 
 
@@ -154,7 +161,7 @@ def test_foreign_damaged_or_unreadable_files_are_refused_and_rebuilt(tmp_path: P
             assert entry.read_bytes() == good, why  # rebuilt: the same state, written again
         m.reset()
         again = m.chat_complete(_msgs("What is rule 3?"), **GREEDY)
-        assert (again.cached_tokens, again.tokens) == (reference["prompt"] - 1, reference["a"])  # trusted again
+        assert (again.cached_tokens, again.tokens) == (reference["last_turn"], reference["a"])  # trusted again
 
 
 def test_size_cap_evicts_the_least_recently_used(tmp_path: Path) -> None:
@@ -194,7 +201,7 @@ def test_a_restarted_server_reports_the_prefix_it_read_from_disk(tmp_path: Path,
 
     assert ask("What is rule 3?")["prompt_tokens_details"]["cached_tokens"] == 0
     usage = ask("What is rule 9?")  # a new server: its slots are empty
-    assert usage["prompt_tokens_details"]["cached_tokens"] >= reference["system"]
+    assert usage["prompt_tokens_details"]["cached_tokens"] == reference["last_turn"]
 
 
 def test_prompt_cache_option_is_checked() -> None:
@@ -207,3 +214,49 @@ def test_prompt_cache_option_is_checked() -> None:
     with pytest.raises(InvalidArgumentError, match="prompt_cache must be true or false"):
         ModelSettings(prompt_cache="yes")  # type: ignore[arg-type]
     assert ModelSettings(prompt_cache_dir="/x").prompt_cache_root() == Path("/x")
+
+
+NOTES = " ".join(f"Note {i}: the {w} is kept in drawer {i * 3 % 17}, next to the {v}."
+                 for i, (w, v) in enumerate(zip(["spoon", "fork", "knife", "plate", "cup", "bowl", "pan", "lid"] * 5,
+                                                ["salt", "flour", "rice", "tea", "oil", "sugar", "beans", "honey"] * 5)))
+LOGPROBS = dict(temperature=0, max_tokens=12, logprobs=True, top_logprobs=3)
+
+
+def _numbers(r) -> list[tuple]:
+    """The generated tokens with their log-probabilities and top alternatives, as exact floats."""
+    return [(t.token, t.logprob, [(a, lp) for a, _, lp in t.top]) for t in r.logprobs]
+
+
+@pytest.mark.parametrize("name", ["smollm2-135m", "smollm2-135m:q4_0"])
+def test_every_reused_prefix_gives_the_numbers_of_a_fresh_decode(tmp_path: Path, name: str) -> None:
+    """A prefix reused from memory (a chat's next turn) or from disk (another conversation, a
+    restart, a long raw prompt) gives bit for bit the log-probabilities of decoding the whole
+    prompt from scratch. (Decoding the prefix in other pieces changes them: flash attention and
+    Q4_0's repacked gemm round differently with the number of rows; that flipped a greedy answer.)"""
+    from localllm import Model, store
+
+    path = store.resolve(name)
+    sys_msg = {"role": "system", "content": SYSTEM + " " + NOTES}
+    turn1 = [sys_msg, {"role": "user", "content": "Where is the spoon?"}]
+    raw = NOTES + " " + NOTES  # over 512 tokens: reused up to the cut at 512
+    asked: list[tuple[str, object, object]] = []
+    with Model(path, n_ctx=2048, prompt_cache=tmp_path) as m:
+        first = m.chat_complete(turn1, **LOGPROBS)
+        turn2 = turn1 + [{"role": "assistant", "content": first.text}, {"role": "user", "content": "And the fork?"}]
+        asked.append(("turn 2, from memory", turn2, m.chat_complete(turn2, **LOGPROBS)))
+        m.reset()
+        asked.append(("turn 2, from disk", turn2, m.chat_complete(turn2, **LOGPROBS)))
+        m.reset()
+        other = [sys_msg, {"role": "user", "content": "Where is the knife?"}]
+        asked.append(("the system prompt, from disk", other, m.chat_complete(other, **LOGPROBS)))
+        m.complete(raw + " The spoon", **LOGPROBS)
+        asked.append(("a long raw prompt, from memory", raw + " The cup", m.complete(raw + " The cup", **LOGPROBS)))
+        m.reset()
+        asked.append(("a long raw prompt, from disk", raw + " The pan", m.complete(raw + " The pan", **LOGPROBS)))
+    with Model(path, n_ctx=2048, prompt_cache=False) as fresh:
+        for what, prompt, got in asked:
+            fresh.reset()
+            want = fresh.complete(prompt, **LOGPROBS) if isinstance(prompt, str) else \
+                fresh.chat_complete(prompt, **LOGPROBS)
+            assert want.cached_tokens == 0 and got.cached_tokens >= 64, what
+            assert _numbers(got) == _numbers(want), what

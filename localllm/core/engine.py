@@ -52,12 +52,12 @@ class Engine:
 
     def _scheduler(self, n_slots: int) -> Scheduler:
         st = self.settings
-        pc = None
-        if st.prompt_cache:
-            pc = open_cache(st.prompt_cache_root(), self.loaded.path, n_stream=n_slots,
-                            context=st.context_options(), max_bytes=st.prompt_cache_bytes)
         s = Scheduler(self.llama, n_slots=n_slots, n_ctx_seq=self.info.context, n_threads=self.info.threads,
-                      max_queue=self._max_queue, on_step=self._on_step, prompt_cache=pc, **st.context_options())
+                      max_queue=self._max_queue, on_step=self._on_step, **st.context_options())
+        if st.prompt_cache:  # keyed by the scheduler's chunk length too, so opened after it
+            s.prompt_cache = open_cache(st.prompt_cache_root(), self.loaded.path, n_stream=n_slots,
+                                        chunk=s.unit, context=st.context_options(),
+                                        max_bytes=st.prompt_cache_bytes)
         if self._threaded:
             s.start()
         return s

@@ -8,39 +8,84 @@ prefix (a chat's next turn) decodes only the new part.
 
 A lane is one sequence being fed: the tokens still to decode into its slot.
 
+Reused KV must give the very numbers a fresh decode would: llama.cpp's
+kernels round differently with the number of rows in a micro-batch (flash
+attention, repacked Q4 gemm against gemv), so a prefix decoded in other
+pieces changes the logits after it and can flip a greedy near-tie. So a
+prompt is decoded in *canonical chunks*: it is cut at :func:`cuts`, which
+depend only on the tokens before each cut (never on the prompt's length or on
+what is cached), and each chunk is decoded alone. A prefix is reused, from
+memory or from the prompt cache on disk, only up to a cut, where its KV is
+bit for bit what decoding the new prompt from scratch would compute.
+Generated tokens (decoded one at a time) and a prompt's tail after its last
+cut are never reused.
+
 Example:
     >>> lcp([1, 2, 3, 9], [1, 2, 3, 4, 5])
     3
     >>> lcp([1, 2, 3], [1, 2, 3])     # the last prompt token is always decoded again
     2
+    >>> cuts([7] * 40 + [0] + [7] * 100, eog={0}, unit=128)   # after the turn end, then every 128
+    [41, 128]
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from localllm import runtime
 
+CHUNK = 512      # canonical chunks are at most this long (and cut at every multiple of it)
+MIN_CHUNK = 16   # a turn end this close to the previous cut, or to the next multiple, is not a cut
+
+
+def cuts(tokens: Sequence[int], *, eog: Collection[int], unit: int = CHUNK) -> list[int]:
+    """Where ``tokens`` is cut into canonical chunks, before its last token: every multiple of
+    ``unit``, and after each end-of-turn token (so a chat's system prompt and each finished turn
+    end on a cut) unless that leaves a chunk shorter than MIN_CHUNK. Each cut depends only on the
+    tokens before it: two prompts sharing a prefix share its cuts."""
+    out: list[int] = []
+    last = 0
+    for i in range(1, len(tokens)):
+        if i % unit == 0 or (tokens[i - 1] in eog and i - last >= MIN_CHUNK and -i % unit >= MIN_CHUNK):
+            out.append(i)
+            last = i
+    return out
+
+
+def reuse_point(cached: Sequence[int], exact: int, prompt: Sequence[int], prompt_cuts: Sequence[int]) -> int:
+    """How much of a slot holding ``cached`` (canonical up to ``exact``) a new prompt reuses:
+    its last cut within the common prefix (0 if none)."""
+    n = min(lcp(cached, prompt), exact)
+    best = 0
+    for c in prompt_cuts:
+        if c > n:
+            break
+        best = c
+    return best
+
 
 class Slot:
     """KV sequence ``seq`` and the tokens whose KV it holds."""
 
-    __slots__ = ("seq", "cached", "last_used", "busy")
+    __slots__ = ("seq", "cached", "exact", "last_used", "busy")
 
     def __init__(self, seq: int) -> None:
         self.seq = seq
         self.cached: list[int] = []
+        self.exact = 0  # cached[:exact] was decoded in canonical chunks (reusable bit for bit)
         self.last_used = 0.0
         self.busy = False
 
 
 class Lane:
     """A slot being fed: ``pending`` tokens go in at ``pos``; after a decode,
-    ``row`` is the batch row holding the logits of its last token (or -1)."""
+    ``row`` is the batch row holding the logits of its last token (or -1).
+    ``cuts``: the prompt's canonical cuts still ahead of ``pos``."""
 
-    __slots__ = ("slot", "pending", "pos", "row", "fed")
+    __slots__ = ("slot", "pending", "pos", "row", "fed", "cuts")
 
     def __init__(self, slot: Slot) -> None:
         self.slot = slot
@@ -48,11 +93,23 @@ class Lane:
         self.pos = 0
         self.row = -1
         self.fed: list[int] = []
+        self.cuts: list[int] = []
+
+    def feed_chunk(self, batch: runtime.Batch) -> int:
+        """Put the pending tokens up to the next cut into the (empty) batch, no logits; returns how many."""
+        n = self.cuts.pop(0) - self.pos
+        chunk, self.pending = self.pending[:n], self.pending[n:]
+        for j, tok in enumerate(chunk):
+            batch.add(tok, self.pos + j, self.slot.seq, False)
+        self.pos += n
+        self.fed = chunk
+        return n
 
     def feed(self, batch: runtime.Batch) -> None:
-        """Add as many pending tokens as the batch has room for; logits for the last one."""
+        """Add as many pending tokens as the batch has room for; logits for the last one.
+        (Canonical chunks go first, through :meth:`feed_chunk`.)"""
         room = batch.capacity - batch.n
-        if room <= 0 or not self.pending:
+        if room <= 0 or not self.pending or self.cuts:
             return
         if len(self.pending) == 1:  # the common case: one generated token
             self.row = batch.add(self.pending[0], self.pos, self.slot.seq, True)
@@ -96,15 +153,18 @@ def truncate(ctx: runtime.Context, slot: Slot, keep: int) -> int:
     if keep == 0:
         ctx.seq_rm(slot.seq, -1, -1)
     del slot.cached[keep:]
+    slot.exact = min(slot.exact, keep)
     return keep
 
 
-def start(ctx: runtime.Context, lane: Lane, prompt: list[int]) -> int:
-    """Point ``lane`` at ``prompt``, reusing its slot's cached prefix; returns the reused length."""
-    keep = truncate(ctx, lane.slot, lcp(lane.slot.cached, prompt))
+def start(ctx: runtime.Context, lane: Lane, prompt: list[int], prompt_cuts: list[int]) -> int:
+    """Point ``lane`` at ``prompt``, reusing its slot's cached prefix up to a cut; returns the reused length."""
+    slot = lane.slot
+    keep = truncate(ctx, slot, reuse_point(slot.cached, slot.exact, prompt, prompt_cuts))
     lane.pending = prompt[keep:]
     lane.pos = keep
     lane.row = -1
+    lane.cuts = [c for c in prompt_cuts if c > keep]
     return keep
 
 
@@ -113,6 +173,7 @@ def copy(ctx: runtime.Context, src: Lane, dst: Lane) -> None:
     ctx.seq_rm(dst.slot.seq, -1, -1)
     ctx.seq_cp(src.slot.seq, dst.slot.seq, -1, -1)
     dst.slot.cached = list(src.slot.cached)
+    dst.slot.exact = src.slot.exact
     dst.pos = src.pos
     dst.row = src.row
     dst.pending = []

@@ -12,11 +12,14 @@ after every check passes: magic, key, length, checksum, and finally
 llama.cpp's own reading of it; anything else is refused, deleted, and the
 prompt decoded from scratch (its fresh state then replaces the file).
 
-Entries are whole sequences (prompt and answer). A prompt reuses the longest
-common prefix of any entry, up to where they diverge: conversations that share
-a system prompt and tool definitions share that part; the next turn of a chat
-reuses the whole previous turn. An entry that is a prefix of a newer one is
-dropped; beyond the size cap the least recently used entries go.
+An entry is a prompt's canonical chunks (see :mod:`localllm.core.lanes`),
+saved when the last of them is decoded: its state is bit for bit what any
+prompt starting with those tokens decodes, so a restored prefix never changes
+an answer. A prompt reuses the longest common prefix of any entry, up to its
+last cut within it: conversations that share a system prompt and tool
+definitions share that part; the next turn of a chat reuses the previous
+turns up to the last finished one. An entry that is a prefix of a newer one
+is dropped; beyond the size cap the least recently used entries go.
 
 Example:
     >>> pc = PromptCache(Path("/tmp/pc"), {"model": "abc"}, max_bytes=1 << 20)
@@ -40,7 +43,7 @@ from typing import Any
 
 log = logging.getLogger("localllm.prompt_cache")
 
-MAGIC = b"LLPCACHE1\n"
+MAGIC = b"LLPCACHE2\n"  # 2: states of canonical chunks only (1 held states decoded in any pieces)
 MIN_TOKENS = 64        # shorter sequences cost less to decode than to save
 MIN_GAIN = 16          # restore only when the disk has this many more tokens than the slot
 DEFAULT_MAX_BYTES = 1 << 30
@@ -254,11 +257,14 @@ def model_digest(path: Path) -> str:
     return f"quick:{store.quick_hash(path)}"
 
 
-def open_cache(root: Path, model_path: Path, *, n_stream: int, context: dict[str, Any],
+def open_cache(root: Path, model_path: Path, *, n_stream: int, chunk: int, context: dict[str, Any],
                max_bytes: int = DEFAULT_MAX_BYTES) -> PromptCache:
-    """The cache for this model file and KV layout (``context``: ModelSettings.context_options())."""
+    """The cache for this model file, KV layout (``context``: ModelSettings.context_options())
+    and canonical chunk length (the numbers in a state depend on how it was cut)."""
     from localllm import runtime
+    from localllm.core.lanes import MIN_CHUNK
 
     key = {"model": model_digest(Path(model_path)), "llama_cpp": runtime.llama_cpp_version(),
-           "n_stream": n_stream, **{k: context.get(k) for k in ("cache_type_k", "cache_type_v", "flash_attn")}}
+           "n_stream": n_stream, "chunks": f"{chunk}/{MIN_CHUNK}",
+           **{k: context.get(k) for k in ("cache_type_k", "cache_type_v", "flash_attn")}}
     return PromptCache(root, key, max_bytes=max_bytes)

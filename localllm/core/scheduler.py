@@ -1,10 +1,12 @@
 """Continuous batching: every running sequence is decoded together, one
 ``llama_decode`` per step.
 
-Requests join and leave the shared batch between steps. Each step feeds one
+Requests join and leave the shared batch between steps. Each step first
+decodes up to ``n_batch`` tokens of canonical prompt chunks, each chunk alone
+(so a reused prefix is bit for bit a fresh one: see :mod:`lanes`), then one
 token of every generating sequence (and the tails beam search decodes again)
-first, then prompt chunks with what room is left, so a long prompt never
-stalls the others. After the decode, each request's unit samples its rows.
+with the prompts' tails in one shared batch, so a long prompt never stalls
+the others. After the decode, each request's unit samples its rows.
 
 The scheduler has no thread of its own: :meth:`Scheduler.step` runs one step.
 The server calls :meth:`start` for a decode thread; ``Model`` drives the same
@@ -75,6 +77,8 @@ class Scheduler:
         self.ctx = runtime.Context(model, n_ctx=n_ctx_seq * n_slots, n_threads=n_threads, n_batch=n_batch,
                                    n_ubatch=n_batch, n_seq_max=n_slots, kv_unified=False, **context)
         self.batch = runtime.Batch(self.ctx.n_batch, 1)
+        self.unit = min(lanes_mod.CHUNK, self.ctx.n_batch)  # canonical chunk length (part of the cache key)
+        self.eog = frozenset(model.eog_tokens())
         self.slots = [Slot(i) for i in range(n_slots)]
         self.waiting: deque[Request] = deque()
         self.active: list[Unit] = []
@@ -226,9 +230,10 @@ class Scheduler:
     def _start(self, req: Request, chosen: list[Slot]) -> None:
         prompt = req.prompt
         lanes = [Lane(s) for s in chosen]
+        prompt_cuts = lanes_mod.cuts(prompt, eog=self.eog, unit=self.unit)
         if self.prompt_cache is not None:
-            self._restore(chosen[0], prompt)
-        req.cached_tokens = lanes_mod.start(self.ctx, lanes[0], prompt)
+            self._restore(chosen[0], prompt, prompt_cuts)
+        req.cached_tokens = lanes_mod.start(self.ctx, lanes[0], prompt, prompt_cuts)
         for lane in lanes[1:]:
             lanes_mod.truncate(self.ctx, lane.slot, 0)
             lane.pos = 0
@@ -250,13 +255,14 @@ class Scheduler:
         self.active.sort(key=lambda u: u.lanes[0].slot.seq)
         self.stats["busy_slots"] = self.busy_slots()
 
-    def _restore(self, slot: Slot, prompt: list[int]) -> None:
+    def _restore(self, slot: Slot, prompt: list[int], prompt_cuts: list[int]) -> None:
         """Load the cached state sharing the longest prefix with ``prompt`` into ``slot``, when
         the disk has more of it than the slot. A state llama.cpp will not read is deleted."""
         pc = self.prompt_cache
         assert pc is not None
         try:
-            entry = pc.lookup(prompt, have=lanes_mod.lcp(slot.cached, prompt))
+            have = lanes_mod.reuse_point(slot.cached, slot.exact, prompt, prompt_cuts)
+            entry = pc.lookup(prompt, have=have)
             blob = pc.load(entry) if entry is not None else None
         except OSError as e:
             log.warning("prompt cache: lookup failed (%s)", e)
@@ -265,12 +271,14 @@ class Scheduler:
             return
         if self.ctx.set_seq_state(slot.seq, blob):
             slot.cached = list(entry.tokens)
+            slot.exact = len(entry.tokens)  # entries are saved at a cut (see _decode_chunks)
         else:
-            slot.cached = []  # set_seq_state left the sequence empty
+            slot.cached, slot.exact = [], 0  # set_seq_state left the sequence empty
             pc.refuse(entry, "llama.cpp could not read its state")
 
     def _save(self, slot: Slot) -> None:
-        """Save ``slot``'s KV state (prompt and answer) for later requests and processes."""
+        """Save ``slot``'s KV state for later requests and processes; called when the slot holds
+        exactly a prompt's canonical chunks (its tail and answer would not be reusable)."""
         pc = self.prompt_cache
         if pc is None or len(slot.cached) < MIN_TOKENS or not pc.wants(slot.cached):
             return
@@ -279,9 +287,8 @@ class Scheduler:
         except (OSError, LocalLLMError) as e:
             log.warning("prompt cache: could not save (%s)", e)
 
-    def _reap(self, *, save: bool = True) -> None:
-        """Free the slots of finished or cancelled requests (saving the lead's state
-        unless the step failed and the caches are about to be dropped)."""
+    def _reap(self) -> None:
+        """Free the slots of finished or cancelled requests."""
         keep = []
         now = time.monotonic()
         for u in self.active:
@@ -291,8 +298,6 @@ class Scheduler:
             u.close()
             if u.req.t_end is None:
                 u.req.t_end = time.perf_counter()
-            if save and u.lanes:
-                self._save(u.lanes[0].slot)
             for lane in u.lanes:
                 lane.slot.busy = False
                 lane.slot.last_used = now
@@ -311,7 +316,7 @@ class Scheduler:
                 for req in self.waiting:
                     req.queue.put(Event("error", error=err))
                 self.waiting.clear()
-        self._reap(save=False)
+        self._reap()
         self._drop_caches()
 
     def _drop_caches(self) -> None:
@@ -351,30 +356,32 @@ class Scheduler:
 
     def _decode_step(self) -> None:
         batch, ctx = self.batch, self.ctx
-        batch.clear()
         t0 = time.perf_counter()
         lanes = [lane for u in self.active for lane in u.lanes]
         for lane in lanes:
             lane.row = -1
-        # 1. generating lanes first (one token, or a beam's short tail), 2. prompts with the room left
+        chunked, chunk_tokens = self._decode_chunks(lanes)  # the slots fed so far, and how many tokens
+        batch.clear()
+        # 1. generating lanes first (one token, or a beam's short tail), 2. prompt tails with the room left
         for lane in lanes:
             if 0 < len(lane.pending) <= 64:
                 lane.feed(batch)
         for lane in lanes:
             if lane.pending:
                 lane.feed(batch)
-        if batch.n == 0:
+        if batch.n == 0 and not chunked:
             # only units waiting on work that is not theirs: cannot happen, but never spin
             for u in self.active:
                 u.after_decode(ctx, time.perf_counter(), [])
             time.sleep(0.001)
             return
-        ctx.decode(batch)
-        fed = 0
+        if batch.n:
+            ctx.decode(batch)
         for lane in lanes:
             if lane.fed:
-                fed += 1
+                chunked.add(lane.slot.seq)
                 lane.decoded()
+        fed = len(chunked)
         now = time.perf_counter()
         for u in self.active:
             events: list[Event] = []
@@ -389,4 +396,22 @@ class Scheduler:
         st["last_step_sequences"] = fed
         st["max_step_sequences"] = max(st["max_step_sequences"], fed)
         if self.on_step is not None:
-            self.on_step({"seconds": now - t0, "sequences": fed, "tokens": batch.n})
+            self.on_step({"seconds": now - t0, "sequences": fed, "tokens": batch.n + chunk_tokens})
+
+    def _decode_chunks(self, lanes: list[Lane]) -> tuple[set[int], int]:
+        """Decode prompts' canonical chunks, each alone, up to ``n_batch`` tokens in all; a prompt
+        whose last chunk is in is saved to the prompt cache. Returns the slots fed and the tokens."""
+        budget, fed, n_tokens = self.batch.capacity, set(), 0
+        for lane in lanes:
+            while lane.cuts and budget > 0:
+                self.batch.clear()
+                n = lane.feed_chunk(self.batch)
+                self.ctx.decode(self.batch)
+                lane.decoded()
+                lane.slot.exact = lane.pos
+                budget -= n
+                n_tokens += n
+                fed.add(lane.slot.seq)
+                if not lane.cuts:
+                    self._save(lane.slot)
+        return fed, n_tokens
