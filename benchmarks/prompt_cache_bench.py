@@ -8,7 +8,11 @@ kinds, in alternating order each round:
 * ``cold``: the cache on, its folder empty: the whole prompt is decoded and the
   state saved at the end (what the cache costs when it does not help);
 * ``warm``: the cache on, its folder holding an earlier conversation with the same
-  system prompt and another question: the system prompt comes from disk.
+  system prompt and another question: the system prompt comes from disk;
+* ``llama-server``: llama.cpp's own server (built from the sdist into the bench
+  cache), started fresh, asked the question with ``cache_prompt`` (its prompt
+  cache lives in memory, so a restart loses it), then, as its best case, another
+  question with the same system prompt on the same process (``llama-server, in memory``).
 
 Reports medians and the per-round ratios (median and range) side by side.
 
@@ -21,6 +25,7 @@ Not run in CI. Writes only to a temporary folder.
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import platform
@@ -62,6 +67,44 @@ def run_child(mode: str, folder: Path, model: str | None, question: str) -> dict
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _stream_ttft(port: int, question: str) -> float:
+    """Seconds to the first content of a streamed chat answer from llama-server."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    body = json.dumps({"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}],
+                       "max_tokens": 8, "temperature": 0, "stream": True, "cache_prompt": True})
+    t0 = time.perf_counter()
+    conn.request("POST", "/v1/chat/completions", body=body, headers={"Content-Type": "application/json"})
+    resp, first = conn.getresponse(), float("nan")
+    for line in resp:
+        if line.startswith(b"data: {") and first != first:
+            delta = json.loads(line[6:])["choices"][0].get("delta") or {}
+            if delta.get("content"):
+                first = time.perf_counter() - t0
+    conn.close()
+    return first
+
+
+def run_llama_server(model: str | None, question: str) -> dict[str, float]:
+    """A fresh llama-server: the question (nothing cached), then another one (the system prompt in memory)."""
+    sys.path.insert(0, str(ROOT))
+    from native import build
+    from serve_bench import free_port, wait_healthy
+
+    from localllm import store
+
+    exe = build("llama-server")["llama-server"]
+    port = free_port()
+    cmd = [str(exe), "-m", str(store.resolve(model or "smollm2-135m")), "-t", "2", "-tb", "2", "-np", "1",
+           "-c", "2048", "--host", "127.0.0.1", "--port", str(port), "--no-webui"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", proc)
+        return {"ttft": _stream_ttft(port, question), "ttft_mem": _stream_ttft(port, question + " And product 1?")}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -88,13 +131,17 @@ def main() -> None:
     try:
         warm = tmp / "warm"
         run_child("warm", warm, a.model, "Hello, who are you?")  # an earlier conversation, not timed
-        rows: dict[str, list[dict[str, float]]] = {"off": [], "cold": [], "warm": []}
+        rows: dict[str, list[dict[str, float]]] = {"off": [], "cold": [], "warm": [], "llama-server": []}
         kinds = list(rows)
         for i in range(a.rounds):
-            order = kinds[i % 3:] + kinds[:i % 3]
+            order = kinds[i % 4:] + kinds[:i % 4]
+            question = f"What does product {13 * (i + 2)} cost?"
             for kind in order:
+                if kind == "llama-server":
+                    rows[kind].append(run_llama_server(a.model, question))
+                    continue
                 folder = warm if kind == "warm" else tmp / f"cold{i}"
-                rows[kind].append(run_child(kind, folder, a.model, f"What does product {13 * (i + 2)} cost?"))
+                rows[kind].append(run_child(kind, folder, a.model, question))
                 shutil.rmtree(tmp / f"cold{i}", ignore_errors=True)
             print(f"round {i + 1}: " + ", ".join(f"{k} {rows[k][-1]['ttft'] * 1000:.0f} ms" for k in kinds),
                   file=sys.stderr)
@@ -104,24 +151,40 @@ def main() -> None:
 
 
 def report(rows: dict[str, list[dict[str, float]]], a: argparse.Namespace) -> None:
-    med = {k: {f: statistics.median(r[f] for r in v) for f in ("ttft", "total", "cached", "prompt")}
-           for k, v in rows.items()}
+    med = {k: {f: statistics.median(r[f] for r in v) for f in v[0]} for k, v in rows.items()}
+    vs_server = [w["ttft"] / s["ttft"] for w, s in zip(rows["warm"], rows["llama-server"])]
+    vs_server_mem = [w["ttft"] / s["ttft_mem"] for w, s in zip(rows["warm"], rows["llama-server"])]
     ratio = [w["ttft"] / o["ttft"] for w, o in zip(rows["warm"], rows["off"])]
     cost = [c["total"] / o["total"] for c, o in zip(rows["cold"], rows["off"])]
     out = {"cpu": cpu_name(), "threads": os.cpu_count(), "model": a.model or "default", "rounds": a.rounds,
            "median": med, "ttft_warm_over_off": {"median": statistics.median(ratio), "min": min(ratio),
                                                  "max": max(ratio)},
-           "total_cold_over_off": {"median": statistics.median(cost), "min": min(cost), "max": max(cost)}}
-    print(f"CPU: {out['cpu']}, {a.rounds} rounds, each a fresh process; prompt {med['off']['prompt']:.0f} tokens")
+           "total_cold_over_off": {"median": statistics.median(cost), "min": min(cost), "max": max(cost)},
+           "ttft_warm_over_llama_server_restart": {"median": statistics.median(vs_server), "min": min(vs_server),
+                                                   "max": max(vs_server)},
+           "ttft_warm_over_llama_server_in_memory": {"median": statistics.median(vs_server_mem),
+                                                     "min": min(vs_server_mem), "max": max(vs_server_mem)}}
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        load = float("nan")
+    print(f"CPU: {out['cpu']}, {a.rounds} rounds, each a fresh process; prompt {med['off']['prompt']:.0f} tokens; "
+          f"load average at the end {load:.1f}")
     print("| | time to first token | whole request (8 tokens) | cached tokens |")
     print("|---|---|---|---|")
     for k, label in (("off", "no cache"), ("cold", "cache on, empty (decode + save)"),
                      ("warm", "cache on, system prompt on disk")):
         m = med[k]
         print(f"| {label} | {m['ttft'] * 1000:.0f} ms | {m['total'] * 1000:.0f} ms | {m['cached']:.0f} |")
-    r, c = out["ttft_warm_over_off"], out["total_cold_over_off"]
-    print(f"first token, warm / off: {r['median']:.3f} (range {r['min']:.3f}-{r['max']:.3f})")
-    print(f"whole request, cold / off: {c['median']:.3f} (range {c['min']:.3f}-{c['max']:.3f})")
+    ls = med["llama-server"]
+    print(f"| llama-server after a restart (cache_prompt) | {ls['ttft'] * 1000:.0f} ms | | 0 |")
+    print(f"| llama-server, system prompt in memory (no restart) | {ls['ttft_mem'] * 1000:.0f} ms | | |")
+    for key, label in (("ttft_warm_over_off", "first token, warm / off"),
+                       ("total_cold_over_off", "whole request, cold / off"),
+                       ("ttft_warm_over_llama_server_restart", "first token, warm / llama-server after a restart"),
+                       ("ttft_warm_over_llama_server_in_memory", "first token, warm / llama-server in memory")):
+        r = out[key]
+        print(f"{label}: {r['median']:.3f} (range {r['min']:.3f}-{r['max']:.3f})")
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=2))
 
