@@ -260,3 +260,28 @@ def test_every_reused_prefix_gives_the_numbers_of_a_fresh_decode(tmp_path: Path,
                 fresh.chat_complete(prompt, **LOGPROBS)
             assert want.cached_tokens == 0 and got.cached_tokens >= 64, what
             assert _numbers(got) == _numbers(want), what
+
+
+def test_cuts_depend_only_on_the_tokens_before_them() -> None:
+    """What makes reuse exact: a prompt and any prompt sharing its first n tokens agree on every cut
+    below n, and chunks are at most the unit long."""
+    import random
+
+    from localllm.core.lanes import cuts, reuse_point
+
+    rng = random.Random(5)
+    for _ in range(200):
+        toks = [0 if rng.random() < 0.03 else rng.randrange(1, 50) for _ in range(rng.randrange(2, 400))]
+        full = cuts(toks, eog={0}, unit=128)
+        bounds = [0] + full + [len(toks)]
+        assert all(0 < b - a <= 128 for a, b in zip(bounds, bounds[1:]))
+        assert all(c % 128 == 0 or (toks[c - 1] == 0 and c - a >= MIN_CHUNK) for a, c in zip([0] + full, full))
+        n = rng.randrange(1, len(toks) + 1)
+        other = toks[:n] + [rng.randrange(0, 50) for _ in range(rng.randrange(1, 100))]
+        assert [c for c in full if c < n] == [c for c in cuts(other, eog={0}, unit=128) if c < n]
+    # a caller's own cuts are reused only by a caller making the same ones
+    prompt, pc = list(range(1, 300)), [128, 256]
+    assert reuse_point(prompt, 256, prompt, pc) == 256
+    assert reuse_point(prompt, 256, prompt, sorted(pc + [100]), held_extra=(100,), extra=(100,)) == 256
+    assert reuse_point(prompt, 256, prompt, pc, held_extra=(100,)) == 0
+    assert reuse_point(prompt, 256, prompt, pc, held_extra=(200,), extra=()) == 128

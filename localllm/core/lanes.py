@@ -55,13 +55,15 @@ def cuts(tokens: Sequence[int], *, eog: Collection[int], unit: int = CHUNK) -> l
     return out
 
 
-def reuse_point(cached: Sequence[int], exact: int, prompt: Sequence[int], prompt_cuts: Sequence[int]) -> int:
+def reuse_point(cached: Sequence[int], exact: int, prompt: Sequence[int], prompt_cuts: Sequence[int],
+                held_extra: Sequence[int] = (), extra: Sequence[int] = ()) -> int:
     """How much of a slot holding ``cached`` (canonical up to ``exact``) a new prompt reuses:
-    its last cut within the common prefix (0 if none)."""
+    its last cut within the common prefix (0 if none). A caller's ``extra`` cuts (see
+    :class:`Request`) must be the ones the slot was decoded with (``held_extra``) below that cut."""
     n = min(lcp(cached, prompt), exact)
     best = 0
     for c in prompt_cuts:
-        if c > n:
+        if c > n or [e for e in held_extra if e < c] != [e for e in extra if e < c]:
             break
         best = c
     return best
@@ -70,12 +72,13 @@ def reuse_point(cached: Sequence[int], exact: int, prompt: Sequence[int], prompt
 class Slot:
     """KV sequence ``seq`` and the tokens whose KV it holds."""
 
-    __slots__ = ("seq", "cached", "exact", "last_used", "busy")
+    __slots__ = ("seq", "cached", "exact", "extra", "last_used", "busy")
 
     def __init__(self, seq: int) -> None:
         self.seq = seq
         self.cached: list[int] = []
         self.exact = 0  # cached[:exact] was decoded in canonical chunks (reusable bit for bit)
+        self.extra: tuple[int, ...] = ()  # a caller's own cuts among them (Request.cuts)
         self.last_used = 0.0
         self.busy = False
 
@@ -157,10 +160,12 @@ def truncate(ctx: runtime.Context, slot: Slot, keep: int) -> int:
     return keep
 
 
-def start(ctx: runtime.Context, lane: Lane, prompt: list[int], prompt_cuts: list[int]) -> int:
+def start(ctx: runtime.Context, lane: Lane, prompt: list[int], prompt_cuts: list[int],
+          extra: Sequence[int] = ()) -> int:
     """Point ``lane`` at ``prompt``, reusing its slot's cached prefix up to a cut; returns the reused length."""
     slot = lane.slot
-    keep = truncate(ctx, slot, reuse_point(slot.cached, slot.exact, prompt, prompt_cuts))
+    keep = truncate(ctx, slot, reuse_point(slot.cached, slot.exact, prompt, prompt_cuts, slot.extra, extra))
+    slot.extra = tuple(extra)
     lane.pending = prompt[keep:]
     lane.pos = keep
     lane.row = -1
@@ -174,6 +179,7 @@ def copy(ctx: runtime.Context, src: Lane, dst: Lane) -> None:
     ctx.seq_cp(src.slot.seq, dst.slot.seq, -1, -1)
     dst.slot.cached = list(src.slot.cached)
     dst.slot.exact = src.slot.exact
+    dst.slot.extra = src.slot.extra
     dst.pos = src.pos
     dst.row = src.row
     dst.pending = []

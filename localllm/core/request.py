@@ -12,7 +12,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from localllm.core.logprobs import TokenLogprob
@@ -52,12 +52,16 @@ class Request:
     """A prompt (token ids) and its :class:`SamplingParams`. The core reports
     :class:`Event` objects on a queue; ``stream=False`` gets each choice's text
     in one event at its end (waking a waiting thread per token would fight the
-    decode thread for the GIL)."""
+    decode thread for the GIL). ``cuts``: positions to cut the prompt's canonical
+    chunks at besides the usual ones (:func:`localllm.core.lanes.cuts`), for a
+    caller that reuses prefixes of its own making (``bench --depth``)."""
 
-    def __init__(self, prompt: list[int], params: SamplingParams, *, stream: bool = True) -> None:
+    def __init__(self, prompt: list[int], params: SamplingParams, *, stream: bool = True,
+                 cuts: Sequence[int] = ()) -> None:
         self.prompt = prompt
         self.params = params
         self.stream = stream
+        self.cuts = [c for c in cuts if 0 < c < len(prompt)]
         self.queue: queue.SimpleQueue[Event] = queue.SimpleQueue()
         self.cancelled = threading.Event()
         self.t_submit = time.perf_counter()

@@ -231,9 +231,11 @@ class Scheduler:
         prompt = req.prompt
         lanes = [Lane(s) for s in chosen]
         prompt_cuts = lanes_mod.cuts(prompt, eog=self.eog, unit=self.unit)
-        if self.prompt_cache is not None:
+        if req.cuts:
+            prompt_cuts = sorted(set(prompt_cuts).union(req.cuts))
+        if self.prompt_cache is not None and not req.cuts:
             self._restore(chosen[0], prompt, prompt_cuts)
-        req.cached_tokens = lanes_mod.start(self.ctx, lanes[0], prompt, prompt_cuts)
+        req.cached_tokens = lanes_mod.start(self.ctx, lanes[0], prompt, prompt_cuts, req.cuts)
         for lane in lanes[1:]:
             lanes_mod.truncate(self.ctx, lane.slot, 0)
             lane.pos = 0
@@ -272,6 +274,7 @@ class Scheduler:
         if self.ctx.set_seq_state(slot.seq, blob):
             slot.cached = list(entry.tokens)
             slot.exact = len(entry.tokens)  # entries are saved at a cut (see _decode_chunks)
+            slot.extra = ()
         else:
             slot.cached, slot.exact = [], 0  # set_seq_state left the sequence empty
             pc.refuse(entry, "llama.cpp could not read its state")
@@ -280,7 +283,7 @@ class Scheduler:
         """Save ``slot``'s KV state for later requests and processes; called when the slot holds
         exactly a prompt's canonical chunks (its tail and answer would not be reusable)."""
         pc = self.prompt_cache
-        if pc is None or len(slot.cached) < MIN_TOKENS or not pc.wants(slot.cached):
+        if pc is None or slot.extra or len(slot.cached) < MIN_TOKENS or not pc.wants(slot.cached):
             return
         try:
             pc.save_later(list(slot.cached), self.ctx.seq_state(slot.seq))
