@@ -8,7 +8,7 @@ The report is a plain dict (the ``--json`` output). Keys:
   gpu_offload (bool), rebuild (command or null)
 - ``gpu``: devices [{name, description, type, memory_free, memory_total}] (the GPU ones),
   backends [the same for every backend device llama.cpp sees, the CPU included],
-  offload (bool), gpu_rebuild {vulkan, cuda, metal} commands when offload is not compiled in
+  offload (bool: a GPU backend found a device), compiled [GPU backends built in, e.g. "Vulkan"], gpu_rebuild {vulkan, cuda, metal} commands when offload is not compiled in
 - ``memory``: total, available (bytes)
 - ``disk``: path (the model store), total, free (bytes)
 - ``model`` (with ``--model``): the memory plan (see :mod:`localllm.plan`)
@@ -73,23 +73,25 @@ def _gpu_section(problems: list[dict[str, str | None]]) -> tuple[bool, dict[str,
     """Offload, the devices llama.cpp sees, and a problem when a GPU goes unused."""
     from localllm import runtime
 
-    offload = runtime.supports_gpu_offload()
+    offload = runtime.supports_gpu_offload()   # a GPU backend with a device: layers can be offloaded
+    backends = runtime.gpu_backends()          # compiled in, device or not
     devices = runtime.backend_devices()
     gpus = [d for d in devices if d["type"] in ("gpu", "igpu")]
     hw = _gpu_hardware()
-    if not offload and hw:
+    if not backends and hw:
         problems.append({"severity": "warning",
                          "message": f"this machine has a GPU ({hw}) that this CPU-only llama.cpp build cannot use",
                          "fix": {"cuda": REBUILD_CUDA, "metal": REBUILD_METAL}.get(hw, REBUILD_VULKAN)
                          + f" (in a checkout: {CHECKOUT_GPU.format(hw)})"})
-    if offload and not gpus:
+    if backends and not gpus:
         problems.append({"severity": "warning",
-                         "message": "GPU offload is compiled in, but llama.cpp sees no GPU device: every layer "
-                                    "stays on the CPU",
+                         "message": f"{', '.join(backends)} is compiled in, but llama.cpp sees no GPU device: every "
+                                    "layer stays on the CPU",
                          "fix": "check the GPU driver; a CPU Vulkan device (Mesa's lavapipe) is used only "
                                 "with GGML_VK_VISIBLE_DEVICES=0"})
-    rebuild = None if offload else {"vulkan": REBUILD_VULKAN, "cuda": REBUILD_CUDA, "metal": REBUILD_METAL}
-    return offload, {"devices": gpus, "backends": devices, "offload": offload, "gpu_rebuild": rebuild}
+    rebuild = None if backends else {"vulkan": REBUILD_VULKAN, "cuda": REBUILD_CUDA, "metal": REBUILD_METAL}
+    return offload, {"devices": gpus, "backends": devices, "offload": offload, "compiled": backends,
+                     "gpu_rebuild": rebuild}
 
 
 def report(model: str | None = None, *, n_ctx: int | None = None, models_dir: str | None = None) -> dict[str, Any]:

@@ -81,7 +81,9 @@ def explain(path: str | os.PathLike[str], requested: str | int, n_ctx: int | Non
     from localllm import runtime
 
     if not runtime.supports_gpu_offload():
-        return 0, f"{req} = 0 GPU layers: this llama.cpp build has no GPU offload (CPU only)"
+        compiled = ", ".join(runtime.gpu_backends())
+        return 0, (f"{req} = 0 GPU layers: no GPU offload ({compiled} is compiled in, but llama.cpp sees no GPU device)"
+                   if compiled else f"{req} = 0 GPU layers: this llama.cpp build has no GPU offload (CPU only)")
     if req == "all":
         return ALL_LAYERS, "all layers, as requested"
     from localllm import plan

@@ -102,6 +102,8 @@ class Estimate:
     output_bytes: int
     compute_reserved_bytes: int
     compute_resident_bytes: int
+    output_head_bytes: int = 0    # output.weight, or the token embedding when the output is tied to it
+    output_tied: bool = False     # tied: the GPU gets a copy and the CPU keeps its own for the lookup
 
     @property
     def ram_bytes(self) -> int:
@@ -208,6 +210,9 @@ def estimate(h: Header, n_ctx: int, *, n_ubatch: int = 512, n_seq: int = 1, cach
         if (t.type in repack_types and len(t.shape) == 2 and t.shape[1] % 8 == 0
                 and (m or t.name == "output.weight")):
             repack += t.nbytes
+    sizes = {t.name: t.nbytes for t in h.tensors}
+    tied = "output.weight" not in sizes
+    head = sizes.get("output.weight", sizes.get("token_embd.weight", 0)) + sizes.get("output_norm.weight", 0)
     n_ctx_p = _pad(n_ctx)
     k_w, v_w, swa, window = kv_layout(h)
     per_k, per_v = _CACHE_BYTES[cache_type], _CACHE_BYTES[cache_type_v or cache_type]
@@ -227,23 +232,25 @@ def estimate(h: Header, n_ctx: int, *, n_ubatch: int = 512, n_seq: int = 1, cach
         repack_bytes=repack, vocab_bytes=n_vocab * _VOCAB_PER_TOKEN + n_merges * _VOCAB_PER_MERGE,
         kv_bytes=sum(kv_layers), kv_layer_bytes=kv_layers, output_bytes=4 * n_vocab * max(n_seq, 1),
         compute_reserved_bytes=4 * ub * (n_vocab + 2 * n_embd),
-        compute_resident_bytes=4 * ub * (3 * n_embd + 4 * n_ff) + 2 * n_ctx_p * ub)
+        compute_resident_bytes=4 * ub * (3 * n_embd + 4 * n_ff) + 2 * n_ctx_p * ub,
+        output_head_bytes=head, output_tied=tied)
 
 
 def split(e: Estimate, gpu_layers: int) -> tuple[int, int]:
-    """(RAM, VRAM) bytes with the last ``gpu_layers`` layers offloaded (llama.cpp
-    offloads from the top; ``n_layer + 1`` also moves the output head)."""
+    """(RAM, VRAM) bytes with ``gpu_layers`` offloaded. llama.cpp (llama-model.cpp, ``i_gpu_start =
+    n_layer + 1 - n_gpu_layers``) counts the output head first: 1 moves the head, N the head and the
+    last N - 1 repeating layers. Measured on lavapipe: docs/gpu.md."""
     if gpu_layers <= 0:
         return e.ram_bytes, 0
     g = min(gpu_layers, e.n_layer + 1)
-    on_gpu = range(max(e.n_layer - g, 0), e.n_layer)
+    on_gpu = range(e.n_layer + 1 - g, e.n_layer)
     moved = sum(e.layer_bytes[i] for i in on_gpu)
-    if g > e.n_layer:  # the output head, roughly the non-layer weights minus the embedding lookup
-        moved += e.non_layer_bytes // 2
     kv = sum(e.kv_layer_bytes[i] for i in on_gpu)
-    vram = moved + kv + e.compute_reserved_bytes
-    # offloaded weights are read once for upload and their mapping is released
-    ram = e.ram_bytes - moved - kv
+    # with the head on the GPU, the logits are computed there: the whole compute reservation is device memory
+    vram = moved + e.output_head_bytes + kv + e.compute_reserved_bytes
+    # offloaded weights are read once for upload and their mapping is released; a tied head's embedding
+    # stays on the CPU for the token lookup
+    ram = e.ram_bytes - moved - kv - (0 if e.output_tied else e.output_head_bytes)
     return ram, vram
 
 
@@ -297,8 +304,8 @@ def make_plan(path: str | os.PathLike[str], *, n_ctx: int | None = None, gpu_mem
                 gpu_layers = g
                 break
         limit = "--gpu-memory" if gpu_memory is not None and gpu_memory < gpu_free else "free GPU memory"
-        reasons.append(f"{min(gpu_layers, n_layer)} of {n_layer} layers"
-                       f"{' and the output head' if gpu_layers > n_layer else ''} fit in "
+        what = f"the output head and {gpu_layers - 1} of {n_layer} layers" if gpu_layers else "no layer"
+        reasons.append(f"{what} {'fit' if gpu_layers else 'fits'} in "
                        f"{budget / 2**30:.2f} GiB ({limit} less {_GPU_HEADROOM // 2**20} MiB headroom)")
     elif offload:
         reasons.append("no layer fits in the GPU memory given: all layers stay on the CPU")

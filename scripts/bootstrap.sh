@@ -136,8 +136,10 @@ bootstrap() {
   : > "$log"
   "$vpy" -m pip install -q --upgrade pip >>"$log" 2>&1 || true
   local rebuild=""
-  if [ -n "$gpu_args" ] && "$vpy" -c 'import sys, llama_cpp; sys.exit(bool(llama_cpp.llama_supports_gpu_offload()))' \
-       >/dev/null 2>&1; then
+  # llama_supports_gpu_offload() is false on a GPU build that sees no device: ask for the backend's library
+  local has_backend="import sys, pathlib, llama_cpp; lib = pathlib.Path(llama_cpp.__file__).parent / 'lib'
+sys.exit(not any(lib.glob('*ggml-${LOCALLLM_GPU:-none}*')))"
+  if [ -n "$gpu_args" ] && "$vpy" -c 'import llama_cpp' >/dev/null 2>&1 && ! "$vpy" -c "$has_backend" >/dev/null 2>&1; then
     rebuild="--force-reinstall --no-deps"  # a CPU-only build is there
   fi
   if [ -n "$rebuild" ] || ! "$vpy" -c 'import llama_cpp' >/dev/null 2>&1; then
@@ -165,9 +167,8 @@ bootstrap() {
       say "full log: $log"
       return 1
     fi
-    if [ -n "$gpu_args" ] && ! "$vpy" -c 'import sys, llama_cpp; sys.exit(not llama_cpp.llama_supports_gpu_offload())' \
-         >>"$log" 2>&1; then
-      say "the $LLAMA_PIN just installed has no GPU offload (a CPU-only wheel from a cache?); full log: $log"
+    if [ -n "$gpu_args" ] && ! "$vpy" -c "$has_backend" >>"$log" 2>&1; then
+      say "the $LLAMA_PIN just installed has no $LOCALLLM_GPU backend (a CPU-only wheel from a cache?); full log: $log"
       return 1
     fi
   fi

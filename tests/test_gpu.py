@@ -29,9 +29,10 @@ pytestmark = pytest.mark.gpu
 HERE = Path(__file__).resolve().parent
 PARTIAL = 10          # layers offloaded in the partial runs (of SmolLM2-135M's 30)
 N_TOKENS = 8
-# the normalized mean squared error between CPU and partially offloaded logits: measured 1e-5 or less on
-# lavapipe (docs/gpu.md); a wrong layer split or a broken kernel gives errors of order 1
-NMSE_BOUND = 1e-3
+# the normalized mean squared error between CPU and partially offloaded logits, per generated token:
+# measured 2e-5 to 4.7e-3 on lavapipe (the largest on the prompt's step; docs/gpu.md); a broken kernel
+# or a wrong layer split gives errors of order 1
+NMSE_BOUND = 1e-2
 PLAN_TOLERANCE = 0.15
 
 
@@ -66,11 +67,11 @@ def test_doctor_lists_the_device_and_offload(doctor: dict) -> None:
     gpu = doctor["gpu"]["devices"][0]
     assert gpu["type"] in ("gpu", "igpu") and gpu["memory_total"] > 0 and 0 < gpu["memory_free"] <= gpu["memory_total"]
     assert any(d["type"] == "cpu" for d in doctor["gpu"]["backends"])  # the CPU is a backend device too
-    assert doctor["gpu"]["gpu_rebuild"] is None
+    assert doctor["gpu"]["gpu_rebuild"] is None and doctor["gpu"]["compiled"]
     if os.environ.get("LOCALLLM_GPU") == "vulkan" and "nvidia" not in gpu["description"].lower():
         print("device:", gpu["name"], gpu["description"])
     text = _py("-m", "localllm", "doctor").stdout
-    assert "compiled in" in text and gpu["description"] in text and f"{gpu['name']} ({gpu['type']})" in text
+    assert "GPU offload  yes: " in text and gpu["description"] in text and f"{gpu['name']} ({gpu['type']})" in text
 
 
 def test_partial_offload_greedy_matches_cpu(doctor: dict, default_model_path: Path, tmp_path: Path) -> None:
@@ -100,12 +101,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_serve_reports_the_offloaded_layers(doctor: dict, default_model_path: Path) -> None:
+def test_serve_reports_the_offloaded_layers(doctor: dict, default_model_path: Path, tmp_path: Path) -> None:
     port = _free_port()
-    env = {**_env(), "LOCALLLM_VERBOSE": "1"}  # llama.cpp's own log on stderr
+    env = {**_env(), "LOCALLLM_VERBOSE": "1"}  # llama.cpp's own log on stderr: to a file, a pipe would fill
+    log = (tmp_path / "serve.log").open("w")
     p = subprocess.Popen([sys.executable, "-m", "localllm", "serve", "--model-path", str(default_model_path),
                           "--port", str(port), "--gpu-layers", "7", "--ctx", "256", "--parallel", "1",
-                          "--no-prompt-cache"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                          "--no-prompt-cache"], env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 120
@@ -122,7 +124,9 @@ def test_serve_reports_the_offloaded_layers(doctor: dict, default_model_path: Pa
             meta = json.load(r)["data"][0]["meta"]
     finally:
         p.terminate()
-        _out, err = p.communicate(timeout=60)
+        p.wait(timeout=60)
+        log.close()
+    err = (tmp_path / "serve.log").read_text()
     assert meta["gpu_layers"] == 7 and meta["gpu_layers_requested"] == 7
     said = re.findall(r"offloaded (\d+)/(\d+) layers to GPU", err)
     assert said and said[-1][0] == "7", err[-3000:]
@@ -134,8 +138,9 @@ def test_gpu_memory_caps_auto_and_the_plan_matches(doctor: dict, default_model_p
     free = doctor["gpu"]["devices"][0]["memory_free"]
     full = plan.make_plan(default_model_path, n_ctx=512, offload=True, gpu_free=free)
     assert full.gpu_layers == full.n_layer + 1  # the small model fits whole without a cap
-    # room for the compute buffer and about a third of the layers
-    cap = plan._GPU_HEADROOM + full.compute_reserved_bytes + sum(full.layer_bytes) // 3
+    # room for the compute buffer, the output head (llama.cpp offloads it first) and about a third of the layers
+    est = plan.estimate(plan.read_header(default_model_path), 512)
+    cap = plan._GPU_HEADROOM + est.compute_reserved_bytes + est.output_head_bytes + sum(est.layer_bytes) // 3
     r = _py("-m", "localllm", "plan", str(default_model_path), "--ctx", "512", "--gpu-memory", str(cap), "--json")
     assert r.returncode == 0, r.stderr
     want = json.loads(r.stdout)
@@ -151,3 +156,6 @@ def test_gpu_memory_caps_auto_and_the_plan_matches(doctor: dict, default_model_p
           f"buffers {device / 2**20:.1f} MiB {got['device_buffers']}; plan RAM+VRAM "
           f"{(want['ram_bytes'] + want['vram_bytes']) / 2**20:.1f} MiB, RSS grew {rss / 2**20:.1f} MiB")
     assert abs(device - want["vram_bytes"]) <= PLAN_TOLERANCE * want["vram_bytes"]
+    if "llvmpipe" in doctor["gpu"]["devices"][0]["description"]:  # lavapipe's device memory is this process's
+        total = want["ram_bytes"] + want["vram_bytes"]
+        assert abs(rss - total) <= PLAN_TOLERANCE * total

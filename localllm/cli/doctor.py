@@ -9,6 +9,13 @@ import click
 from localllm.cli.options import human_bytes
 
 
+def _offload_line(gpu: dict) -> str:
+    compiled = ", ".join(gpu["compiled"])
+    if gpu["offload"]:
+        return f"yes: {compiled} compiled in, {len(gpu['devices'])} GPU device(s)"
+    return f"no: {compiled} compiled in, but no GPU device seen" if compiled else "not compiled in (CPU only)"
+
+
 @click.command("doctor")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable report (keys in docs/doctor.md).")
 @click.option("--model", "-m", default=None, help="Also plan memory for this model (path or name).")
@@ -31,7 +38,7 @@ def command(as_json: bool, model: str | None, n_ctx: int | None, models_dir: str
         ("  lacks", lack),
         ("llama.cpp", f"llama-cpp-python {b['llama_cpp_python']}, built for: "
                       + " ".join(k for k, on in b["features"].items() if on)),
-        ("GPU offload", "compiled in" if b["gpu_offload"] else "not compiled in (CPU only)"),
+        ("GPU offload", _offload_line(r["gpu"])),
     ]
     if b.get("cpu_variant"):  # a GGML_CPU_ALL_VARIANTS build (the container image): the kernels ggml chose
         rows.insert(4, ("  CPU variant", f"libggml-cpu-{b['cpu_variant']} (the best of the image's variants here)"))

@@ -15,13 +15,14 @@ Example:
 """
 
 from localllm.runtime._context import KV_CACHE_TYPES, Context
-from localllm.runtime._lib import (LLAMA_CPP_PYTHON_VERSION, _backend, backend_devices, cpu_variant, llama_cpp_version,
-                                   log_tail, supports_gpu_offload, system_info, time_us)
+from localllm.runtime._lib import (LLAMA_CPP_PYTHON_VERSION, _backend, backend_devices, cpu_variant, gpu_backends,
+                                   llama_cpp_version, log_tail, supports_gpu_offload, system_info, time_us)
 from localllm.runtime._model import Batch, LlamaModel
 from localllm.runtime._quantize import quantize
 from localllm.runtime._sampling import Grammar, Sampler, json_grammar, json_schema_to_grammar
 
-__all__ = ["KV_CACHE_TYPES", "Context", "LLAMA_CPP_PYTHON_VERSION", "backend_devices", "cpu_variant", "llama_cpp_version",
+__all__ = ["KV_CACHE_TYPES", "Context", "LLAMA_CPP_PYTHON_VERSION", "backend_devices", "cpu_variant", "gpu_backends",
+           "llama_cpp_version",
            "log_tail",
            "supports_gpu_offload", "system_info", "time_us", "Batch", "LlamaModel", "quantize", "Grammar", "Sampler",
            "json_grammar", "json_schema_to_grammar", "_backend"]

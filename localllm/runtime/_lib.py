@@ -179,6 +179,22 @@ def supports_gpu_offload() -> bool:
     return bool(C.llama_supports_gpu_offload())
 
 
+def gpu_backends() -> list[str]:
+    """The non-CPU backends compiled into (or loaded by) this llama.cpp build, e.g. ``["Vulkan"]``,
+    whether or not they found a device (``supports_gpu_offload`` is true only when one did)."""
+    _backend()
+    lib = _ggml_lib()
+    if lib is None:
+        return []
+    lib.ggml_backend_reg_get.restype = ctypes.c_void_p
+    lib.ggml_backend_reg_get.argtypes = [ctypes.c_size_t]
+    lib.ggml_backend_reg_name.restype = ctypes.c_char_p
+    lib.ggml_backend_reg_name.argtypes = [ctypes.c_void_p]
+    names = [(lib.ggml_backend_reg_name(lib.ggml_backend_reg_get(i)) or b"").decode()
+             for i in range(lib.ggml_backend_reg_count())]
+    return [n for n in names if n and n.upper() not in ("CPU", "BLAS", "RPC")]
+
+
 def llama_cpp_version() -> str:
     return LLAMA_CPP_PYTHON_VERSION
 
