@@ -102,8 +102,10 @@ def test_doctor_json(tmp_path: Path) -> None:
     assert isinstance(flags, dict) and ("avx2" in flags or "neon" in flags)
     assert "AVX2" in d["build"]["features"] or "NEON" in d["build"]["features"]
     assert d["build"]["gpu_offload"] in (True, False)
-    if not d["build"]["gpu_offload"]:
-        assert "GGML_CUDA" in d["gpu"]["gpu_rebuild"]["cuda"]
+    if not d["gpu"]["compiled"]:  # a CPU-only build: how to rebuild with each backend
+        assert "GGML_CUDA" in d["gpu"]["gpu_rebuild"]["cuda"] and "GGML_VULKAN" in d["gpu"]["gpu_rebuild"]["vulkan"]
+    else:
+        assert d["gpu"]["gpu_rebuild"] is None
     assert d["model"]["fits"]
     # auto: 0 layers without offload or without a GPU device; on a GPU build with a device the plan places some
     if not d["build"]["gpu_offload"] or not d["gpu"]["devices"]:

@@ -4,6 +4,7 @@ its placement decisions and refusals are checked with what-if inputs."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -38,8 +39,11 @@ print(json.dumps({"growth": rss() - r0}))
 
 
 def measure(path: Path, n_ctx: int) -> int:
+    # the CPU placement's memory: on a GPU build llama.cpp would also run a 512-token batch's matmuls on a
+    # visible device (op offload), so the devices are hidden (an empty list hides all)
+    env = {**os.environ, "GGML_VK_VISIBLE_DEVICES": "", "CUDA_VISIBLE_DEVICES": ""}
     out = subprocess.run([sys.executable, "-c", _MEASURE, str(path), str(n_ctx)], cwd=ROOT, capture_output=True,
-                         text=True, timeout=120, check=True)
+                         text=True, timeout=120, check=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])["growth"]
 
 
