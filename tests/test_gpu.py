@@ -50,11 +50,12 @@ def doctor() -> dict:
     r = _py("-m", "localllm", "doctor", "--json")
     assert r.stdout, r.stderr
     d = json.loads(r.stdout)
-    if not d["build"]["gpu_offload"]:
+    if not d["gpu"]["compiled"]:
         pytest.skip("this llama.cpp build has no GPU offload (CPU only): build one with "
                     "LOCALLLM_GPU=vulkan|cuda|metal LOCALLLM_VENV=.venv-gpu ./test -m gpu (docs/gpu.md)")
-    if not d["gpu"]["devices"]:
-        pytest.skip("GPU offload is compiled in, but llama.cpp sees no GPU device here")
+    if not d["build"]["gpu_offload"] or not d["gpu"]["devices"]:
+        pytest.skip(f"{', '.join(d['gpu']['compiled'])} is compiled in, but llama.cpp sees no GPU device here "
+                    f"(GGML_VK_VISIBLE_DEVICES={_env()['GGML_VK_VISIBLE_DEVICES']!r})")
     return d
 
 

@@ -179,6 +179,9 @@ def supports_gpu_offload() -> bool:
     return bool(C.llama_supports_gpu_offload())
 
 
+_GPU_LIBS = {"vulkan": "Vulkan", "cuda": "CUDA", "metal": "Metal", "hip": "ROCm", "sycl": "SYCL", "opencl": "OpenCL"}
+
+
 def gpu_backends() -> list[str]:
     """The non-CPU backends compiled into (or loaded by) this llama.cpp build, e.g. ``["Vulkan"]``,
     whether or not they found a device (``supports_gpu_offload`` is true only when one did)."""
@@ -192,7 +195,13 @@ def gpu_backends() -> list[str]:
     lib.ggml_backend_reg_name.argtypes = [ctypes.c_void_p]
     names = [(lib.ggml_backend_reg_name(lib.ggml_backend_reg_get(i)) or b"").decode()
              for i in range(lib.ggml_backend_reg_count())]
-    return [n for n in names if n and n.upper() not in ("CPU", "BLAS", "RPC")]
+    names = [n for n in names if n and n.upper() not in ("CPU", "BLAS", "RPC")]
+    # a backend that failed to register (e.g. a bad GGML_VK_VISIBLE_DEVICES) is still compiled in: its library
+    files = {p.name for p in (Path(C.__file__).parent / "lib").glob("*ggml-*")}
+    for key, name in _GPU_LIBS.items():
+        if name not in names and any(f"ggml-{key}." in f for f in files):
+            names.append(name)
+    return names
 
 
 def llama_cpp_version() -> str:
