@@ -4,7 +4,8 @@ engine as ``Model`` and ``serve``.
 
 Several models are measured side by side: each round runs every model once,
 and the order alternates from round to round, so a machine that speeds up or
-slows down during the run does not favour one of them.
+slows down during the run does not favour one of them. With several KV cache
+types (``kv``), each (model, KV types) pair is one row of those rounds.
 
 Example:
     >>> rows = bench(["a.gguf", "b.gguf"], reps=3)                  # doctest: +SKIP
@@ -12,6 +13,8 @@ Example:
     True
     >>> spread([3.0, 1.0, 2.0])
     {'median': 2.0, 'min': 1.0, 'max': 3.0}
+    >>> parse_kv("q8_0/f16"), parse_kv("q4_0")
+    (('q8_0', 'f16'), ('q4_0', 'q4_0'))
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from typing import Any
 from localllm.errors import InvalidArgumentError
 
 Progress = Callable[[int, int, str], None]   # (done, total, what)
+KV = tuple[str, str]                          # (cache_type_k, cache_type_v)
 # what one request looks like when "fastest" has to be one number (``turn_seconds``)
 TURN_PROMPT, TURN_GEN = 256, 128
 
@@ -57,6 +61,14 @@ class BenchResult:
     gen_tps: dict[str, float]
     ttft_ms: dict[str, float]
     peak_rss_bytes: int         # the process's peak resident memory while this model ran
+    cache_type_k: str = "f16"   # the KV cache types and flash attention this row ran with
+    cache_type_v: str = "f16"
+    flash_attn: str = "auto"
+
+    @property
+    def kv(self) -> str:
+        """The KV types as ``--kv`` spells them: ``K``, or ``K/V`` when they differ."""
+        return kv_label((self.cache_type_k, self.cache_type_v))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -64,6 +76,22 @@ class BenchResult:
     def turn_seconds(self, prompt: int = TURN_PROMPT, gen: int = TURN_GEN) -> float:
         """Seconds for one request of ``prompt`` new prompt tokens and ``gen`` generated ones."""
         return prompt / self.prompt_tps["median"] + gen / self.gen_tps["median"]
+
+
+def parse_kv(value: str) -> KV:
+    """``--kv``'s value: ``K`` (both keys and values) or ``K/V``, checked as ``ModelSettings`` checks them."""
+    from localllm.loader import ModelSettings
+
+    parts = str(value).strip().lower().split("/")
+    if len(parts) > 2 or not all(parts):
+        raise InvalidArgumentError(f"--kv takes K or K/V (like q8_0 or q8_0/f16), not {value!r}", param="kv")
+    k, v = parts[0], parts[-1]
+    ModelSettings(cache_type_k=k, cache_type_v=v)   # unknown types: its one-line error
+    return k, v
+
+
+def kv_label(kv: KV) -> str:
+    return kv[0] if kv[0] == kv[1] else f"{kv[0]}/{kv[1]}"
 
 
 # --------------------------------------------------------------------------- peak memory
@@ -115,13 +143,14 @@ def _generate(engine: Any, ids: list[int], max_tokens: int) -> Any:
 
 
 def _once(model: str, *, prompt_tokens: int, gen_tokens: int, depth: int, n_threads: int | None,
-          models_dir: str | os.PathLike[str] | None) -> tuple[Any, dict[str, float]]:
+          models_dir: str | os.PathLike[str] | None, kv: KV = ("f16", "f16"),
+          flash_attn: str = "auto") -> tuple[Any, dict[str, float]]:
     from localllm.core.engine import Engine
     from localllm.loader import ModelSettings
 
     settings = ModelSettings(model=model, models_dir=models_dir, n_ctx=depth + prompt_tokens + gen_tokens + 8,
                              prompt_cache=False,  # measures decoding, not the disk
-                             n_threads=n_threads)
+                             n_threads=n_threads, cache_type_k=kv[0], cache_type_v=kv[1], flash_attn=flash_attn)
     t0 = time.perf_counter()
     engine = Engine(settings)
     load = time.perf_counter() - t0
@@ -157,44 +186,61 @@ def _check(prompt_tokens: int, gen_tokens: int, depth: int, reps: int) -> None:
             raise InvalidArgumentError(f"{name} must be an integer >= {lo}", param=name)
 
 
+def _kv_list(kv: Sequence[str | KV] | None, flash_attn: str) -> list[KV]:
+    """The KV types to measure (default: f16 only), each checked with ``flash_attn`` before anything runs."""
+    from localllm.loader import ModelSettings
+
+    out = [parse_kv(x) if isinstance(x, str) else (str(x[0]), str(x[1])) for x in (kv or ["f16"])]
+    for k, v in out:
+        ModelSettings(cache_type_k=k, cache_type_v=v, flash_attn=flash_attn)
+    return list(dict.fromkeys(out))
+
+
 def bench(models: Sequence[str | os.PathLike[str]], *, prompt_tokens: int = 128, gen_tokens: int = 64,
           depth: int = 0, reps: int = 3, n_threads: int | None = None,
-          models_dir: str | os.PathLike[str] | None = None, progress: Progress | None = None) -> list[BenchResult]:
-    """Measure each of ``models`` ``reps`` times, in alternating order, and return one row per model."""
+          models_dir: str | os.PathLike[str] | None = None, kv: Sequence[str | KV] | None = None,
+          flash_attn: str = "auto", progress: Progress | None = None) -> list[BenchResult]:
+    """Measure each of ``models`` with each of the KV types ``kv`` (``"K"``, ``"K/V"`` or a pair;
+    default f16) ``reps`` times, in alternating order, and return one row per (model, KV types)."""
     _check(prompt_tokens, gen_tokens, depth, reps)
     if not models:
         raise InvalidArgumentError("give at least one model", param="models")
+    kvs = _kv_list(kv, flash_attn)
     from localllm import store
 
     names = [str(m) for m in models]
     # resolve (and materialize) every model first: a missing one fails before any measuring, and
     # a built-in version requantized on first use does not count as load time
     paths = [str(store.resolve(m, models_dir=models_dir)) for m in names]
-    runs: dict[int, list[dict[str, float]]] = {i: [] for i in range(len(names))}
+    cells = [(i, k) for i in range(len(names)) for k in kvs]    # one row each
+    runs: dict[int, list[dict[str, float]]] = {j: [] for j in range(len(cells))}
     infos: dict[int, Any] = {}
     peaks: dict[int, int] = dict.fromkeys(runs, 0)
-    total, done = reps * len(names), 0
+    total, done = reps * len(cells), 0
     for rep in range(reps):
-        order = list(range(len(names)))
+        order = list(range(len(cells)))
         if rep % 2:
             order.reverse()
-        for i in order:
+        for j in order:
+            i, k = cells[j]
             _reset_peak()
-            infos[i], fig = _once(paths[i], prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, depth=depth,
-                                  n_threads=n_threads, models_dir=models_dir)
-            peaks[i] = max(peaks[i], _peak_rss())
-            runs[i].append(fig)
+            infos[j], fig = _once(paths[i], prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, depth=depth,
+                                  n_threads=n_threads, models_dir=models_dir, kv=k, flash_attn=flash_attn)
+            peaks[j] = max(peaks[j], _peak_rss())
+            runs[j].append(fig)
             done += 1
             if progress:
-                progress(done, total, Path(infos[i].path).name)
+                progress(done, total, f"{Path(infos[j].path).name} kv {kv_label(k)}")
     out = []
-    for i, name in enumerate(names):
-        info, rs = infos[i], runs[i]
+    for j, (i, k) in enumerate(cells):
+        info, rs = infos[j], runs[j]
         out.append(BenchResult(
-            model=name, path=info.path, quant=info.quant, size_bytes=_file_size(info.path), parameters=info.parameters,
-            threads=info.threads, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, depth=depth, reps=reps,
-            **{k: spread([r[k] for r in rs]) for k in ("load_s", "prompt_tps", "gen_tps", "ttft_ms")},
-            peak_rss_bytes=peaks[i]))
+            model=names[i], path=info.path, quant=info.quant, size_bytes=_file_size(info.path),
+            parameters=info.parameters, threads=info.threads, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens,
+            depth=depth, reps=reps,
+            **{f: spread([r[f] for r in rs]) for f in ("load_s", "prompt_tps", "gen_tps", "ttft_ms")},
+            peak_rss_bytes=peaks[j], cache_type_k=info.cache_type_k, cache_type_v=info.cache_type_v,
+            flash_attn=info.flash_attn))
     return out
 
 
@@ -208,7 +254,7 @@ def plot(rows: Sequence[BenchResult], out: str | os.PathLike[str], title: str = 
         import matplotlib.pyplot as plt
     except ImportError:
         raise PrerequisiteError("--plot needs matplotlib", hint="pip install matplotlib") from None
-    labels = [f"{Path(r.path).stem}\n{r.quant}" for r in rows]
+    labels = [f"{Path(r.path).stem}\n{r.quant} kv {r.kv}" for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(max(6.0, 1.6 * len(rows) + 3), 4))
     for ax, key, what in ((axes[0], "prompt_tps", "prompt tok/s"), (axes[1], "gen_tps", "generation tok/s")):
         med = [getattr(r, key)["median"] for r in rows]
@@ -230,4 +276,4 @@ def plot(rows: Sequence[BenchResult], out: str | os.PathLike[str], title: str = 
     return path
 
 
-__all__ = ["BenchResult", "bench", "plot", "spread", "TURN_PROMPT", "TURN_GEN"]
+__all__ = ["BenchResult", "bench", "plot", "spread", "parse_kv", "kv_label", "TURN_PROMPT", "TURN_GEN"]

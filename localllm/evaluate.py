@@ -7,12 +7,16 @@ adds one), and only the second half of each window is scored, so every scored
 token sees at least ``n_ctx/2`` tokens of context.
 
 The reference's distributions are cached on disk (keyed by the reference's
-sha256, the text's sha256 and the context size). As in llama-perplexity, a
+sha256, the text's sha256 and the context size; the reference always runs
+with an f16 KV cache and flash attention auto, so the cache holds those
+numbers, and ``cache_type_k``/``cache_type_v``/``flash_attn`` apply to the
+model only: the KL of a quantized KV cache). As in llama-perplexity, a
 position keeps the reference's tokens with log-probability above
 ``LOGP_FLOOR`` (-16 nats; the rest carry under 1e-7 each), their
 log-probabilities quantized to 16 bits over that range, and the KL sums over
-those tokens. tests/test_eval.py checks the result against the full KL
-computed in numpy.
+those tokens, with the model's log-probabilities rounded to the same grid (so
+a model against itself gives exactly 0). tests/test_eval.py checks the result
+against the full KL computed in numpy.
 
 Example:
     >>> r = evaluate("model-q4_0.gguf", reference="model-f16.gguf")        # doctest: +SKIP
@@ -38,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from localllm.errors import InvalidArgumentError
+from localllm.loader import ModelSettings
 
 DEFAULT_CTX = 512
 LOGP_FLOOR = -16.0  # reference tokens below this log-probability are left out of the KL (as llama-perplexity)
@@ -69,6 +74,9 @@ class EvalResult:
     top1_agreement: float | None    # fraction of positions where both models' most likely token agree
     reference_cached: bool | None   # the reference's distributions came from the disk cache
     seconds: float
+    cache_type_k: str = "f16"   # the model's KV cache types and flash attention (the reference: f16, auto)
+    cache_type_v: str = "f16"
+    flash_attn: str = "auto"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -101,15 +109,14 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 class _Scorer:
     """One loaded model that yields, chunk by chunk, the logits of the scored rows."""
 
-    def __init__(self, model: str | os.PathLike[str], *, n_ctx: int, n_threads: int | None,
-                 models_dir: str | os.PathLike[str] | None) -> None:
+    def __init__(self, settings: ModelSettings) -> None:
         from localllm import loader, runtime
 
-        self.loaded = loader.load(loader.ModelSettings(model=model, models_dir=models_dir, n_ctx=n_ctx,
-                                                       n_threads=n_threads, n_gpu_layers="auto"))
+        n_ctx = int(settings.n_ctx or DEFAULT_CTX)
+        self.loaded = loader.load(settings)
         try:
             self.ctx = runtime.Context(self.loaded.llama, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=min(n_ctx, 512),
-                                       n_threads=self.loaded.info.threads)
+                                       n_threads=self.loaded.info.threads, **settings.context_options())
             self.batch = runtime.Batch(n_ctx)
         except BaseException:
             self.loaded.close()
@@ -175,7 +182,10 @@ def _kl_rows(logits: np.ndarray, ref: _Reference, r0: int) -> tuple[np.ndarray, 
     lq_all = _log_softmax(logits)
     n = len(lq_all)
     row, ids, lp = ref.rows(r0, r0 + n)
-    terms = np.exp(lp) * (lp - lq_all[row, ids])
+    # the model's log-probabilities on the reference's 16-bit grid: the storage's rounding cancels, so a
+    # model scored against itself (same file, same KV types) gives exactly 0
+    lq = np.rint((lq_all[row, ids] - LOGP_FLOOR) * _Q16) / _Q16 + LOGP_FLOOR
+    terms = np.exp(lp) * (lp - lq)
     kl = np.bincount(row, weights=terms, minlength=n)
     agree = lq_all.argmax(axis=1) == ref.top[r0:r0 + n]
     return kl, lq_all, agree
@@ -240,16 +250,41 @@ def _check_tokens(tokens: list[int], n_ctx: int) -> None:
             hint="use a longer text or a smaller --ctx", param="ctx")
 
 
+def _load_reference(settings: ModelSettings, text: str, text_sha: str, use_cache: bool,
+                    progress: Progress | None) -> tuple[_Reference, bool, Path]:
+    """The reference's distributions (f16 KV: ``settings`` has the default cache types), from the cache
+    when it holds them; (reference, whether cached, its path)."""
+    from localllm import store
+
+    n_ctx = int(settings.n_ctx or DEFAULT_CTX)
+    rs = _Scorer(settings)
+    try:
+        tokens = rs.tokens(text)
+        _check_tokens(tokens, n_ctx)
+        cfile = _cache_file(store.sha256_file(rs.path), text_sha, n_ctx)
+        ref = _load_cached(cfile, tokens) if use_cache else None
+        cached = ref is not None
+        if ref is None:
+            ref = _score_reference(rs, tokens, progress, len(tokens) // n_ctx)
+            if use_cache:
+                _save_cached(cfile, ref)
+        return ref, cached, rs.path
+    finally:
+        rs.close()
+
+
 def evaluate(model: str | os.PathLike[str], *, reference: str | os.PathLike[str] | None = None,
              text: str | None = None, text_name: str | None = None, n_ctx: int = DEFAULT_CTX,
              n_threads: int | None = None, models_dir: str | os.PathLike[str] | None = None,
-             use_cache: bool = True, progress: Progress | None = None) -> EvalResult:
+             use_cache: bool = True, cache_type_k: str = "f16", cache_type_v: str = "f16",
+             flash_attn: str = "auto", progress: Progress | None = None) -> EvalResult:
     """Perplexity of ``model`` on ``text`` (default: :func:`default_text`) and,
-    with ``reference``, KL divergence and top-1 agreement against it."""
-    from localllm import store
-
+    with ``reference``, KL divergence and top-1 agreement against it. The KV cache
+    types and flash attention apply to ``model`` only; the reference keeps f16 KV."""
     if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 8:
         raise InvalidArgumentError("the context must be an integer >= 8", param="ctx")
+    ms = ModelSettings(model=model, models_dir=models_dir, n_ctx=n_ctx, n_threads=n_threads,
+                       cache_type_k=cache_type_k, cache_type_v=cache_type_v, flash_attn=flash_attn)
     if text is None:
         text, text_name = default_text(), "built-in"
     if not text.strip():
@@ -260,21 +295,9 @@ def evaluate(model: str | os.PathLike[str], *, reference: str | os.PathLike[str]
     cached: bool | None = None
     ref_path: Path | None = None
     if reference is not None:
-        rs = _Scorer(reference, n_ctx=n_ctx, n_threads=n_threads, models_dir=models_dir)
-        try:
-            ref_path = rs.path
-            tokens = rs.tokens(text)
-            _check_tokens(tokens, n_ctx)
-            cfile = _cache_file(store.sha256_file(rs.path), text_sha, n_ctx)
-            ref = _load_cached(cfile, tokens) if use_cache else None
-            cached = ref is not None
-            if ref is None:
-                ref = _score_reference(rs, tokens, progress, len(tokens) // n_ctx)
-                if use_cache:
-                    _save_cached(cfile, ref)
-        finally:
-            rs.close()
-    scorer = _Scorer(model, n_ctx=n_ctx, n_threads=n_threads, models_dir=models_dir)
+        rset = ModelSettings(model=reference, models_dir=models_dir, n_ctx=n_ctx, n_threads=n_threads)
+        ref, cached, ref_path = _load_reference(rset, text, text_sha, use_cache, progress)
+    scorer = _Scorer(ms)
     try:
         tokens = scorer.tokens(text)
         _check_tokens(tokens, n_ctx)
@@ -286,16 +309,25 @@ def evaluate(model: str | os.PathLike[str], *, reference: str | os.PathLike[str]
         path = scorer.path
     finally:
         scorer.close()
+    return _result(ms, str(path), ref_path, text_name, text_sha, len(tokens), nll, kl, agree, ref, cached,
+                   time.perf_counter() - t0)
+
+
+def _result(ms: ModelSettings, path: str, ref_path: Path | None, text_name: str | None, text_sha: str,
+            n_tokens: int, nll: np.ndarray, kl: np.ndarray, agree: np.ndarray, ref: _Reference | None,
+            cached: bool | None, seconds: float) -> EvalResult:
+    n_ctx = int(ms.n_ctx or DEFAULT_CTX)
     ppl = summary_stats(nll)
     k = summary_stats(kl) if ref is not None else None
     return EvalResult(
-        model=str(path), reference=str(ref_path) if ref_path else None, text=text_name or "text",
-        text_sha256=text_sha, n_ctx=n_ctx, chunks=len(tokens) // n_ctx, tokens=len(nll),
+        model=path, reference=str(ref_path) if ref_path else None, text=text_name or "text",
+        text_sha256=text_sha, n_ctx=n_ctx, chunks=n_tokens // n_ctx, tokens=len(nll),
         perplexity=math.exp(ppl["mean"]), perplexity_error=math.exp(ppl["mean"]) * ppl["error"],
         reference_perplexity=math.exp(float(ref.nll.mean())) if ref is not None else None,
         kl_mean=k["mean"] if k else None, kl_error=k["error"] if k else None, kl_p99=k["p99"] if k else None,
         kl_max=k["max"] if k else None, top1_agreement=float(np.mean(agree)) if ref is not None else None,
-        reference_cached=cached, seconds=time.perf_counter() - t0)
+        reference_cached=cached, seconds=seconds, cache_type_k=ms.cache_type_k, cache_type_v=ms.cache_type_v,
+        flash_attn=ms.flash_attn)
 
 
 def _score(scorer: _Scorer, tokens: list[int], ref: _Reference | None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,8 @@ from localllm import bench
 from localllm.autoquant import CANDIDATES
 
 KEYS = {"model", "path", "quant", "size_bytes", "parameters", "threads", "prompt_tokens", "gen_tokens", "depth",
-        "reps", "load_s", "prompt_tps", "gen_tps", "ttft_ms", "peak_rss_bytes"}   # as docs/bench.md lists them
+        "reps", "load_s", "prompt_tps", "gen_tps", "ttft_ms", "peak_rss_bytes", "cache_type_k", "cache_type_v",
+        "flash_attn"}   # as docs/bench.md lists them
 
 
 def _cli(*args: str, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
@@ -45,6 +47,7 @@ def test_bench_json_keys_and_consistent_figures(default_model_path: Path, tmp_pa
         assert r["size_bytes"] == Path(r["path"]).stat().st_size
         assert 20 << 20 < r["peak_rss_bytes"] < 8 << 30
     assert rows[0]["quant"] == "Q8_0" and rows[1]["quant"] == "Q4_0"
+    assert all((r["cache_type_k"], r["cache_type_v"], r["flash_attn"]) == ("f16", "f16", "auto") for r in rows)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
 
 
@@ -53,12 +56,13 @@ def test_rounds_alternate_the_order(monkeypatch: pytest.MonkeyPatch, tmp_path: P
     seen: list[str] = []
 
     class Info:
-        def __init__(self, name: str) -> None:
+        def __init__(self, name: str, kv: tuple[str, str] = ("f16", "f16")) -> None:
             self.path, self.quant, self.size_bytes, self.parameters, self.threads = name, "Q8_0", 1, 1, 1
+            self.cache_type_k, self.cache_type_v, self.flash_attn = *kv, "auto"
 
-    def fake_once(model: str, **_: object) -> tuple[Info, dict[str, float]]:
-        seen.append(model)
-        return Info(model), {"load_s": 1.0, "ttft_ms": 1.0, "prompt_tps": 1.0, "gen_tps": 1.0}
+    def fake_once(model: str, kv: tuple[str, str] = ("f16", "f16"), **_: object) -> tuple[Info, dict[str, float]]:
+        seen.append(model if kv == ("f16", "f16") else f"{model} {kv[0]}/{kv[1]}")
+        return Info(model, kv), {"load_s": 1.0, "ttft_ms": 1.0, "prompt_tps": 1.0, "gen_tps": 1.0}
 
     monkeypatch.setattr(bench, "_once", fake_once)
     a, b, c = (str(tmp_path / f"{n}.gguf") for n in "abc")
@@ -66,16 +70,61 @@ def test_rounds_alternate_the_order(monkeypatch: pytest.MonkeyPatch, tmp_path: P
         Path(p).write_bytes(b"")
     bench.bench([a, b, c], reps=3)
     assert seen == [a, b, c, c, b, a, a, b, c]
+    # each (model, KV types) pair is one row of the same rounds
+    seen.clear()
+    rows = bench.bench([a, b], reps=2, kv=["f16", "q8_0/f16"])
+    aq, bq = f"{a} q8_0/f16", f"{b} q8_0/f16"
+    assert seen == [a, aq, b, bq, bq, b, aq, a]
+    assert [(r.path, r.kv) for r in rows] == [(a, "f16"), (a, "q8_0/f16"), (b, "f16"), (b, "q8_0/f16")]
 
 
 def test_bench_errors_are_one_line(tmp_path: Path) -> None:
     cases = [(["bench", str(tmp_path / "missing.gguf"), "-q"], 1, "does not exist"),
              (["bench", "smollm2-135m", "--reps", "0"], 2, "--reps"),
-             (["bench", "smollm2-135m", "--plot", str(tmp_path / "no" / "dir.png"), "-q"], 1, "does not exist")]
+             (["bench", "smollm2-135m", "--plot", str(tmp_path / "no" / "dir.png"), "-q"], 1, "does not exist"),
+             (["bench", "smollm2-135m", "--kv", "f16", "--kv", "q3_k", "-q"], 1, "cache_type_k must be one of"),
+             (["bench", "smollm2-135m", "--kv", "q8_0/f16/f16", "-q"], 1, "--kv takes K or K/V"),
+             (["bench", "smollm2-135m", "--kv", "q8_0/", "-q"], 1, "--kv takes K or K/V"),
+             (["bench", "smollm2-135m", "--kv", "f16/q4_0", "--flash-attn", "off", "-q"], 1,
+              "a quantized V cache needs flash attention")]
     for args, code, msg in cases:
         p = _cli(*args)
         assert p.returncode == code, (args, p.stderr)
         assert msg in p.stderr and "Traceback" not in p.stderr, p.stderr
+        assert code != 1 or p.stderr.count("\n") == 1, p.stderr
+
+
+KV_LINE = re.compile(r"llama_kv_cache: size = +([\d.]+) MiB .*K \((\w+)\): +[\d.]+ MiB, V \((\w+)\)")
+
+
+def test_kv_types_reach_llama_cpp_one_row_each(default_model_path: Path, tmp_path: Path) -> None:
+    """--kv f16 --kv q8_0 --kv q4_0/f16: one row each, labelled, and each row's context is the one
+    llama.cpp reports (q8_0 K+V is 8.5/16 of f16: 34 bytes per 32 values)."""
+    from localllm import runtime
+
+    labels: list[str] = []
+    rows = bench.bench([default_model_path], kv=["f16", "q8_0", "q4_0/f16"], reps=1, prompt_tokens=16,
+                       gen_tokens=4, progress=lambda d, t, what: labels.append(what))
+    assert [(r.cache_type_k, r.cache_type_v, r.kv) for r in rows] == [
+        ("f16", "f16", "f16"), ("q8_0", "q8_0", "q8_0"), ("q4_0", "f16", "q4_0/f16")]
+    assert [w.split(" kv ")[1] for w in labels] == ["f16", "q8_0", "q4_0/f16"]
+    found = (KV_LINE.search(ln) for ln in runtime.log_tail(400))
+    reports = [(float(m[1]), m[2], m[3]) for m in found if m][-3:]
+    assert [r[1:] for r in reports] == [("f16", "f16"), ("q8_0", "q8_0"), ("q4_0", "f16")]
+    f16, q8, q4k = (r[0] for r in reports)
+    assert q8 == pytest.approx(f16 * 8.5 / 16, rel=0.01) and q4k == pytest.approx(f16 * (4.5 + 16) / 32, rel=0.01)
+    png = tmp_path / "kv.png"
+    bench.plot(rows, png)
+    assert png.stat().st_size > 5000
+
+
+def test_cli_table_labels_rows_with_their_kv_types(default_model_path: Path) -> None:
+    p = _cli("bench", str(default_model_path), "--kv", "f16", "--kv", "q8_0/f16", "--reps", "1",
+             "--prompt-tokens", "16", "--gen-tokens", "4", "-q")
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.splitlines()
+    assert lines[1].split()[:3] == ["model", "quant", "KV"]
+    assert [ln.split()[2] for ln in lines[2:]] == ["f16", "q8_0/f16"]
 
 
 @pytest.fixture(scope="module")

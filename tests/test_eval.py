@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -201,6 +202,52 @@ def test_q8_0_is_closer_than_q4_0_to_the_f32_reference(default_model_path: Path,
     assert q8.reference_cached is False and q4.reference_cached is True
     assert 0 < q8.kl_mean < q4.kl_mean / 5, (q8.kl_mean, q4.kl_mean)
     assert q8.top1_agreement > q4.top1_agreement
+
+
+KV_LINE = re.compile(r"llama_kv_cache: size = +([\d.]+) MiB .*K \((\w+)\): +[\d.]+ MiB, V \((\w+)\)")
+
+
+def _kv_reports() -> list[tuple[float, str, str]]:
+    """llama.cpp's own report of each context's KV cache (MiB, K type, V type), oldest first."""
+    from localllm import runtime
+
+    found = (KV_LINE.search(ln) for ln in runtime.log_tail(400))
+    return [(float(m[1]), m[2], m[3]) for m in found if m]
+
+
+def test_kv_cache_types_apply_to_the_model_only(default_model_path: Path, own_cache: Path) -> None:
+    """eval --cache-type-k/v q8_0 on the default model against itself: the model's context gets
+    q8_0 (llama.cpp's log), the reference keeps f16, the KL is the KV cache's small cost; the
+    cached reference stays f16 numbers, so f16 against itself is exactly 0."""
+    q8 = ev.evaluate(default_model_path, reference=default_model_path, text=SHORT, n_ctx=128,
+                     cache_type_k="q8_0", cache_type_v="q8_0")
+    (ref_mib, *ref_kv), (mib, *kv) = _kv_reports()[-2:]
+    assert (ref_kv, kv) == (["f16", "f16"], ["q8_0", "q8_0"])
+    assert mib == pytest.approx(ref_mib * 8.5 / 16, rel=0.01)   # q8_0: 34 bytes per 32 values
+    assert (q8.cache_type_k, q8.cache_type_v, q8.reference_cached) == ("q8_0", "q8_0", False)
+    assert 0 < q8.kl_mean < 0.05 and q8.top1_agreement > 0.85, (q8.kl_mean, q8.top1_agreement)
+    same = ev.evaluate(default_model_path, reference=default_model_path, text=SHORT, n_ctx=128)
+    assert same.reference_cached is True and _kv_reports()[-1][1:] == ("f16", "f16")
+    assert same.kl_mean == 0.0 and same.kl_max == 0.0 and same.top1_agreement == 1.0
+    assert same.perplexity == same.reference_perplexity == q8.reference_perplexity
+    q4 = ev.evaluate(default_model_path, reference=default_model_path, text=SHORT, n_ctx=128,
+                     cache_type_k="q4_0", cache_type_v="q4_0")
+    assert q4.reference_cached is True and q4.kl_mean > 3 * q8.kl_mean, (q4.kl_mean, q8.kl_mean)
+
+
+def test_bad_kv_settings_are_one_line_errors(tmp_path: Path) -> None:
+    import os
+
+    env = {**os.environ, "LOCALLLM_HOME": str(tmp_path / "home")}
+    for args, msg in ((["--cache-type-v", "q4_0", "--flash-attn", "off"], "needs flash attention"),
+                      (["--cache-type-k", "q3_k"], "cache_type_k must be one of"),
+                      (["--flash-attn", "maybe"], "--flash-attn")):
+        p = _cli("eval", "smollm2-135m", "--ref", "smollm2-135m", "--ctx", "128", *args, "-q", env=env)
+        assert p.returncode in (1, 2), (args, p.stderr)
+        assert msg in p.stderr and "Traceback" not in p.stderr, p.stderr
+        assert p.returncode == 2 or p.stderr.count("\n") == 1, p.stderr
+    with pytest.raises(InvalidArgumentError, match="needs flash attention"):
+        ev.evaluate("smollm2-135m", cache_type_v="q8_0", flash_attn="off")
 
 
 def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from localllm.cli.options import human_bytes
+from localllm.cli.options import CACHE_TYPES, human_bytes
 
 
 @contextmanager
@@ -65,13 +65,18 @@ def _fmt(d: dict[str, float], digits: int = 1) -> str:
               help="Repetitions per model (rounds alternate the order of the models).")
 @click.option("--threads", "n_threads", type=click.IntRange(min=1), default=None, help="CPU threads.")
 @click.option("--models-dir", type=click.Path(file_okay=False), default=None, help="Model store to use.")
+@click.option("--kv", "kv", multiple=True, metavar="K[/V]",
+              help="KV cache types to measure, repeatable: q8_0 (keys and values) or q8_0/f16 "
+                   "(default: f16). Each model runs once per --kv, side by side.")
+@click.option("--flash-attn", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="llama.cpp's flash attention (a quantized V cache needs auto or on).")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               help="Also draw the table as a PNG (needs matplotlib).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def bench_command(models: tuple[str, ...], prompt_tokens: int, gen_tokens: int, depth: int, reps: int,
-                  n_threads: int | None, models_dir: str | None, plot_path: str | None, as_json: bool,
-                  quiet: bool) -> int:
+                  n_threads: int | None, models_dir: str | None, kv: tuple[str, ...], flash_attn: str,
+                  plot_path: str | None, as_json: bool, quiet: bool) -> int:
     """Measure MODELS on this machine: load time, prompt and generation speed,
     time to first token, peak memory (median ±half the range over the reps)."""
     from localllm import bench
@@ -80,7 +85,8 @@ def bench_command(models: tuple[str, ...], prompt_tokens: int, gen_tokens: int, 
         _check_plot(plot_path)
     with progress_bar(quiet, "run") as cb:
         rows = bench.bench(list(models), prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, depth=depth,
-                           reps=reps, n_threads=n_threads, models_dir=models_dir, progress=cb)
+                           reps=reps, n_threads=n_threads, models_dir=models_dir, kv=list(kv) or None,
+                           flash_attn=flash_attn, progress=cb)
     cpu = cpu_line()
     if plot_path:
         bench.plot(rows, plot_path, title=f"{cpu}, {rows[0].threads} threads, pp{prompt_tokens} tg{gen_tokens}"
@@ -89,12 +95,13 @@ def bench_command(models: tuple[str, ...], prompt_tokens: int, gen_tokens: int, 
         click.echo(json.dumps({"cpu": cpu, "results": [r.to_dict() for r in rows]}, indent=2))
         return 0
     click.echo(f"{cpu}, {rows[0].threads} threads; prompt {prompt_tokens} tokens"
-               + (f" at depth {depth}" if depth else "") + f", {gen_tokens} generated, {reps} reps")
-    head = f"{'model':<34} {'quant':<7} {'size':>9} {'load s':>11} {'prompt tok/s':>14} {'gen tok/s':>12} " \
-           f"{'TTFT ms':>12} {'peak RSS':>9}"
+               + (f" at depth {depth}" if depth else "") + f", {gen_tokens} generated, {reps} reps"
+               + (f", flash attention {flash_attn}" if flash_attn != "auto" else ""))
+    head = f"{'model':<34} {'quant':<7} {'KV':<9} {'size':>9} {'load s':>11} {'prompt tok/s':>14} " \
+           f"{'gen tok/s':>12} {'TTFT ms':>12} {'peak RSS':>9}"
     click.echo(head)
     for r in rows:
-        click.echo(f"{Path(r.path).name[:34]:<34} {r.quant:<7} {human_bytes(r.size_bytes):>9} "
+        click.echo(f"{Path(r.path).name[:34]:<34} {r.quant:<7} {r.kv:<9} {human_bytes(r.size_bytes):>9} "
                    f"{_fmt(r.load_s, 2):>11} {_fmt(r.prompt_tps):>14} {_fmt(r.gen_tps):>12} "
                    f"{_fmt(r.ttft_ms, 0):>12} {human_bytes(r.peak_rss_bytes):>9}")
     if plot_path:
@@ -122,10 +129,17 @@ def _check_plot(path: str) -> None:
 @click.option("--models-dir", type=click.Path(file_okay=False), default=None, help="Model store to use.")
 @click.option("--no-cache", is_flag=True, help="Recompute the reference's distributions instead of reading "
                                                "them from the cache.")
+@click.option("--cache-type-k", default="f16", show_default=True, metavar="TYPE",
+              help=f"MODEL's KV cache type of keys: {', '.join(CACHE_TYPES)} (the reference keeps f16).")
+@click.option("--cache-type-v", default="f16", show_default=True, metavar="TYPE",
+              help="MODEL's KV cache type of values (quantized needs flash attention).")
+@click.option("--flash-attn", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="MODEL's flash attention (the reference: auto).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def eval_command(model: str, ref: str | None, text_file: str | None, n_ctx: int, n_threads: int | None,
-                 models_dir: str | None, no_cache: bool, as_json: bool, quiet: bool) -> int:
+                 models_dir: str | None, no_cache: bool, cache_type_k: str, cache_type_v: str, flash_attn: str,
+                 as_json: bool, quiet: bool) -> int:
     """Perplexity of MODEL on a text and, with --ref, KL divergence and top-1
     agreement against the reference."""
     from localllm.evaluate import evaluate
@@ -133,12 +147,15 @@ def eval_command(model: str, ref: str | None, text_file: str | None, n_ctx: int,
     text = _read_text(text_file) if text_file else None
     with progress_bar(quiet, "chunk") as cb:
         r = evaluate(model, reference=ref, text=text, text_name=text_file, n_ctx=n_ctx, n_threads=n_threads,
-                     models_dir=models_dir, use_cache=not no_cache, progress=cb)
+                     models_dir=models_dir, use_cache=not no_cache, cache_type_k=cache_type_k,
+                     cache_type_v=cache_type_v, flash_attn=flash_attn, progress=cb)
     if as_json:
         click.echo(json.dumps(r.to_dict(), indent=2))
         return 0
     click.echo(f"{Path(r.model).name}: {r.tokens} tokens scored in {r.chunks} chunks of {r.n_ctx} "
-               f"({r.text} text), {r.seconds:.1f} s")
+               f"({r.text} text), {r.seconds:.1f} s"
+               + ("" if (r.cache_type_k, r.cache_type_v, r.flash_attn) == ("f16", "f16", "auto") else
+                  f"; KV {r.cache_type_k}/{r.cache_type_v}, flash attention {r.flash_attn}"))
     click.echo(f"perplexity  {r.perplexity:.4f} ± {r.perplexity_error:.4f}")
     if r.reference is not None:
         click.echo(f"reference   {Path(r.reference).name}: perplexity {r.reference_perplexity:.4f}"
