@@ -59,6 +59,7 @@ class ModelSettings:
     prompt_cache: bool = True   # KV states of past prompts on disk (localllm/core/prompt_cache.py)
     prompt_cache_dir: str | os.PathLike[str] | None = None   # default: <home>/prompt-cache
     prompt_cache_bytes: int = 1 << 30
+    speculate: str = "off"      # prompt lookup drafts for greedy answers: on, off (localllm/core/speculate.py)
 
     def __post_init__(self) -> None:
         from localllm.placement import parse_gpu_layers, parse_gpu_memory
@@ -69,6 +70,8 @@ class ModelSettings:
                 raise InvalidArgumentError(f"{name} must be one of {', '.join(CACHE_TYPES)}", param=name)
         if self.flash_attn not in ("auto", "on", "off"):
             raise InvalidArgumentError("flash_attn must be auto, on or off", param="flash_attn")
+        if self.speculate not in ("on", "off"):
+            raise InvalidArgumentError("speculate must be on or off", param="speculate")
         if self.flash_attn == "off" and self.cache_type_v not in ("f16", "bf16", "f32"):
             raise InvalidArgumentError("a quantized V cache needs flash attention (flash_attn auto or on)",
                                        param="cache_type_v")
@@ -130,6 +133,7 @@ class ModelInfo:
     cache_type_v: str
     flash_attn: str
     prompt_cache: bool
+    speculate: str = "off"  # prompt lookup drafts for greedy answers: on or off
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -223,7 +227,7 @@ def load(s: ModelSettings, progress: Callable[[str], None] | None = None) -> Loa
         tokenizer_source=prompter.tokenizer_source, gpu_layers=min(gpu_layers, llama.n_layer + 1),
         gpu_layers_requested=s.n_gpu_layers, gpu_memory=s.gpu_memory, placement=notes[-1] if notes else reason, threads=s.threads(),
         repack=s.repack, cache_type_k=s.cache_type_k, cache_type_v=s.cache_type_v, flash_attn=s.flash_attn,
-        prompt_cache=s.prompt_cache)
+        prompt_cache=s.prompt_cache, speculate=s.speculate)
     return Loaded(llama=llama, prompter=prompter, info=info, settings=s, path=prep.path, notes=prep.notes + notes)
 
 

@@ -126,6 +126,9 @@ class Model:
     (on by default; ``False`` turns it off, a folder moves it) keeps those KV
     states on disk too, so a new process starts with them
     (``Completion.cached_tokens`` counts the tokens not decoded again).
+    ``speculate="on"``: greedy answers draft tokens from the prompt and verify
+    them in one batch (faster when the answer copies its input; a batch's rows
+    round differently, so a greedy near-tie may break the other way).
 
     Example:
         >>> with Model("smollm2-135m", n_ctx=2048, seed=1) as m:      # doctest: +SKIP
@@ -137,7 +140,8 @@ class Model:
     def __init__(self, model: str | Path | None = None, *, n_ctx: int | None = None,
                  n_threads: int | None = None, n_gpu_layers: GpuLayers = "auto", gpu_memory: int | str | None = None,
                  seed: int | None = None, models_dir: str | Path | None = None, repack: bool = True,
-                 prompt_cache: bool | str | Path | None = None, settings: ModelSettings | None = None) -> None:
+                 prompt_cache: bool | str | Path | None = None, speculate: str | None = None,
+                 settings: ModelSettings | None = None) -> None:
         from localllm.core.engine import Engine  # loads llama.cpp: import late
 
         self._lock = threading.Lock()
@@ -154,6 +158,8 @@ class Model:
             folder = None if isinstance(prompt_cache, bool) else prompt_cache
             settings = dataclasses.replace(settings, prompt_cache=on,
                                            prompt_cache_dir=folder or settings.prompt_cache_dir)
+        if speculate is not None:
+            settings = dataclasses.replace(settings, speculate=speculate)
         self._engine = Engine(settings)
         self._closed = False
         for note in self._engine.notes:  # the library never prints: a warning the caller may show

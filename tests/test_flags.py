@@ -37,7 +37,7 @@ def spies(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[dict[str, Any]]]:
 
     def on_submit(self, req):
         seen["request"].append({"params": req.params, "prompt": req.prompt, "model": self.model,
-                                "prompt_cache": self.prompt_cache})
+                                "prompt_cache": self.prompt_cache, "speculate": self.speculate})
         return submit(self, req)
 
     def on_explain(path, requested, n_ctx, gpu_memory=None, **kw):
@@ -120,6 +120,7 @@ SERVE_CHECKS = {
     "prompt_cache": lambda g, s, p: (g["engine"].scheduler.prompt_cache is None
                                      and g["engine"].info.prompt_cache is False),
     "drain_timeout": lambda g, s, p: g["cfg"].drain_timeout == 7.5,
+    "speculate": lambda g, s, p: g["engine"].scheduler.speculate is True and g["engine"].info.speculate == "on",
     # the cap reaches the one placement path (it bounds "auto"; --gpu-layers 20 here is explicit)
     "gpu_memory": lambda g, s, p: (s["placement"][-1]["gpu_memory"] == 3 << 30
                                    and g["engine"].info.gpu_memory == 3 << 30),
@@ -141,7 +142,7 @@ def test_every_serve_flag_arrives(monkeypatch: pytest.MonkeyPatch, spies, defaul
         "--api-key", "k3y", "--parallel", "3", "--max-queue", "5", "--cors-origin", "http://app.example",
         "--max-body", "2048", "--no-repack", "--alias", "my-model", "--server", "werkzeug", "--ctx", "384",
         "--threads", "1", "--gpu-layers", "20", "--gpu-memory", "3GiB", "--cache-type-k", "q8_0", "--cache-type-v", "q4_0", "--drain-timeout", "7.5",
-        "--flash-attn", "on", "--no-prompt-cache"])
+        "--flash-attn", "on", "--no-prompt-cache", "--speculate", "on"])
     assert g["error"] is None, g["error"]
     failed = [name for name, check in SERVE_CHECKS.items() if not check(g, spies, default_model_path)]
     assert not failed
@@ -216,7 +217,7 @@ def test_every_run_flag_arrives(spies, tiny_gguf: Path, store_dir: Path) -> None
 
     other = {"model", "prompt", "chat", "system", "n_ctx", "n_threads", "gpu_layers", "gpu_memory", "models_dir", "repack",
              "json_schema", "num_beams", "ignore_eos", "cache_type_k", "cache_type_v", "flash_attn",
-             "prompt_cache"}
+             "prompt_cache", "speculate"}
     names = {p.name for p in command.params if p.name != "help"}
     assert names == set(RUN_CHECKS) | other, names ^ (set(RUN_CHECKS) | other)
     r = _run(["smollm2-135m", "Say hi", "--raw", "--json", *RUN_SAMPLING])
@@ -224,6 +225,7 @@ def test_every_run_flag_arrives(spies, tiny_gguf: Path, store_dir: Path) -> None
     out = json.loads(r.output)
     params = spies["request"][-1]["params"]
     assert spies["request"][-1]["prompt_cache"] is not None  # on by default
+    assert spies["request"][-1]["speculate"] is False  # off by default
     failed = [name for name, check in RUN_CHECKS.items() if not check(params, out)]
     assert not failed
 
@@ -239,10 +241,12 @@ def test_every_run_flag_arrives(spies, tiny_gguf: Path, store_dir: Path) -> None
     # chat, system and the model flags
     r = _run(["smollm2-135m", "Hello there", "--chat", "--system", "You are Zed.", "--json", "-n", "2",
               "--ctx", "320", "--threads", "1", "--gpu-layers", "9", "--gpu-memory", "1.5G", "--no-repack", "--ignore-eos",
-              "--cache-type-k", "bf16", "--cache-type-v", "q8_0", "--flash-attn", "on", "--no-prompt-cache"])
+              "--cache-type-k", "bf16", "--cache-type-v", "q8_0", "--flash-attn", "on", "--no-prompt-cache",
+              "--speculate", "on"])
     assert r.exit_code == 0, r.output
     assert spies["request"][-1]["params"].ignore_eos is True
     assert spies["request"][-1]["prompt_cache"] is None
+    assert spies["request"][-1]["speculate"] is True
     req = spies["request"][-1]
     text = req["model"].detokenize(req["prompt"], special=True).decode()
     assert "You are Zed." in text and "Hello there" in text and "<|im_start|>assistant" in text

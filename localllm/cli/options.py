@@ -103,6 +103,9 @@ def model_options(f):
         click.option("--prompt-cache/--no-prompt-cache", default=True, show_default=True,
                      help="Keep KV states of past prompts on disk (<home>/prompt-cache) and restore "
                           "the longest shared prefix, also after a restart."),
+        click.option("--speculate", type=click.Choice(["on", "off"]), default="off", show_default=True,
+                     help="Greedy answers draft tokens from the prompt and verify them in one batch (faster "
+                          "when the answer copies its input; a near-tie may break differently)."),
     ]):
         f = opt(f)
     return f

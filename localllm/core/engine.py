@@ -10,6 +10,7 @@ Example:
 
 from __future__ import annotations
 
+
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -53,7 +54,8 @@ class Engine:
     def _scheduler(self, n_slots: int) -> Scheduler:
         st = self.settings
         s = Scheduler(self.llama, n_slots=n_slots, n_ctx_seq=self.info.context, n_threads=self.info.threads,
-                      max_queue=self._max_queue, on_step=self._on_step, **st.context_options())
+                      max_queue=self._max_queue, on_step=self._on_step, speculate=st.speculate,
+                      **st.context_options())
         if st.prompt_cache:  # keyed by the scheduler's chunk length too, so opened after it
             s.prompt_cache = open_cache(st.prompt_cache_root(), self.loaded.path, n_stream=n_slots,
                                         chunk=s.unit, context=st.context_options(),

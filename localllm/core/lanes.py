@@ -86,9 +86,10 @@ class Slot:
 class Lane:
     """A slot being fed: ``pending`` tokens go in at ``pos``; after a decode,
     ``row`` is the batch row holding the logits of its last token (or -1).
-    ``cuts``: the prompt's canonical cuts still ahead of ``pos``."""
+    ``cuts``: the prompt's canonical cuts still ahead of ``pos``. With ``all_rows``
+    (a token and its speculative draft) every pending token gets logits, in ``rows``."""
 
-    __slots__ = ("slot", "pending", "pos", "row", "fed", "cuts")
+    __slots__ = ("slot", "pending", "pos", "row", "fed", "cuts", "all_rows", "rows")
 
     def __init__(self, slot: Slot) -> None:
         self.slot = slot
@@ -97,6 +98,8 @@ class Lane:
         self.row = -1
         self.fed: list[int] = []
         self.cuts: list[int] = []
+        self.all_rows = False
+        self.rows: list[int] = []
 
     def feed_chunk(self, batch: runtime.Batch) -> int:
         """Put the pending tokens up to the next cut into the (empty) batch, no logits; returns how many."""
@@ -114,8 +117,18 @@ class Lane:
         room = batch.capacity - batch.n
         if room <= 0 or not self.pending or self.cuts:
             return
+        if self.all_rows:  # a token and its draft: all in this batch, or the token alone
+            if room < len(self.pending):
+                del self.pending[1:]
+            self.all_rows = False
+            self.rows = [batch.add(t, self.pos + j, self.slot.seq, True) for j, t in enumerate(self.pending)]
+            self.row = self.rows[-1]
+            self.pos += len(self.pending)
+            self.fed, self.pending = self.pending, []
+            return
         if len(self.pending) == 1:  # the common case: one generated token
             self.row = batch.add(self.pending[0], self.pos, self.slot.seq, True)
+            self.rows = [self.row]
             self.fed, self.pending = self.pending, []
             self.pos += 1
             return
@@ -126,6 +139,7 @@ class Lane:
             r = batch.add(tok, pos + j, seq, j == last and not self.pending)
         if not self.pending:
             self.row = r
+            self.rows = [r]
         self.pos += len(chunk)
         self.fed = chunk
 

@@ -16,6 +16,7 @@ from localllm import runtime
 from localllm.core import lanes as lanes_mod
 from localllm.core.logprobs import TokenLogprob, token_logprob
 from localllm.core.request import Event, Request
+from localllm.core.speculate import Drafter
 from localllm.textstream import TextStream
 
 if TYPE_CHECKING:
@@ -34,12 +35,14 @@ class _Choice:
         self.out: list[str] = []               # buffered text (non-streaming, best_of)
         self.out_lps: list[TokenLogprob] = []
         self.finish: str | None = None
+        self.draft: list[int] = []             # fed after the last token, to be verified
 
 
 class Sampled:
     """One request's sampled choices (a unit of the scheduler)."""
 
-    def __init__(self, req: Request, lanes: list[Lane], model: runtime.LlamaModel, *, n_ctx: int) -> None:
+    def __init__(self, req: Request, lanes: list[Lane], model: runtime.LlamaModel, *, n_ctx: int,
+                 speculate: bool = False) -> None:
         p = req.params
         self.req, self.lanes, self.model, self.n_ctx = req, lanes, model, n_ctx
         bias = dict(p.logit_bias or {})
@@ -65,6 +68,10 @@ class Sampled:
         self.buffer = self.ranked or not req.stream
         self.waiting = len(lanes) > 1  # followers wait for the lead's prompt
         self.finished = False
+        # prompt lookup drafts for one greedy choice (what the checks of exactness cover)
+        self.drafter = (Drafter(req.prompt) if speculate and len(self.choices) == 1 and not self.ranked
+                        and self.choices[0].sampler.argmax_only else None)
+        self.drafted = self.taken = 0
 
     def close(self) -> None:
         for c in self.choices:
@@ -84,8 +91,45 @@ class Sampled:
             self.finished = True
 
     def _sample(self, c: _Choice, ctx: runtime.Context, now: float, events: list[Event]) -> None:
+        """The token after the last one fed and, while they match it, the draft's tokens
+        (each row's logits give the next); rejected draft tokens leave the KV cache."""
+        lane, draft = c.lane, c.draft
+        rows = lane.rows if len(lane.rows) == len(draft) + 1 else [lane.row]  # a draft that did not fit
+        taken = 0
+        tok = None
+        for i, row in enumerate(rows):
+            tok = self._one(c, ctx, row, lane.pos - (len(rows) - 1 - i), now, events)
+            if tok is None or i >= len(draft) or tok != draft[i]:
+                break
+            taken += 1
+        c.draft = []
+        if len(rows) > 1:
+            self.drafted += len(draft)
+            self.taken += taken
+            if taken < len(draft) and tok is not None:
+                keep = len(lane.slot.cached) - (len(draft) - taken)
+                lanes_mod.truncate(ctx, lane.slot, keep)
+                lane.pos = keep
+            if self.drafter is not None:
+                self.drafter.record(len(draft), taken)
+        if tok is None:
+            return
+        lane.pending = [tok]
+        if self.drafter is not None:
+            self.drafter.accept(c.tokens[len(self.drafter.tokens) - len(self.req.prompt):])
+            room = self.n_ctx - lane.pos - 2
+            if self.req.params.max_tokens is not None:
+                room = min(room, self.req.params.max_tokens - len(c.tokens) - 1)
+            c.draft = self.drafter.draft()[:max(room, 0)]
+            if c.draft:
+                lane.pending += c.draft
+                lane.all_rows = True
+
+    def _one(self, c: _Choice, ctx: runtime.Context, row: int, pos: int, now: float,
+             events: list[Event]) -> int | None:
+        """Sample ``row`` (the token that would go at ``pos``), emit it; returns it, or None
+        when the choice is finished."""
         req, p, m = self.req, self.req.params, self.model
-        row = c.lane.row
         tok = c.sampler.sample(ctx, row)
         if req.t_first is None:
             req.t_first = now
@@ -97,7 +141,7 @@ class Sampled:
         if m.is_eog(tok):
             c.stop_token = tok
             self._finish(c, "stop", events)
-            return
+            return None
         c.tokens.append(tok)
         req.completion_tokens += 1
         piece = m.token_piece(tok)
@@ -107,10 +151,11 @@ class Sampled:
         self._emit(c, c.text.feed(piece), events)
         if c.text.stopped:
             self._finish(c, "stop", events)
-        elif (p.max_tokens is not None and len(c.tokens) >= p.max_tokens) or c.lane.pos + 1 >= self.n_ctx:
+        elif (p.max_tokens is not None and len(c.tokens) >= p.max_tokens) or pos + 1 >= self.n_ctx:
             self._finish(c, "length", events)
         else:
-            c.lane.pending = [tok]
+            return tok
+        return None
 
     def _released(self, c: _Choice) -> list[TokenLogprob] | None:
         """Log-probabilities of the tokens whose text has been released."""

@@ -65,7 +65,7 @@ class Scheduler:
     def __init__(self, model: runtime.LlamaModel, *, n_slots: int, n_ctx_seq: int, n_threads: int,
                  max_queue: int = 16, n_batch: int = 512,
                  on_step: Callable[[dict[str, Any]], None] | None = None,
-                 prompt_cache: PromptCache | None = None, **context: Any) -> None:
+                 prompt_cache: PromptCache | None = None, speculate: str = "off", **context: Any) -> None:
         self.model = model
         self.prompt_cache = prompt_cache  # KV states on disk (restored in _start, saved in _reap)
         self.n_slots = n_slots
@@ -86,9 +86,10 @@ class Scheduler:
         self.stopping = False
         self.on_step = on_step
         self.stats = {"busy_slots": 0, "queue_depth": 0, "steps": 0, "last_step_sequences": 0,
-                      "max_step_sequences": 0}
+                      "max_step_sequences": 0, "drafted_tokens": 0, "accepted_tokens": 0}
         self.thread: threading.Thread | None = None
         self._warm_up()
+        self.speculate = speculate == "on"  # prompt lookup drafts for greedy answers (core/speculate.py)
 
     def _warm_up(self) -> None:
         """One small decode at load, so the first request does not pay for llama.cpp's
@@ -244,7 +245,7 @@ class Scheduler:
             if req.params.num_beams > 1:
                 unit = Beams(req, lanes, self.model, n_ctx=self.n_ctx_seq)
             else:
-                unit = Sampled(req, lanes, self.model, n_ctx=self.n_ctx_seq)
+                unit = Sampled(req, lanes, self.model, n_ctx=self.n_ctx_seq, speculate=self.speculate)
         except Exception as e:
             for lane in lanes:
                 lane.slot.busy = False
@@ -301,6 +302,9 @@ class Scheduler:
             u.close()
             if u.req.t_end is None:
                 u.req.t_end = time.perf_counter()
+            if isinstance(u, Sampled):
+                self.stats["drafted_tokens"] += u.drafted
+                self.stats["accepted_tokens"] += u.taken
             for lane in u.lanes:
                 lane.slot.busy = False
                 lane.slot.last_used = now
@@ -363,6 +367,7 @@ class Scheduler:
         lanes = [lane for u in self.active for lane in u.lanes]
         for lane in lanes:
             lane.row = -1
+            lane.rows = []
         chunked, chunk_tokens = self._decode_chunks(lanes)  # the slots fed so far, and how many tokens
         batch.clear()
         # 1. generating lanes first (one token, or a beam's short tail), 2. prompt tails with the room left
