@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from localllm.errors import InvalidArgumentError
+from localllm.errors import InvalidArgumentError, RuntimeFailure
 
 Progress = Callable[[int, int, str], None]   # (done, total, what)
 KV = tuple[str, str]                          # (cache_type_k, cache_type_v)
@@ -131,11 +131,12 @@ def _prompt_ids(engine: Any, n: int) -> list[int]:
     return out
 
 
-def _generate(engine: Any, ids: list[int], max_tokens: int) -> Any:
+def _generate(engine: Any, ids: list[int], max_tokens: int, cuts: Sequence[int] = ()) -> Any:
     from localllm.core.request import Request
     from localllm.sampling import SamplingParams
 
-    req = Request(ids, SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True), stream=False)
+    req = Request(ids, SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True), stream=False,
+                  cuts=cuts)
     for ev in engine.run(req):
         if ev.kind == "error" and ev.error is not None:
             raise ev.error
@@ -158,9 +159,14 @@ def _once(model: str, *, prompt_tokens: int, gen_tokens: int, depth: int, n_thre
         ids = _prompt_ids(engine, depth + prompt_tokens)
         _generate(engine, ids[:16], 2)            # warm-up: first-touch of the weights, thread start
         engine.scheduler.forget()
+        # the context already holds `depth` tokens: a prompt chunk ends there, so the measured
+        # request reuses exactly those (a prefix is reused only up to a chunk's end: core/lanes.py)
+        cut = [depth] if depth else []
         if depth:
-            _generate(engine, ids[:depth], 1)     # the context already holds `depth` tokens
-        req = _generate(engine, ids, gen_tokens)
+            _generate(engine, ids[:depth + 1], 1, cut)
+        req = _generate(engine, ids, gen_tokens, cut)
+        if req.cached_tokens != depth:
+            raise RuntimeFailure(f"bench: {req.cached_tokens} tokens were reused, not the depth {depth}")
         new = len(ids) - req.cached_tokens
         ttft = req.t_first - req.t_submit
         prompt_s = req.t_first - (req.t_start or req.t_submit)
