@@ -99,7 +99,9 @@ def run_llama_server(model: str | None, question: str) -> dict[str, float]:
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_healthy(f"http://127.0.0.1:{port}", proc)
-        return {"ttft": _stream_ttft(port, question), "ttft_mem": _stream_ttft(port, question + " And product 1?")}
+        # another question on the same process: only the system prompt is shared
+        return {"ttft": _stream_ttft(port, question),
+                "ttft_mem": _stream_ttft(port, "How long does product 7 take to ship?")}
     finally:
         proc.terminate()
         proc.wait(timeout=30)
