@@ -12,25 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from localllm.converter.verify import gguf_logits
+
 ROOT = Path(__file__).resolve().parent.parent
 CODE = (ROOT / "localllm" / "core" / "speculate.py").read_text()[:2500]
 COPY = [{"role": "user", "content": "Repeat this Python code exactly, changing nothing.\n\n" + CODE}]
-
-
-def _score(model_path: Path, ids: list[int]) -> np.ndarray:
-    """Logits of every position of ``ids``, decoded in one pass by llama.cpp (no localllm core)."""
-    from localllm import runtime
-
-    m = runtime.LlamaModel(model_path)
-    ctx = runtime.Context(m, n_ctx=len(ids) + 16, n_threads=2, n_batch=len(ids))
-    b = runtime.Batch(len(ids))
-    try:
-        for i, t in enumerate(ids):
-            b.add(t, i, 0, True)
-        ctx.decode(b)
-        return np.stack([ctx.logits(i).copy() for i in range(len(ids))])
-    finally:
-        b.close(), ctx.close(), m.close()
 
 
 def test_drafts_are_taken_and_every_kept_token_is_greedy(default_model_path: Path) -> None:
@@ -44,7 +30,7 @@ def test_drafts_are_taken_and_every_kept_token_is_greedy(default_model_path: Pat
     assert r.completion_tokens == 96
     # the answer copies the code: a good part of it came from accepted drafts
     assert st["accepted_tokens"] >= 32 and st["drafted_tokens"] >= st["accepted_tokens"]
-    logits = _score(default_model_path, ids + r.tokens)[len(ids) - 1:-1]
+    logits = gguf_logits(default_model_path, ids + r.tokens)[len(ids) - 1:-1]  # one pass, no localllm core
     chosen = logits[np.arange(len(r.tokens)), r.tokens]
     gap = logits.max(axis=1) - chosen
     # one pass rounds differently from the steps that chose them: a near-tie may go either way
