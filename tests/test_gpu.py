@@ -50,6 +50,9 @@ def doctor() -> dict:
     r = _py("-m", "localllm", "doctor", "--json")
     assert r.stdout, r.stderr
     d = json.loads(r.stdout)
+    if os.environ.get("LOCALLLM_REQUIRE_GPU") and not (d["build"]["gpu_offload"] and d["gpu"]["devices"]):
+        pytest.fail("LOCALLLM_REQUIRE_GPU is set (CI's Vulkan stage) but no GPU device is usable: "
+                    f"{d['gpu']}")  # a broken GPU build must not pass as four skips
     if not d["gpu"]["compiled"]:
         pytest.skip("this llama.cpp build has no GPU offload (CPU only): build one with "
                     "LOCALLLM_GPU=vulkan|cuda|metal LOCALLLM_VENV=.venv-gpu ./test -m gpu (docs/gpu.md)")
