@@ -134,6 +134,7 @@ class ModelInfo:
     flash_attn: str
     prompt_cache: bool
     speculate: str = "off"  # prompt lookup drafts for greedy answers: on or off
+    layer_split: str = ""   # which layers are where (plan.layer_split)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -192,7 +193,7 @@ def load(s: ModelSettings, progress: Callable[[str], None] | None = None) -> Loa
     Runs out of GPU memory → retries with fewer layers (a note says so).
     """
     from localllm import placement, runtime
-    from localllm.plan import context_size
+    from localllm.plan import context_size, layer_split
     from localllm.prompting import Prompter
 
     prep = prepare(s)
@@ -227,7 +228,8 @@ def load(s: ModelSettings, progress: Callable[[str], None] | None = None) -> Loa
         tokenizer_source=prompter.tokenizer_source, gpu_layers=min(gpu_layers, llama.n_layer + 1),
         gpu_layers_requested=s.n_gpu_layers, gpu_memory=s.gpu_memory, placement=notes[-1] if notes else reason, threads=s.threads(),
         repack=s.repack, cache_type_k=s.cache_type_k, cache_type_v=s.cache_type_v, flash_attn=s.flash_attn,
-        prompt_cache=s.prompt_cache, speculate=s.speculate)
+        prompt_cache=s.prompt_cache, speculate=s.speculate,
+        layer_split=layer_split(llama.n_layer, min(gpu_layers, llama.n_layer + 1)))
     return Loaded(llama=llama, prompter=prompter, info=info, settings=s, path=prep.path, notes=prep.notes + notes)
 
 

@@ -254,6 +254,24 @@ def split(e: Estimate, gpu_layers: int) -> tuple[int, int]:
     return ram, vram
 
 
+def layer_split(n_layer: int, gpu_layers: int) -> str:
+    """Where llama.cpp puts the layers with ``gpu_layers`` offloaded (the head first; see :func:`split`).
+
+    Example:
+        >>> layer_split(30, 10)
+        'GPU: output head, layers 21-29; CPU: token embeddings, layers 0-20'
+        >>> layer_split(30, 0)
+        'CPU: all 30 layers'
+    """
+    g = max(0, min(gpu_layers, n_layer + 1))
+    if g == 0:
+        return f"CPU: all {n_layer} layers"
+    first = n_layer + 1 - g  # the first repeating layer on the GPU
+    gpu = "output head" + (f", layers {first}-{n_layer - 1}" if first < n_layer else "")
+    cpu = "token embeddings" + (f", layers 0-{first - 1}" if first > 0 else "")
+    return f"GPU: {gpu}; CPU: {cpu}"
+
+
 def _devices_free() -> tuple[bool, int]:
     from localllm import runtime
 

@@ -134,6 +134,13 @@ def test_serve_reports_the_offloaded_layers(doctor: dict, default_model_path: Pa
     assert meta["gpu_layers"] == 7 and meta["gpu_layers_requested"] == 7
     said = re.findall(r"offloaded (\d+)/(\d+) layers to GPU", err)
     assert said and said[-1][0] == "7", err[-3000:]
+    # the split it reports is the one llama.cpp logged: the output head and the last repeating layers
+    repeating = re.findall(r"offloading (\d+) repeating layers to GPU", err)
+    n_layer = int(said[-1][1]) - 1
+    first = n_layer - int(repeating[-1])
+    assert "offloading output layer to GPU" in err
+    assert meta["layer_split"] == f"GPU: output head, layers {first}-{n_layer - 1}; CPU: token embeddings, " \
+                                  f"layers 0-{first - 1}", meta["layer_split"]
 
 
 def test_gpu_memory_caps_auto_and_the_plan_matches(doctor: dict, default_model_path: Path) -> None:

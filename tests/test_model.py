@@ -27,7 +27,7 @@ def test_info_describes_the_default_model(model: Model) -> None:
     if runtime.supports_gpu_offload():  # auto: what the one placement path chose (0 without a GPU device)
         assert info.gpu_layers == min(placement.choose_gpu_layers(info.path, "auto", info.context), info.n_layer + 1)
     else:
-        assert info.gpu_layers == 0
+        assert info.gpu_layers == 0 and info.layer_split == f"CPU: all {info.n_layer} layers"
 
 
 def test_greedy_generation_is_reproducible_and_sensible(model: Model) -> None:
