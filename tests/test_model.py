@@ -258,3 +258,21 @@ def test_an_unstarted_stream_does_not_keep_the_model_busy(model: Model) -> None:
     it = model.chat_stream([{"role": "user", "content": "hi"}], max_tokens=2)
     it.close()
     assert model.generate("hi", max_tokens=3, temperature=0) == before
+
+
+def test_an_interrupt_while_a_request_starts_frees_its_slot(default_model_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C can land while a request is being set up (its prompt restored from disk, say): its slot
+    must not stay claimed, or every later request would wait for a slot forever."""
+    from localllm.core.scheduler import Scheduler
+
+    with Model(default_model_path, n_ctx=512, prompt_cache=False) as m:
+        def interrupted(self, req, chosen):
+            raise KeyboardInterrupt
+
+        with monkeypatch.context() as mp:
+            mp.setattr(Scheduler, "_start_unit", interrupted)
+            with pytest.raises(KeyboardInterrupt):
+                m.chat([{"role": "user", "content": "Hi"}], max_tokens=4)
+        assert not any(sl.busy for sl in m._engine.scheduler.slots)
+        assert m.complete("1, 2, 3,", max_tokens=4, temperature=0).text.startswith(" 4")

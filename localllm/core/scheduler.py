@@ -216,8 +216,16 @@ class Scheduler:
                     s.busy = True
                 starting.append((req, chosen))
             self.stats["queue_depth"] = len(self.waiting)
-        for req, chosen in starting:
-            self._start(req, chosen)
+        for i, (req, chosen) in enumerate(starting):
+            try:
+                self._start(req, chosen)
+            except BaseException:  # Ctrl-C while starting: the others go back to the front of the queue
+                with self.cv:
+                    for r, ch in reversed(starting[i + 1:]):
+                        for sl in ch:
+                            sl.busy = False
+                        self.waiting.appendleft(r)
+                raise
 
     def _choose(self, req: Request, free: list[Slot]) -> list[Slot]:
         """The lead: the slot sharing the longest prefix with the prompt. The others (n,
@@ -229,6 +237,17 @@ class Scheduler:
         return [lead] + rest[:req.params.width - 1]
 
     def _start(self, req: Request, chosen: list[Slot]) -> None:
+        try:
+            self._start_unit(req, chosen)
+        except BaseException as e:  # an interrupt before the unit runs: the slots must not stay claimed
+            for sl in chosen:
+                sl.busy = False
+                sl.cached, sl.exact = [], 0  # a restore may be half done
+                self.ctx.seq_rm(sl.seq, -1, -1)
+            req.queue.put(Event("error", error=_as_error(e)))
+            raise
+
+    def _start_unit(self, req: Request, chosen: list[Slot]) -> None:
         prompt = req.prompt
         lanes = [Lane(s) for s in chosen]
         prompt_cuts = lanes_mod.cuts(prompt, eog=self.eog, unit=self.unit)
@@ -329,7 +348,7 @@ class Scheduler:
     def _drop_caches(self) -> None:
         self.ctx.clear()
         for sl in self.slots:
-            sl.cached = []
+            sl.cached, sl.exact, sl.extra = [], 0, ()
 
     # ------------------------------------------------------------------ the steps
     def _loop(self) -> None:
