@@ -30,7 +30,7 @@ from localllm import runtime
 from localllm.core import lanes as lanes_mod
 from localllm.core.beams import Beams
 from localllm.core.lanes import Lane, Slot
-from localllm.core.prompt_cache import MIN_TOKENS, PromptCache
+from localllm.core.prompt_cache import PromptCache
 from localllm.core.request import Event, Request
 from localllm.core.sampled import Sampled
 from localllm.errors import (ContextOverflowError, InvalidArgumentError, LocalLLMError, QueueFullError,
@@ -67,7 +67,7 @@ class Scheduler:
                  on_step: Callable[[dict[str, Any]], None] | None = None,
                  prompt_cache: PromptCache | None = None, speculate: str = "off", **context: Any) -> None:
         self.model = model
-        self.prompt_cache = prompt_cache  # KV states on disk (restored in _start, saved in _reap)
+        self.prompt_cache = prompt_cache  # KV states on disk (restored in _start, saved in _decode_chunks)
         self.n_slots = n_slots
         self.n_ctx_seq = n_ctx_seq
         self.max_queue = max_queue
@@ -237,15 +237,18 @@ class Scheduler:
         return [lead] + rest[:req.params.width - 1]
 
     def _start(self, req: Request, chosen: list[Slot]) -> None:
+        """Start ``req`` on its claimed slots. A failure (a grammar llama.cpp refuses) ends this
+        request alone; an interrupt (Ctrl-C) goes on up. Either way the slots are given back."""
         try:
             self._start_unit(req, chosen)
-        except BaseException as e:  # an interrupt before the unit runs: the slots must not stay claimed
+        except BaseException as e:
             for sl in chosen:
                 sl.busy = False
                 sl.cached, sl.exact = [], 0  # a restore may be half done
                 self.ctx.seq_rm(sl.seq, -1, -1)
             req.queue.put(Event("error", error=_as_error(e)))
-            raise
+            if not isinstance(e, Exception):
+                raise
 
     def _start_unit(self, req: Request, chosen: list[Slot]) -> None:
         prompt = req.prompt
@@ -259,17 +262,11 @@ class Scheduler:
         for lane in lanes[1:]:
             lanes_mod.truncate(self.ctx, lane.slot, 0)
             lane.pos = 0
-        try:
-            unit: Unit
-            if req.params.num_beams > 1:
-                unit = Beams(req, lanes, self.model, n_ctx=self.n_ctx_seq)
-            else:
-                unit = Sampled(req, lanes, self.model, n_ctx=self.n_ctx_seq, speculate=self.speculate)
-        except Exception as e:
-            for lane in lanes:
-                lane.slot.busy = False
-            req.queue.put(Event("error", error=_as_error(e)))
-            return
+        unit: Unit
+        if req.params.num_beams > 1:
+            unit = Beams(req, lanes, self.model, n_ctx=self.n_ctx_seq)
+        else:
+            unit = Sampled(req, lanes, self.model, n_ctx=self.n_ctx_seq, speculate=self.speculate)
         req.t_start = time.perf_counter()
         self.active.append(unit)
         # rows in sequence-id order: with one KV stream per sequence llama.cpp splits a batch
@@ -303,7 +300,7 @@ class Scheduler:
         """Save ``slot``'s KV state for later requests and processes; called when the slot holds
         exactly a prompt's canonical chunks (its tail and answer would not be reusable)."""
         pc = self.prompt_cache
-        if pc is None or slot.extra or len(slot.cached) < MIN_TOKENS or not pc.wants(slot.cached):
+        if pc is None or slot.extra or not pc.wants(slot.cached):  # wants: long enough, and new enough
             return
         try:
             pc.save_later(list(slot.cached), self.ctx.seq_state(slot.seq))
