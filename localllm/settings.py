@@ -69,6 +69,12 @@ def verbose() -> bool:
     return os.environ.get("LOCALLLM_VERBOSE", "") not in ("", "0", "false", "no")
 
 
+def hugepages() -> bool:
+    """``LOCALLLM_HUGEPAGES=0`` stops the loader asking for transparent huge pages
+    for llama.cpp's repacked weights (runtime/_hugepages.py)."""
+    return os.environ.get("LOCALLLM_HUGEPAGES", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
 def default_threads() -> int:
     """Threads for decoding: physical cores are best for llama.cpp; we use the
     affinity mask (containers) and leave hyperthreads out when we can tell."""

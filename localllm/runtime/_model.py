@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from localllm.errors import InvalidArgumentError, RuntimeFailure
+from localllm.runtime._hugepages import NewMemory
 from localllm.runtime._lib import _LOG_ERROR, C, _backend, _explain_load_failure
 
 # --------------------------------------------------------------------------- model
@@ -31,8 +32,19 @@ class LlamaModel:
         params.use_mmap = bool(use_mmap)
         # False keeps weights unrepacked: slower on some CPUs, but the same kernel runs for 1 and n rows
         params.use_extra_bufts = bool(use_extra_bufts)
+        watch = NewMemory()  # huge pages for the buffers llama.cpp fills itself (repacked weights)
+
+        def progress(_done: float, _user: ctypes.c_void_p) -> bool:
+            watch.mark()  # the first call comes before the first tensor is read
+            return True
+
+        callback = C.llama_progress_callback(progress)  # kept alive until the load returns
+        if not vocab_only:
+            params.progress_callback = callback
+            watch.start()
         mark = sink.mark()
         ptr = C.llama_model_load_from_file(os.fsencode(self.path), params)
+        self.hugepage_bytes = watch.marked
         if not ptr:
             raise _explain_load_failure(self.path, sink.since(mark), sink.since(mark, _LOG_ERROR))
         self._ptr = ptr

@@ -1,0 +1,88 @@
+"""Huge pages for llama.cpp's repacked weights (localllm/runtime/_hugepages.py).
+
+The kernel is the reference: /proc/self/smaps says which mappings carry
+MADV_HUGEPAGE (``hg`` in VmFlags) and how much of them is backed by huge pages,
+and llama.cpp's own log says how large its repacked-weights buffer is."""
+
+from __future__ import annotations
+
+import random
+import re
+
+import pytest
+
+from localllm.runtime import _hugepages as hp
+
+
+def _pages(ranges: list[tuple[int, int]]) -> set[int]:
+    return {p for a, b in ranges for p in range(a, b, 4096)}
+
+
+def test_new_ranges_are_exactly_the_pages_that_appeared() -> None:
+    """Against a page-by-page set difference, on random mappings that grow, shrink, merge and split."""
+    rng = random.Random(7)
+    for _ in range(300):
+        def mappings() -> list[tuple[int, int]]:
+            cuts = sorted(rng.sample(range(0, 200), rng.randrange(0, 12) * 2))
+            return [(a * 4096, b * 4096) for a, b in zip(cuts[::2], cuts[1::2])]
+
+        before, after = mappings(), mappings()
+        got = hp.new_ranges(before, after)
+        assert _pages(got) == _pages(after) - _pages(before)
+        assert all(a < b for a, b in got), got  # no empty ranges
+
+
+def test_anonymous_ranges_skip_files_stack_heap_and_read_only() -> None:
+    maps = "\n".join([
+        "7f0000000000-7f0000400000 rw-p 00000000 00:00 0 ",            # anonymous: kept
+        "7f0000400000-7f0000600000 r--p 00000000 00:00 0 ",            # read-only
+        "7f0000600000-7f0000800000 rw-p 00000000 fe:00 5432944    /m.gguf",  # a file
+        "7f0000800000-7f0000a00000 rw-s 00000000 00:00 0 ",            # shared
+        "55d000000000-55d000100000 rw-p 00000000 00:00 0          [heap]",
+        "7ffc00000000-7ffc00021000 rw-p 00000000 00:00 0          [stack]",
+        "7f0000a00000-7f0000c00000 rw-p 00000000 00:00 0",             # anonymous: kept
+    ])
+    assert hp.anonymous_ranges(maps) == [(0x7F0000000000, 0x7F0000400000), (0x7F0000A00000, 0x7F0000C00000)]
+
+
+def _hg_huge_kib() -> dict[int, int]:
+    """AnonHugePages (KiB) of every mapping marked MADV_HUGEPAGE, by start address."""
+    out = {}
+    for block in re.split(r"\n(?=[0-9a-f]+-[0-9a-f]+ )", open("/proc/self/smaps").read()):
+        flags = re.search(r"VmFlags:(.*)", block)
+        if flags and " hg" in flags.group(1):
+            out[int(block.split("-", 1)[0], 16)] = int(re.search(r"AnonHugePages:\s+(\d+)", block).group(1))
+    return out
+
+
+def _repack_mib(lines: list[str]) -> float:
+    sizes = [float(m.group(1)) for line in lines if (m := re.search(r"CPU_REPACK model buffer size =\s*([\d.]+) MiB",
+                                                                    line))]
+    assert sizes, "llama.cpp did not repack this model's weights: pick a model it repacks"
+    return sum(sizes)
+
+
+@pytest.mark.skipif(hp.thp_mode() != "madvise", reason="needs a kernel whose THP mode is madvise "
+                    f"(this one: {hp.thp_mode()})")
+@pytest.mark.parametrize("on", [True, False])
+def test_repacked_weights_sit_in_huge_pages(on: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    from localllm import store
+    from localllm.runtime import LlamaModel
+    from localllm.runtime._lib import _backend
+
+    monkeypatch.setenv("LOCALLLM_HUGEPAGES", "1" if on else "0")
+    sink = _backend()
+    before = _hg_huge_kib()
+    mark = sink.mark()
+    m = LlamaModel(store.resolve("smollm2-135m:q4_0"))  # Q4_0 is repacked on x86 and ARM
+    try:
+        repack = _repack_mib(sink.since(mark))
+        gained = (sum(_hg_huge_kib().values()) - sum(before.values())) / 1024
+        if on:
+            # every whole 2 MiB page of the buffer: all but at most the two partial ones at its ends
+            assert gained >= repack - 4, (gained, repack)
+            assert m.hugepage_bytes >= (repack - 4) * 2**20
+        else:
+            assert gained == 0 and m.hugepage_bytes == 0
+    finally:
+        m.close()
