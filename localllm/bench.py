@@ -5,7 +5,8 @@ engine as ``Model`` and ``serve``.
 Several models are measured side by side: each round runs every model once,
 and the order alternates from round to round, so a machine that speeds up or
 slows down during the run does not favour one of them. With several KV cache
-types (``kv``), each (model, KV types) pair is one row of those rounds.
+types (``kv``) or flash-attention settings (``flash_attn``), each (model, KV
+types, flash attention) combination is one row of those rounds.
 
 Example:
     >>> rows = bench(["a.gguf", "b.gguf"], reps=3)                  # doctest: +SKIP
@@ -32,6 +33,7 @@ from localllm.errors import InvalidArgumentError, RuntimeFailure
 
 Progress = Callable[[int, int, str], None]   # (done, total, what)
 KV = tuple[str, str]                          # (cache_type_k, cache_type_v)
+Combo = tuple[KV, str]                        # (KV types, flash attention): one row per model each
 # what one request looks like when "fastest" has to be one number (``turn_seconds``)
 TURN_PROMPT, TURN_GEN = 256, 128
 
@@ -192,62 +194,94 @@ def _check(prompt_tokens: int, gen_tokens: int, depth: int, reps: int) -> None:
             raise InvalidArgumentError(f"{name} must be an integer >= {lo}", param=name)
 
 
-def _kv_list(kv: Sequence[str | KV] | None, flash_attn: str) -> list[KV]:
-    """The KV types to measure (default: f16 only), each checked with ``flash_attn`` before anything runs."""
+def _fa_list(flash_attn: str | Sequence[str]) -> list[str]:
+    """The flash-attention settings to measure: one (a string) or several (duplicates collapse; none: auto)."""
+    values = [flash_attn] if isinstance(flash_attn, str) else [str(x) for x in flash_attn]
+    return list(dict.fromkeys(values or ["auto"]))
+
+
+def _combos(kv: Sequence[str | KV] | None, flash_attn: str | Sequence[str]) -> list[Combo]:
+    """Every (KV types, flash attention) to measure (default: f16, auto), each checked as
+    ``ModelSettings`` checks it before anything runs."""
     from localllm.loader import ModelSettings
 
-    out = [parse_kv(x) if isinstance(x, str) else (str(x[0]), str(x[1])) for x in (kv or ["f16"])]
-    for k, v in out:
-        ModelSettings(cache_type_k=k, cache_type_v=v, flash_attn=flash_attn)
-    return list(dict.fromkeys(out))
+    kvs = [parse_kv(x) if isinstance(x, str) else (str(x[0]), str(x[1])) for x in (kv or ["f16"])]
+    out = [(k, fa) for k in dict.fromkeys(kvs) for fa in _fa_list(flash_attn)]
+    for (k, v), fa in out:
+        ModelSettings(cache_type_k=k, cache_type_v=v, flash_attn=fa)
+    return out
 
 
-def bench(models: Sequence[str | os.PathLike[str]], *, prompt_tokens: int = 128, gen_tokens: int = 64,
-          depth: int = 0, reps: int = 3, n_threads: int | None = None,
-          models_dir: str | os.PathLike[str] | None = None, kv: Sequence[str | KV] | None = None,
-          flash_attn: str = "auto", progress: Progress | None = None) -> list[BenchResult]:
-    """Measure each of ``models`` with each of the KV types ``kv`` (``"K"``, ``"K/V"`` or a pair;
-    default f16) ``reps`` times, in alternating order, and return one row per (model, KV types)."""
-    _check(prompt_tokens, gen_tokens, depth, reps)
-    if not models:
-        raise InvalidArgumentError("give at least one model", param="models")
-    kvs = _kv_list(kv, flash_attn)
-    from localllm import store
+def _label(info: Any) -> str:
+    """What a run is called in the progress text: the file, its KV types and flash attention as it ran."""
+    return f"{Path(info.path).name} kv {kv_label((info.cache_type_k, info.cache_type_v))} fa {info.flash_attn}"
 
-    names = [str(m) for m in models]
-    # resolve (and materialize) every model first: a missing one fails before any measuring, and
-    # a built-in version requantized on first use does not count as load time
-    paths = [str(store.resolve(m, models_dir=models_dir)) for m in names]
-    cells = [(i, k) for i in range(len(names)) for k in kvs]    # one row each
-    runs: dict[int, list[dict[str, float]]] = {j: [] for j in range(len(cells))}
-    infos: dict[int, Any] = {}
-    peaks: dict[int, int] = dict.fromkeys(runs, 0)
+
+def _rounds(paths: Sequence[str], cells: Sequence[tuple[int, Combo]], reps: int, progress: Progress | None,
+            **once: Any) -> tuple[list[Any], list[list[dict[str, float]]], list[int]]:
+    """Run every cell once per round, the order reversed every other round; per cell: the engine's
+    info, the figures of each round, and the peak resident memory."""
+    infos: list[Any] = [None] * len(cells)
+    runs: list[list[dict[str, float]]] = [[] for _ in cells]
+    peaks = [0] * len(cells)
     total, done = reps * len(cells), 0
     for rep in range(reps):
         order = list(range(len(cells)))
         if rep % 2:
             order.reverse()
         for j in order:
-            i, k = cells[j]
+            i, (k, fa) = cells[j]
             _reset_peak()
-            infos[j], fig = _once(paths[i], prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, depth=depth,
-                                  n_threads=n_threads, models_dir=models_dir, kv=k, flash_attn=flash_attn)
+            infos[j], fig = _once(paths[i], kv=k, flash_attn=fa, **once)
             peaks[j] = max(peaks[j], _peak_rss())
             runs[j].append(fig)
             done += 1
             if progress:
-                progress(done, total, f"{Path(infos[j].path).name} kv {kv_label(k)}")
-    out = []
-    for j, (i, k) in enumerate(cells):
-        info, rs = infos[j], runs[j]
-        out.append(BenchResult(
-            model=names[i], path=info.path, quant=info.quant, size_bytes=_file_size(info.path),
-            parameters=info.parameters, threads=info.threads, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens,
-            depth=depth, reps=reps,
-            **{f: spread([r[f] for r in rs]) for f in ("load_s", "prompt_tps", "gen_tps", "ttft_ms")},
-            peak_rss_bytes=peaks[j], cache_type_k=info.cache_type_k, cache_type_v=info.cache_type_v,
-            flash_attn=info.flash_attn))
-    return out
+                progress(done, total, _label(infos[j]))
+    return infos, runs, peaks
+
+
+def _row(model: str, info: Any, runs: Sequence[dict[str, float]], peak: int, *, prompt_tokens: int,
+         gen_tokens: int, depth: int, reps: int) -> BenchResult:
+    """One row: the settings as the engine ran them (``info``), the figures spread over the rounds."""
+    return BenchResult(
+        model=model, path=info.path, quant=info.quant, size_bytes=_file_size(info.path),
+        parameters=info.parameters, threads=info.threads, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens,
+        depth=depth, reps=reps,
+        **{f: spread([r[f] for r in runs]) for f in ("load_s", "prompt_tps", "gen_tps", "ttft_ms")},
+        peak_rss_bytes=peak, cache_type_k=info.cache_type_k, cache_type_v=info.cache_type_v,
+        flash_attn=info.flash_attn)
+
+
+def bench(models: Sequence[str | os.PathLike[str]], *, prompt_tokens: int = 128, gen_tokens: int = 64,
+          depth: int = 0, reps: int = 3, n_threads: int | None = None,
+          models_dir: str | os.PathLike[str] | None = None, kv: Sequence[str | KV] | None = None,
+          flash_attn: str | Sequence[str] = "auto", progress: Progress | None = None) -> list[BenchResult]:
+    """Measure each of ``models`` with each of the KV types ``kv`` (``"K"``, ``"K/V"`` or a pair;
+    default f16) and each flash-attention setting ``flash_attn`` (``"auto"``, ``"on"``, ``"off"``,
+    or a sequence of them) ``reps`` times, in alternating order, and return one row per
+    (model, KV types, flash attention), in that order."""
+    _check(prompt_tokens, gen_tokens, depth, reps)
+    if not models:
+        raise InvalidArgumentError("give at least one model", param="models")
+    combos = _combos(kv, flash_attn)
+    from localllm import store
+
+    names = [str(m) for m in models]
+    # resolve (and materialize) every model first: a missing one fails before any measuring, and
+    # a built-in version requantized on first use does not count as load time
+    paths = [str(store.resolve(m, models_dir=models_dir)) for m in names]
+    cells = [(i, c) for i in range(len(names)) for c in combos]    # one row each
+    infos, runs, peaks = _rounds(paths, cells, reps, progress, prompt_tokens=prompt_tokens,
+                                 gen_tokens=gen_tokens, depth=depth, n_threads=n_threads, models_dir=models_dir)
+    return [_row(names[i], infos[j], runs[j], peaks[j], prompt_tokens=prompt_tokens, gen_tokens=gen_tokens,
+                 depth=depth, reps=reps) for j, (i, _) in enumerate(cells)]
+
+
+def _labels(rows: Sequence[BenchResult]) -> list[str]:
+    """The plot's label per row; flash attention only where the rows differ in it."""
+    fa = len({r.flash_attn for r in rows}) > 1
+    return [f"{Path(r.path).stem}\n{r.quant} kv {r.kv}" + (f"\nfa {r.flash_attn}" if fa else "") for r in rows]
 
 
 def plot(rows: Sequence[BenchResult], out: str | os.PathLike[str], title: str = "") -> Path:
@@ -260,7 +294,7 @@ def plot(rows: Sequence[BenchResult], out: str | os.PathLike[str], title: str = 
         import matplotlib.pyplot as plt
     except ImportError:
         raise PrerequisiteError("--plot needs matplotlib", hint="pip install matplotlib") from None
-    labels = [f"{Path(r.path).stem}\n{r.quant} kv {r.kv}" for r in rows]
+    labels = _labels(rows)
     fig, axes = plt.subplots(1, 2, figsize=(max(6.0, 1.6 * len(rows) + 3), 4))
     for ax, key, what in ((axes[0], "prompt_tps", "prompt tok/s"), (axes[1], "gen_tps", "generation tok/s")):
         med = [getattr(r, key)["median"] for r in rows]

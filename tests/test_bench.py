@@ -107,7 +107,7 @@ def test_kv_types_reach_llama_cpp_one_row_each(default_model_path: Path, tmp_pat
                        gen_tokens=4, progress=lambda d, t, what: labels.append(what))
     assert [(r.cache_type_k, r.cache_type_v, r.kv) for r in rows] == [
         ("f16", "f16", "f16"), ("q8_0", "q8_0", "q8_0"), ("q4_0", "f16", "q4_0/f16")]
-    assert [w.split(" kv ")[1] for w in labels] == ["f16", "q8_0", "q4_0/f16"]
+    assert [w.split(" kv ")[1] for w in labels] == ["f16 fa auto", "q8_0 fa auto", "q4_0/f16 fa auto"]
     found = (KV_LINE.search(ln) for ln in runtime.log_tail(400))
     reports = [(float(m[1]), m[2], m[3]) for m in found if m][-3:]
     assert [r[1:] for r in reports] == [("f16", "f16"), ("q8_0", "q8_0"), ("q4_0", "f16")]
@@ -125,6 +125,64 @@ def test_cli_table_labels_rows_with_their_kv_types(default_model_path: Path) -> 
     lines = p.stdout.splitlines()
     assert lines[1].split()[:3] == ["model", "quant", "KV"]
     assert [ln.split()[2] for ln in lines[2:]] == ["f16", "q8_0/f16"]
+    assert "FA" not in lines[1].split()   # one flash-attention setting: no column for it
+
+
+FA_LINE = re.compile(r"llama_context: flash_attn += (\w+)")
+
+
+def test_flash_attn_settings_reach_llama_cpp_one_row_each(default_model_path: Path) -> None:
+    """flash_attn on, off (and on again: duplicates collapse): one row each, in the same alternating
+    rounds, and each run's context is what llama.cpp reports ("flash_attn = enabled/disabled")."""
+    from localllm.runtime._lib import _backend
+
+    sink = _backend()
+    mark = sink.mark()
+    runs: list[tuple[str, list[str]]] = []   # per run: the progress text's FA, llama.cpp's report
+
+    def progress(done: int, total: int, what: str) -> None:
+        nonlocal mark
+        runs.append((what.split(" fa ")[1], [m[1] for m in map(FA_LINE.search, sink.since(mark)) if m]))
+        mark = sink.mark()
+
+    rows = bench.bench([default_model_path], flash_attn=["on", "off", "on"], reps=2, prompt_tokens=8,
+                       gen_tokens=2, progress=progress)
+    assert [(r.path, r.kv, r.flash_attn, r.reps) for r in rows] == [
+        (str(default_model_path), "f16", "on", 2), (str(default_model_path), "f16", "off", 2)]
+    assert runs == [("on", ["enabled"]), ("off", ["disabled"]), ("off", ["disabled"]), ("on", ["enabled"])]
+    assert all(0 < r.gen_tps["min"] <= r.gen_tps["max"] for r in rows)
+    assert [label.split("\n")[-1] for label in bench._labels(rows)] == ["fa on", "fa off"]
+    assert "\nfa " not in bench._labels(rows[:1])[0]   # one setting: the plot does not repeat it
+    # a string is one setting, as before
+    assert bench._combos(None, "off") == [(("f16", "f16"), "off")]
+
+
+def test_cli_measures_each_flash_attn_side_by_side(default_model_path: Path) -> None:
+    p = _cli("bench", str(default_model_path), "--flash-attn", "on", "--flash-attn", "off", "--reps", "1",
+             "--prompt-tokens", "8", "--gen-tokens", "2", "-q")
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.splitlines()
+    assert lines[1].split()[:4] == ["model", "quant", "KV", "FA"]
+    assert [ln.split()[2:4] for ln in lines[2:]] == [["f16", "on"], ["f16", "off"]]
+
+
+def test_an_invalid_kv_and_flash_attn_pair_is_refused_before_measuring(default_model_path: Path) -> None:
+    """--kv q8_0 with --flash-attn on and off: q8_0 with on could run, with off it cannot, so nothing
+    runs: one line, and no model was loaded (llama.cpp logs nothing, even with LOCALLLM_VERBOSE=1)."""
+    from localllm.errors import InvalidArgumentError
+    from localllm.runtime._lib import _backend
+
+    env = {**os.environ, "LOCALLLM_VERBOSE": "1"}
+    p = _cli("bench", str(default_model_path), "--kv", "q8_0", "--flash-attn", "on", "--flash-attn", "off",
+             "--reps", "1", "--prompt-tokens", "8", "--gen-tokens", "2", env=env)
+    assert p.returncode == 1 and p.stdout == "", p.stdout
+    assert "a quantized V cache needs flash attention" in p.stderr and p.stderr.count("\n") == 1, p.stderr
+    sink = _backend()
+    mark = sink.mark()
+    with pytest.raises(InvalidArgumentError, match="a quantized V cache needs flash attention"):
+        bench.bench([default_model_path], kv=["q8_0"], flash_attn=["on", "off"], reps=1, prompt_tokens=8,
+                    gen_tokens=2)
+    assert sink.since(mark) == []
 
 
 @pytest.fixture(scope="module")

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from localllm.cli.options import CACHE_TYPES, human_bytes
+
+if TYPE_CHECKING:
+    from localllm.bench import BenchResult
 
 
 @contextmanager
@@ -28,7 +32,7 @@ def progress_bar(quiet: bool, unit: str) -> Iterator[Callable[[int, int, str], N
             if bar is not None:
                 bar.close()
             bar = tqdm(total=total, unit=unit, leave=False, dynamic_ncols=True)
-        bar.set_description(what[:40])
+        bar.set_description(what[:60])
         bar.n = done
         bar.refresh()
 
@@ -68,15 +72,17 @@ def _fmt(d: dict[str, float], digits: int = 1) -> str:
 @click.option("--kv", "kv", multiple=True, metavar="K[/V]",
               help="KV cache types to measure, repeatable: q8_0 (keys and values) or q8_0/f16 "
                    "(default: f16). Each model runs once per --kv, side by side.")
-@click.option("--flash-attn", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
-              help="llama.cpp's flash attention (a quantized V cache needs auto or on).")
+@click.option("--flash-attn", "flash_attn", type=click.Choice(["auto", "on", "off"]), multiple=True,
+              default=["auto"], show_default=True,
+              help="llama.cpp's flash attention to measure, repeatable (a quantized V cache needs auto or "
+                   "on). Each model runs once per --kv and --flash-attn, side by side.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               help="Also draw the table as a PNG (needs matplotlib).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def bench_command(models: tuple[str, ...], prompt_tokens: int, gen_tokens: int, depth: int, reps: int,
-                  n_threads: int | None, models_dir: str | None, kv: tuple[str, ...], flash_attn: str,
-                  plot_path: str | None, as_json: bool, quiet: bool) -> int:
+                  n_threads: int | None, models_dir: str | None, kv: tuple[str, ...],
+                  flash_attn: tuple[str, ...], plot_path: str | None, as_json: bool, quiet: bool) -> int:
     """Measure MODELS on this machine: load time, prompt and generation speed,
     time to first token, peak memory (median ±half the range over the reps)."""
     from localllm import bench
@@ -86,7 +92,7 @@ def bench_command(models: tuple[str, ...], prompt_tokens: int, gen_tokens: int, 
     with progress_bar(quiet, "run") as cb:
         rows = bench.bench(list(models), prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, depth=depth,
                            reps=reps, n_threads=n_threads, models_dir=models_dir, kv=list(kv) or None,
-                           flash_attn=flash_attn, progress=cb)
+                           flash_attn=list(flash_attn), progress=cb)
     cpu = cpu_line()
     if plot_path:
         bench.plot(rows, plot_path, title=f"{cpu}, {rows[0].threads} threads, pp{prompt_tokens} tg{gen_tokens}"
@@ -94,19 +100,28 @@ def bench_command(models: tuple[str, ...], prompt_tokens: int, gen_tokens: int, 
     if as_json:
         click.echo(json.dumps({"cpu": cpu, "results": [r.to_dict() for r in rows]}, indent=2))
         return 0
+    fas = list(dict.fromkeys(r.flash_attn for r in rows))
     click.echo(f"{cpu}, {rows[0].threads} threads; prompt {prompt_tokens} tokens"
                + (f" at depth {depth}" if depth else "") + f", {gen_tokens} generated, {reps} reps"
-               + (f", flash attention {flash_attn}" if flash_attn != "auto" else ""))
-    head = f"{'model':<34} {'quant':<7} {'KV':<9} {'size':>9} {'load s':>11} {'prompt tok/s':>14} " \
-           f"{'gen tok/s':>12} {'TTFT ms':>12} {'peak RSS':>9}"
-    click.echo(head)
-    for r in rows:
-        click.echo(f"{Path(r.path).name[:34]:<34} {r.quant:<7} {r.kv:<9} {human_bytes(r.size_bytes):>9} "
-                   f"{_fmt(r.load_s, 2):>11} {_fmt(r.prompt_tps):>14} {_fmt(r.gen_tps):>12} "
-                   f"{_fmt(r.ttft_ms, 0):>12} {human_bytes(r.peak_rss_bytes):>9}")
+               + (f", flash attention {fas[0]}" if fas != ["auto"] and len(fas) == 1 else ""))
+    for line in _table(rows, fa_column=len(fas) > 1):
+        click.echo(line)
     if plot_path:
         click.echo(f"wrote {plot_path}")
     return 0
+
+
+def _table(rows: Sequence[BenchResult], fa_column: bool) -> list[str]:
+    """The header and one line per row; the FA column (flash attention) only where it varies."""
+    def fa(value: str) -> str:
+        return f"{value:<5} " if fa_column else ""
+
+    head = f"{'model':<34} {'quant':<7} {'KV':<9} {fa('FA')}{'size':>9} {'load s':>11} {'prompt tok/s':>14} " \
+           f"{'gen tok/s':>12} {'TTFT ms':>12} {'peak RSS':>9}"
+    return [head] + [f"{Path(r.path).name[:34]:<34} {r.quant:<7} {r.kv:<9} {fa(r.flash_attn)}"
+                     f"{human_bytes(r.size_bytes):>9} {_fmt(r.load_s, 2):>11} {_fmt(r.prompt_tps):>14} "
+                     f"{_fmt(r.gen_tps):>12} {_fmt(r.ttft_ms, 0):>12} {human_bytes(r.peak_rss_bytes):>9}"
+                     for r in rows]
 
 
 def _check_plot(path: str) -> None:
