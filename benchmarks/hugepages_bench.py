@@ -49,7 +49,7 @@ def main() -> None:
     for ref in a.models:
         path = store.resolve(ref)
         models = {}
-        for on in (False, True):
+        for on in (True, False):  # on first: its buffers then come from fresh memory (runtime/_hugepages.py)
             os.environ["LOCALLLM_HUGEPAGES"] = "1" if on else "0"  # read when the model loads
             models[on] = Model(path, n_ctx=1024, n_threads=a.threads, prompt_cache=False)
         os.environ.pop("LOCALLLM_HUGEPAGES")

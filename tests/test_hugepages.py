@@ -86,3 +86,23 @@ def test_repacked_weights_sit_in_huge_pages(on: bool, monkeypatch: pytest.Monkey
             assert gained == 0 and m.hugepage_bytes == 0
     finally:
         m.close()
+
+
+@pytest.mark.parametrize("env", ["1", "0"])
+def test_doctor_reports_the_kernels_mode_and_whether_loading_asks(env: str, tmp_path) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    f = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    mode = re.search(r"\[(\w+)\]", f.read_text()).group(1) if f.exists() else None
+    run = subprocess.run([sys.executable, "-m", "localllm", "doctor", "--json"], capture_output=True, text=True,
+                         env={**os.environ, "LOCALLLM_HUGEPAGES": env}, timeout=120)
+    hp = json.loads(run.stdout)["huge_pages"]
+    assert hp == {"thp_mode": mode, "asked": mode == "madvise" and env == "1" and sys.platform == "linux"}
+    text = subprocess.run([sys.executable, "-m", "localllm", "doctor"], capture_output=True, text=True,
+                          env={**os.environ, "LOCALLLM_HUGEPAGES": env}, timeout=120).stdout
+    line = next(line for line in text.splitlines() if "huge pages" in line)
+    assert (mode or "no transparent") in line and ("asked for" in line) == hp["asked"], line

@@ -9,6 +9,17 @@ import click
 from localllm.cli.options import human_bytes
 
 
+def _huge_pages_line(hp: dict) -> str:
+    mode = hp["thp_mode"]
+    if mode is None:
+        return "no transparent huge pages on this system"
+    if hp["asked"]:
+        return f"THP {mode}: asked for llama.cpp's repacked weights (LOCALLLM_HUGEPAGES=0 stops it)"
+    if mode == "madvise":
+        return "THP madvise: not asked (LOCALLLM_HUGEPAGES=0)"
+    return f"THP {mode}: " + ("the kernel gives them to every large allocation" if mode == "always" else "off")
+
+
 def _offload_line(gpu: dict) -> str:
     compiled = ", ".join(gpu["compiled"])
     if gpu["offload"]:
@@ -48,6 +59,7 @@ def command(as_json: bool, model: str | None, n_ctx: int | None, models_dir: str
     for kind, cmd in (r["gpu"]["gpu_rebuild"] or {}).items():
         rows.append((f"  for {kind.capitalize() if kind != 'cuda' else 'CUDA'}", cmd))
     rows.append(("RAM", f"{human_bytes(r['memory']['available'])} available of {human_bytes(r['memory']['total'])}"))
+    rows.append(("  huge pages", _huge_pages_line(r["huge_pages"])))
     rows.append(("Disk", f"{human_bytes(r['disk']['free'])} free at {r['disk']['path']}"))
     if "model" in r:
         p = r["model"]

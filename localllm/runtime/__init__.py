@@ -15,6 +15,8 @@ Example:
 """
 
 from localllm.runtime._context import KV_CACHE_TYPES, Context
+from localllm.runtime._hugepages import thp_mode
+from localllm.runtime._hugepages import wanted as hugepages_wanted
 from localllm.runtime._lib import (LLAMA_CPP_PYTHON_VERSION, _backend, backend_devices, cpu_variant, gpu_backends,
                                    llama_cpp_version, log_tail, supports_gpu_offload, system_info, time_us)
 from localllm.runtime._model import Batch, LlamaModel
@@ -25,4 +27,4 @@ __all__ = ["KV_CACHE_TYPES", "Context", "LLAMA_CPP_PYTHON_VERSION", "backend_dev
            "llama_cpp_version",
            "log_tail",
            "supports_gpu_offload", "system_info", "time_us", "Batch", "LlamaModel", "quantize", "Grammar", "Sampler",
-           "json_grammar", "json_schema_to_grammar", "_backend"]
+           "json_grammar", "json_schema_to_grammar", "_backend", "thp_mode", "hugepages_wanted"]
