@@ -4,8 +4,8 @@ On x86 llama.cpp repacks Q4_0, IQ4_NL and some k-quants into an interleaved
 layout, in memory it allocates itself (``CPU_REPACK model buffer``). On a kernel
 whose THP mode is ``madvise`` (Debian's default) that memory gets 4 KiB pages,
 and the decode's matrix-vector kernels then miss the TLB on every weight row:
-backing it with 2 MiB pages made Q4_0 decode 3-7 % faster on an AVX-512 EPYC
-(``benchmarks/hugepages_bench.py``). llama.cpp does not ask for huge pages,
+backing it with 2 MiB pages made Q4_0 decode about 3 % faster on an AVX-512
+EPYC (``benchmarks/hugepages_bench.py``: 1.028 and 1.049 in two runs). llama.cpp does not ask for huge pages,
 and glibc only does with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` set before
 the process starts, which a library cannot do.
 
