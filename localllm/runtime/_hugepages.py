@@ -16,9 +16,10 @@ first tensor is read. The pages then fault in as huge pages; nothing is copied.
 Memory llama.cpp maps from the file (weights it does not repack) is untouched,
 and so is the KV cache (huge pages there measured +1 %, within the noise).
 
-A buffer smaller than glibc's mmap threshold (which grows up to 32 MiB as
-large blocks are freed) can be carved from memory malloc already holds; that
-one keeps its 4 KiB pages. A repacked model of any real size is above it.
+malloc may serve a buffer from free memory it already holds (in a process that
+has loaded and freed models before); that one is not new and keeps its 4 KiB
+pages. So the loader first hands malloc's free memory back (``malloc_trim``),
+and counts the growth of malloc's ``[heap]`` as new.
 
 Off with ``LOCALLLM_HUGEPAGES=0``; a no-op where the kernel has no THP, where
 its mode is ``never`` (the administrator's choice) or ``always`` (nothing to
@@ -65,8 +66,10 @@ def anonymous_ranges(maps: str | None = None) -> Ranges:
     out = []
     for line in maps.splitlines():
         f = line.split()
-        # an anonymous mapping has no path (a 6th field): [heap], [stack] and files are left alone
-        if len(f) == 5 and f[1].startswith("rw") and f[1].endswith("p") and f[4] == "0":
+        # an anonymous mapping has no path (a 6th field), except malloc's [heap], which grows in place
+        # (a buffer malloc takes from it is its new end); [stack] and files are left alone
+        anonymous = len(f) == 5 or (len(f) == 6 and f[5] == "[heap]")
+        if anonymous and f[1].startswith("rw") and f[1].endswith("p") and f[4] == "0":
             a, b = (int(x, 16) for x in f[0].split("-"))
             out.append((a, b))
     return sorted(out)
@@ -106,6 +109,17 @@ def advise(ranges: Ranges) -> int:
     return marked
 
 
+def _trim() -> None:
+    """Give the free memory at the top of malloc's heaps back to the system (glibc's malloc_trim):
+    a long-running process holds up to 64 MiB there, and a buffer carved from it is not new."""
+    try:
+        libc = ctypes.CDLL(None)
+        if hasattr(libc, "malloc_trim"):
+            libc.malloc_trim(0)
+    except OSError:
+        pass
+
+
 class NewMemory:
     """The anonymous memory allocated between :meth:`start` and :meth:`mark`: a model load
     calls :meth:`mark` from its first progress callback, when llama.cpp's buffers exist but
@@ -116,7 +130,11 @@ class NewMemory:
         self.marked = 0
 
     def start(self) -> None:
-        self.before = anonymous_ranges() if wanted() else None
+        if not wanted():
+            self.before = None
+            return
+        _trim()  # else malloc may serve the buffers from free memory it already holds (not new)
+        self.before = anonymous_ranges()
 
     def mark(self) -> None:
         if self.before is None:
