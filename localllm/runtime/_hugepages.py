@@ -33,7 +33,6 @@ import sys
 from pathlib import Path
 
 _MADV_HUGEPAGE = 14  # <sys/mman.h>
-_PAGE = 4096
 _HUGE = 2 << 20
 _MODE_FILE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
