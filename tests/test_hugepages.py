@@ -118,5 +118,5 @@ def test_doctor_reports_the_kernels_mode_and_whether_loading_asks(env: str, tmp_
     assert hp == {"thp_mode": mode, "asked": mode == "madvise" and env == "1" and sys.platform == "linux"}
     text = subprocess.run([sys.executable, "-m", "localllm", "doctor"], capture_output=True, text=True,
                           env={**os.environ, "LOCALLLM_HUGEPAGES": env}, timeout=120).stdout
-    line = next(line for line in text.splitlines() if "huge pages" in line)
+    line = next(line for line in text.splitlines() if line.startswith("  THP "))
     assert (mode or "no transparent") in line and ("asked for" in line) == hp["asked"], line

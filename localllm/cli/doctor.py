@@ -14,10 +14,10 @@ def _huge_pages_line(hp: dict) -> str:
     if mode is None:
         return "no transparent huge pages on this system"
     if hp["asked"]:
-        return f"THP {mode}: asked for llama.cpp's repacked weights (LOCALLLM_HUGEPAGES=0 stops it)"
+        return f"{mode}: huge pages asked for llama.cpp's repacked weights (LOCALLLM_HUGEPAGES=0 stops it)"
     if mode == "madvise":
-        return "THP madvise: not asked (LOCALLLM_HUGEPAGES=0)"
-    return f"THP {mode}: " + ("the kernel gives them to every large allocation" if mode == "always" else "off")
+        return "madvise: huge pages not asked (LOCALLLM_HUGEPAGES=0)"
+    return f"{mode}: " + ("the kernel gives huge pages to every large allocation" if mode == "always" else "off")
 
 
 def _offload_line(gpu: dict) -> str:
@@ -59,7 +59,7 @@ def command(as_json: bool, model: str | None, n_ctx: int | None, models_dir: str
     for kind, cmd in (r["gpu"]["gpu_rebuild"] or {}).items():
         rows.append((f"  for {kind.capitalize() if kind != 'cuda' else 'CUDA'}", cmd))
     rows.append(("RAM", f"{human_bytes(r['memory']['available'])} available of {human_bytes(r['memory']['total'])}"))
-    rows.append(("  huge pages", _huge_pages_line(r["huge_pages"])))
+    rows.append(("  THP", _huge_pages_line(r["huge_pages"])))  # a short label: the columns stay put
     rows.append(("Disk", f"{human_bytes(r['disk']['free'])} free at {r['disk']['path']}"))
     if "model" in r:
         p = r["model"]
