@@ -6,7 +6,7 @@ Each model is loaded twice in one process, once with ``LOCALLLM_HUGEPAGES=0``
 and once without, and ``Model.stream`` decodes with each in turn, the order
 alternating by round; the ratio reported is the median of the per-round ratios
 (huge / 4 KiB) with their range, so that this VM's drift in speed cancels out.
-A 200-token prompt's first token is compared the same way. The decode only
+A 200-token prompt's first token (median of three) is compared the same way. The decode only
 gains where llama.cpp repacks the weights (Q4_0 and, partly, Q4_K on x86);
 Q8_0 is the control.
 """
@@ -16,22 +16,14 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from generation_bench import ours_tg as decode, ttft_200 as first_token  # noqa: E402  the same measurements
 
 MODELS = ["smollm2-135m:q4_0", "gemma3-270m", "smollm2-135m:q8_0"]
-PROMPT = ", ".join(str(i) for i in range(1, 41)) + ","  # every model here keeps counting: no early EOS
-
-
-def decode(m, n: int) -> float:
-    for _ in m.stream(PROMPT, max_tokens=n, temperature=0):
-        pass
-    return m.last.generation_tokens_per_s
-
-
-def first_token(m) -> float:
-    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
-    ids = m.tokenize(" ".join(words[j % len(words)] for j in range(400)), add_bos=False)[:200]
-    m.reset()  # no prefix reuse
-    return m.complete(m.detokenize(ids), max_tokens=1, temperature=0).time_to_first_token_s
 
 
 def main() -> None:
