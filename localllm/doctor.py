@@ -132,8 +132,9 @@ def report(model: str | None = None, *, n_ctx: int | None = None, models_dir: st
                   "cpu_variant": runtime.cpu_variant(), "rebuild": REBUILD_NATIVE if missing else None},
         "gpu": gpu,
         "memory": mem,
-        # the kernel's THP mode, and whether loading asks for huge pages for repacked weights
-        "huge_pages": {"thp_mode": runtime.thp_mode(), "asked": runtime.hugepages_wanted()},
+        # the kernel's THP mode, whether loading asks for huge pages, and whether it reads the weights into them
+        "huge_pages": {"thp_mode": runtime.thp_mode(), "asked": runtime.hugepages_wanted(),
+                       "weights_in_memory": hardware.weights_in_memory()},
         "disk": disk,
         "problems": problems,
     }

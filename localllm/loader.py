@@ -2,7 +2,7 @@
 model → prompter. ``Model``, ``serve`` and ``plan`` all go through it.
 
 ``ModelSettings`` holds what every door can say about loading (context,
-threads, GPU layers, repacking, sequences); ``ModelInfo`` describes the
+threads, GPU layers, repacking, mapping, sequences); ``ModelInfo`` describes the
 result with the same field names everywhere (``Model.info``, the server's
 ``/v1/models`` and ``/health``).
 
@@ -52,6 +52,7 @@ class ModelSettings:
     n_gpu_layers: GpuLayers = "auto"
     gpu_memory: int | str | None = None   # caps "auto": bytes or a size like "2GiB" (placement.parse_gpu_memory)
     repack: bool = True
+    mmap: bool | None = None    # map the file (True) or read the weights into huge pages (False); None: auto
     n_seq: int = 1
     cache_type_k: str = "f16"   # KV cache element types: f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0, iq4_nl, f32
     cache_type_v: str = "f16"
@@ -82,6 +83,8 @@ class ModelSettings:
         _check_int("n_seq", self.n_seq, 1, 256)
         if not isinstance(self.repack, bool):
             raise InvalidArgumentError("repack must be true or false", param="repack")
+        if self.mmap is not None and not isinstance(self.mmap, bool):
+            raise InvalidArgumentError("mmap must be true, false or None (auto)", param="mmap")
         if not isinstance(self.prompt_cache, bool):
             raise InvalidArgumentError("prompt_cache must be true or false", param="prompt_cache")
         _check_int("prompt_cache_bytes", self.prompt_cache_bytes, 1 << 20)
@@ -90,6 +93,13 @@ class ModelSettings:
 
     def threads(self) -> int:
         return self.n_threads or settings_mod.default_threads()
+
+    def use_mmap(self) -> bool:
+        """Whether the weights are mapped from the file: ``mmap``, or where huge pages
+        would not back them in memory (hardware.weights_in_memory)."""
+        from localllm import hardware
+
+        return self.mmap if self.mmap is not None else not hardware.weights_in_memory()
 
     def context_options(self) -> dict[str, Any]:
         """The llama.cpp context options these settings decide (for every generation context)."""
@@ -135,6 +145,7 @@ class ModelInfo:
     prompt_cache: bool
     speculate: str = "off"  # prompt lookup drafts for greedy answers: on or off
     layer_split: str = ""   # which layers are where (plan.layer_split)
+    mmap: bool = True       # weights mapped from the file; False: read into memory (huge pages)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -204,8 +215,10 @@ def load(s: ModelSettings, progress: Callable[[str], None] | None = None) -> Loa
     if not offload and isinstance(s.n_gpu_layers, int) and s.n_gpu_layers > 0:
         reason = (f"{s.n_gpu_layers} GPU layers requested, but this llama.cpp build has no GPU offload "
                   "(CPU only): 0 layers")
+    mmap = s.use_mmap()
     llama, gpu_layers, notes = placement.load_with_fallback(
-        lambda n: runtime.LlamaModel(prep.path, n_gpu_layers=n, use_extra_bufts=s.repack), prep.gpu_layers,
+        lambda n: runtime.LlamaModel(prep.path, n_gpu_layers=n, use_extra_bufts=s.repack, use_mmap=mmap),
+        prep.gpu_layers,
         n_layer=int(prep.header.get("block_count", 0)) if prep.gpu_layers else None)
     if not offload:
         if s.n_gpu_layers not in (0, "auto"):
@@ -229,7 +242,7 @@ def load(s: ModelSettings, progress: Callable[[str], None] | None = None) -> Loa
         gpu_layers_requested=s.n_gpu_layers, gpu_memory=s.gpu_memory, placement=notes[-1] if notes else reason, threads=s.threads(),
         repack=s.repack, cache_type_k=s.cache_type_k, cache_type_v=s.cache_type_v, flash_attn=s.flash_attn,
         prompt_cache=s.prompt_cache, speculate=s.speculate,
-        layer_split=layer_split(llama.n_layer, min(gpu_layers, llama.n_layer + 1)))
+        layer_split=layer_split(llama.n_layer, min(gpu_layers, llama.n_layer + 1)), mmap=mmap)
     return Loaded(llama=llama, prompter=prompter, info=info, settings=s, path=prep.path, notes=prep.notes + notes)
 
 

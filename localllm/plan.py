@@ -5,12 +5,15 @@ follow what llama.cpp (the vendored ``src/`` of llama-cpp-python 0.3.36)
 actually allocates and touches on a CPU build; docs/plan.md has the sources
 and the measurements:
 
-- **weights**: the file is memory-mapped and llama.cpp pre-faults the whole
-  mapping at load, so the whole file becomes resident (page cache shared with
-  other processes, but counted in this process's RSS);
+- **weights**: mapped (``mmap``), the file is memory-mapped and llama.cpp
+  pre-faults the whole mapping at load, so the whole file becomes resident
+  (page cache shared with other processes, but counted in this process's RSS).
+  Read into memory (the default where huge pages back it:
+  ``hardware.weights_in_memory``), only the tensors are resident;
 - **repack**: on x86 with AVX2 the CPU backend copies some quant types
   (Q4_0, Q4_K, IQ4_NL, MXFP4; Q2_K with AVX-512) of matmul weights into an
-  interleaved layout in anonymous memory, *in addition to* the mapped file;
+  interleaved layout in anonymous memory: *in addition to* the mapped file,
+  or *instead of* their copy when the weights are read into memory;
 - **vocabulary**: llama.cpp's token tables (per token and per BPE merge);
 - **KV cache**: per layer, ``cells × (n_embd_k_gqa + n_embd_v_gqa) × bytes(cache type)``.
   ``n_ctx`` is padded to 256. Sliding-window layers keep every cell because
@@ -104,11 +107,18 @@ class Estimate:
     compute_resident_bytes: int
     output_head_bytes: int = 0    # output.weight, or the token embedding when the output is tied to it
     output_tied: bool = False     # tied: the GPU gets a copy and the CPU keeps its own for the lookup
+    mmap: bool = True             # weights mapped from the file; False: read into memory
+
+    @property
+    def weights_resident_bytes(self) -> int:
+        """The weights' resident memory with every layer on the CPU: mapped, the whole file
+        plus the repacked copies; read, each tensor once (repacked ones only in their new layout)."""
+        return self.file_bytes + self.repack_bytes if self.mmap else self.weights_bytes
 
     @property
     def ram_bytes(self) -> int:
         """Resident memory with every layer on the CPU."""
-        return (self.file_bytes + self.repack_bytes + self.vocab_bytes + self.kv_bytes + self.output_bytes
+        return (self.weights_resident_bytes + self.vocab_bytes + self.kv_bytes + self.output_bytes
                 + self.compute_resident_bytes + _FIXED_OVERHEAD)
 
 
@@ -138,6 +148,7 @@ class Plan:
     file_bytes: int = 0
     quant: str = ""
     parameters: int = 0
+    mmap: bool = True
     alternatives: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -188,7 +199,8 @@ def _pad(n: int, to: int = 256) -> int:
 
 
 def estimate(h: Header, n_ctx: int, *, n_ubatch: int = 512, n_seq: int = 1, cache_type: str = "f16",
-             swa_full: bool = True, cpu: dict[str, Any] | None = None, cache_type_v: str | None = None) -> Estimate:
+             swa_full: bool = True, cpu: dict[str, Any] | None = None, cache_type_v: str | None = None,
+             mmap: bool = True) -> Estimate:
     """Bytes for weights, KV cache, buffers at ``n_ctx`` (CPU placement).
 
     Example:
@@ -233,7 +245,7 @@ def estimate(h: Header, n_ctx: int, *, n_ubatch: int = 512, n_seq: int = 1, cach
         kv_bytes=sum(kv_layers), kv_layer_bytes=kv_layers, output_bytes=4 * n_vocab * max(n_seq, 1),
         compute_reserved_bytes=4 * ub * (n_vocab + 2 * n_embd),
         compute_resident_bytes=4 * ub * (3 * n_embd + 4 * n_ff) + 2 * n_ctx_p * ub,
-        output_head_bytes=head, output_tied=tied)
+        output_head_bytes=head, output_tied=tied, mmap=mmap)
 
 
 def split(e: Estimate, gpu_layers: int) -> tuple[int, int]:
@@ -282,13 +294,15 @@ def _devices_free() -> tuple[bool, int]:
 
 def make_plan(path: str | os.PathLike[str], *, n_ctx: int | None = None, gpu_memory: int | None = None,
               ram_available: int | None = None, n_ubatch: int = 512, offload: bool | None = None,
-              gpu_free: int | None = None, cache_type_k: str = "f16", cache_type_v: str = "f16") -> Plan:
+              gpu_free: int | None = None, cache_type_k: str = "f16", cache_type_v: str = "f16",
+              mmap: bool | None = None) -> Plan:
     """Plan ``path`` at ``n_ctx`` (default: min(trained context, 4096)).
 
     GPU layers are the most that fit in the devices' free memory (capped by
     ``gpu_memory``, the brief's ``max_memory``) after the compute buffer and
     a driver headroom; what stays on the CPU must fit in available RAM.
     ``offload`` and ``gpu_free`` override what the llama.cpp build reports (tests, what-ifs).
+    ``mmap``: the weights mapped or read into memory; None: what loading would do.
 
     Example:
         >>> make_plan("m.gguf", n_ctx=2048, gpu_memory=2 * 2**30).gpu_layers   # doctest: +SKIP
@@ -299,7 +313,8 @@ def make_plan(path: str | os.PathLike[str], *, n_ctx: int | None = None, gpu_mem
     trained = int(h.get("context_length", 0) or 0)
     n_ctx = n_ctx or default_context(trained)  # planning past the trained length is allowed (a what-if)
     cpu = hardware.cpu()
-    kv = {"cache_type": cache_type_k, "cache_type_v": cache_type_v}
+    mmap = mmap if mmap is not None else not hardware.weights_in_memory()
+    kv: dict[str, Any] = {"cache_type": cache_type_k, "cache_type_v": cache_type_v, "mmap": mmap}
     est = estimate(h, n_ctx, n_ubatch=n_ubatch, cpu=cpu, **kv)
     ram = ram_available if ram_available is not None else hardware.memory()["available"]
     reasons: list[str] = []
@@ -336,7 +351,7 @@ def make_plan(path: str | os.PathLike[str], *, n_ctx: int | None = None, gpu_mem
                 fits=fits, reasons=reasons, ram_bytes=ram_need, vram_bytes=vram, repack_bytes=est.repack_bytes,
                 vocab_bytes=est.vocab_bytes, output_bytes=est.output_bytes,
                 compute_reserved_bytes=est.compute_reserved_bytes, file_bytes=est.file_bytes, quant=h.quant,
-                parameters=h.parameters)
+                parameters=h.parameters, mmap=mmap)
     if not fits:
         reasons.append(f"needs {ram_need / 2**20:.0f} MiB of RAM but {ram / 2**20:.0f} MiB is available")
         plan.max_ctx_that_fits = _largest_ctx(h, ram, gpu_layers, n_ubatch, cpu, trained or n_ctx, kv)
@@ -350,7 +365,7 @@ def make_plan(path: str | os.PathLike[str], *, n_ctx: int | None = None, gpu_mem
 
 
 def _largest_ctx(h: Header, ram: int, gpu_layers: int, n_ubatch: int, cpu: dict[str, Any], cap: int,
-                 kv: dict[str, str]) -> int | None:
+                 kv: dict[str, Any]) -> int | None:
     lo, hi = 0, cap // 256  # in units of 256 tokens (llama.cpp's padding)
     while lo < hi:
         mid = (lo + hi + 1) // 2
@@ -370,7 +385,8 @@ def _other_quants(h: Header, est: Estimate, ram: int, n_ctx: int, cpu: dict[str,
         if bpw >= bpw_now * 0.95:
             continue
         weights = int(params * bpw / 8)
-        need = est.ram_bytes - est.file_bytes - est.repack_bytes + weights + (est.file_bytes - est.weights_bytes)
+        # the other quant's weights replace these (mapped: with this file's header and vocabulary)
+        need = est.ram_bytes - est.weights_resident_bytes + weights + (est.file_bytes - est.weights_bytes) * est.mmap
         if need <= ram:
             out.append({"quant": q, "ram_bytes": need})
     return out

@@ -71,7 +71,8 @@ def verbose() -> bool:
 
 def hugepages() -> bool:
     """``LOCALLLM_HUGEPAGES=0`` stops the loader asking for transparent huge pages
-    for llama.cpp's repacked weights (runtime/_hugepages.py)."""
+    for the weights (runtime/_hugepages.py), and so keeps them mapped from the file
+    unless ``mmap=False`` is asked for (hardware.weights_in_memory)."""
     return os.environ.get("LOCALLLM_HUGEPAGES", "1").strip().lower() not in ("0", "false", "no", "off")
 
 

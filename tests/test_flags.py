@@ -105,6 +105,7 @@ SERVE_CHECKS = {
     "cors_origins": lambda g, s, p: g["cors"] == "http://app.example",
     "max_body_bytes": lambda g, s, p: g["big_body"] == 413,
     "repack": lambda g, s, p: s["model"][-1]["use_extra_bufts"] is False and g["engine"].info.repack is False,
+    "mmap": lambda g, s, p: s["model"][-1]["use_mmap"] is True and g["engine"].info.mmap is True,
     "model_alias": lambda g, s, p: g["models"].get_json()["data"][0]["id"] == "my-model",
     "server_kind": lambda g, s, p: g["server_kind"] == "werkzeug",
     "n_ctx": lambda g, s, p: (g["engine"].info.context == 384
@@ -131,7 +132,10 @@ SERVE_CHECKS = {
 
 
 def test_every_serve_flag_arrives(monkeypatch: pytest.MonkeyPatch, spies, default_model_path: Path) -> None:
+    from localllm import hardware
     from localllm.cli.serve import command
+
+    monkeypatch.setattr(hardware, "weights_in_memory", lambda: True)  # so that --mmap is not the default
 
     # the --all-models flags change the serving mode: test_all_models_flags_arrive checks them
     names = {p.name for p in command.params
@@ -142,7 +146,7 @@ def test_every_serve_flag_arrives(monkeypatch: pytest.MonkeyPatch, spies, defaul
         "--api-key", "k3y", "--parallel", "3", "--max-queue", "5", "--cors-origin", "http://app.example",
         "--max-body", "2048", "--no-repack", "--alias", "my-model", "--server", "werkzeug", "--ctx", "384",
         "--threads", "1", "--gpu-layers", "20", "--gpu-memory", "3GiB", "--cache-type-k", "q8_0", "--cache-type-v", "q4_0", "--drain-timeout", "7.5",
-        "--flash-attn", "on", "--no-prompt-cache", "--speculate", "on"])
+        "--flash-attn", "on", "--no-prompt-cache", "--speculate", "on", "--mmap"])
     assert g["error"] is None, g["error"]
     failed = [name for name, check in SERVE_CHECKS.items() if not check(g, spies, default_model_path)]
     assert not failed
@@ -212,12 +216,15 @@ RUN_CHECKS = {
 }
 
 
-def test_every_run_flag_arrives(spies, tiny_gguf: Path, store_dir: Path) -> None:
+def test_every_run_flag_arrives(monkeypatch: pytest.MonkeyPatch, spies, tiny_gguf: Path, store_dir: Path) -> None:
+    from localllm import hardware
     from localllm.cli.run import command
+
+    monkeypatch.setattr(hardware, "weights_in_memory", lambda: True)  # so that --mmap is not the default
 
     other = {"model", "prompt", "chat", "system", "n_ctx", "n_threads", "gpu_layers", "gpu_memory", "models_dir", "repack",
              "json_schema", "num_beams", "ignore_eos", "cache_type_k", "cache_type_v", "flash_attn",
-             "prompt_cache", "speculate"}
+             "prompt_cache", "speculate", "mmap"}
     names = {p.name for p in command.params if p.name != "help"}
     assert names == set(RUN_CHECKS) | other, names ^ (set(RUN_CHECKS) | other)
     r = _run(["smollm2-135m", "Say hi", "--raw", "--json", *RUN_SAMPLING])
@@ -242,7 +249,7 @@ def test_every_run_flag_arrives(spies, tiny_gguf: Path, store_dir: Path) -> None
     r = _run(["smollm2-135m", "Hello there", "--chat", "--system", "You are Zed.", "--json", "-n", "2",
               "--ctx", "320", "--threads", "1", "--gpu-layers", "9", "--gpu-memory", "1.5G", "--no-repack", "--ignore-eos",
               "--cache-type-k", "bf16", "--cache-type-v", "q8_0", "--flash-attn", "on", "--no-prompt-cache",
-              "--speculate", "on"])
+              "--speculate", "on", "--mmap"])
     assert r.exit_code == 0, r.output
     assert spies["request"][-1]["params"].ignore_eos is True
     assert spies["request"][-1]["prompt_cache"] is None
@@ -251,6 +258,7 @@ def test_every_run_flag_arrives(spies, tiny_gguf: Path, store_dir: Path) -> None
     text = req["model"].detokenize(req["prompt"], special=True).decode()
     assert "You are Zed." in text and "Hello there" in text and "<|im_start|>assistant" in text
     assert spies["model"][-1]["n_gpu_layers"] == 9 and spies["model"][-1]["use_extra_bufts"] is False
+    assert spies["model"][-1]["use_mmap"] is True
     assert spies["placement"][-1] == {"requested": 9, "gpu_memory": 3 << 29}
     assert spies["context"][-1]["n_ctx"] == 320 and spies["context"][-1]["n_threads"] == 1
     assert (spies["context"][-1]["cache_type_k"], spies["context"][-1]["cache_type_v"],
@@ -282,6 +290,42 @@ def test_gpu_memory_reaches_every_door(monkeypatch: pytest.MonkeyPatch, spies, t
     r = CliRunner().invoke(cli, ["plan", str(tiny_gguf), "--gpu-memory", "512MB", "--json"], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     assert seen == [512 * 10**6]
+
+
+@pytest.mark.parametrize("mmap", [True, False])
+def test_mmap_reaches_every_door(monkeypatch: pytest.MonkeyPatch, spies, tiny_gguf: Path, mmap: bool) -> None:
+    """``Model(mmap=...)``, ``plan --mmap/--no-mmap`` and the --all-models pool's plan (run and serve: the
+    tables above); without it each door asks hardware.weights_in_memory."""
+    from localllm import Model, hardware, plan
+    from localllm.cli import _register, cli
+    from localllm.loader import ModelSettings
+    from localllm.server.pool import ModelPool
+
+    with Model(tiny_gguf, n_ctx=64, prompt_cache=False, mmap=mmap) as m:
+        assert m.info.mmap is mmap and spies["model"][-1]["use_mmap"] is mmap
+    monkeypatch.setattr(hardware, "weights_in_memory", lambda: mmap)  # auto now says the opposite
+    with Model(tiny_gguf, n_ctx=64, prompt_cache=False) as m:
+        assert m.info.mmap is not mmap and spies["model"][-1]["use_mmap"] is not mmap
+    seen = []
+    make_plan = plan.make_plan
+    monkeypatch.setattr(plan, "make_plan", lambda *a, **kw: seen.append(kw.get("mmap")) or make_plan(*a, **kw))
+    _register()
+    flag = "--mmap" if mmap else "--no-mmap"
+    r = CliRunner().invoke(cli, ["plan", str(tiny_gguf), flag, "--json"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert seen == [mmap] and json.loads(r.output)["mmap"] is mmap
+    r = CliRunner().invoke(cli, ["plan", str(tiny_gguf), "--json"], catch_exceptions=False)
+    assert seen[-1] is not mmap and json.loads(r.output)["mmap"] is not mmap
+    ModelPool(ModelSettings(n_ctx=64, mmap=mmap), max_memory=1 << 30)._estimate(tiny_gguf)
+    assert seen[-1] is mmap
+
+
+def test_bad_mmap_is_refused(tiny_gguf: Path) -> None:
+    from localllm import Model
+    from localllm.errors import InvalidArgumentError
+
+    with pytest.raises(InvalidArgumentError, match="mmap must be true, false or None"):
+        Model(tiny_gguf, mmap="yes")  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("bad", ["-1", "-2GiB", "lots", "2 parsecs", ""])

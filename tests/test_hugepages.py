@@ -1,8 +1,10 @@
-"""Huge pages for llama.cpp's repacked weights (localllm/runtime/_hugepages.py).
+"""Huge pages for the weights llama.cpp holds in its own memory (localllm/runtime/_hugepages.py),
+and reading the weights into memory instead of mapping the file (``mmap``, hardware.weights_in_memory).
 
 The kernel is the reference: /proc/self/smaps says which mappings carry
 MADV_HUGEPAGE (``hg`` in VmFlags) and how much of them is backed by huge pages,
-and llama.cpp's own log says how large its repacked-weights buffer is."""
+/proc/self/maps whether the file is mapped, and llama.cpp's own log says how
+large its weight buffers are."""
 
 from __future__ import annotations
 
@@ -56,9 +58,14 @@ def _hg_huge_kib() -> dict[int, int]:
     return out
 
 
+def _buffer_mib(lines: list[str], kind: str) -> list[float]:
+    """llama.cpp's logged sizes of its ``kind`` model buffers (CPU_REPACK, CPU, CPU_Mapped)."""
+    return [float(m.group(1)) for line in lines
+            if (m := re.search(rf"\b{kind} model buffer size =\s*([\d.]+) MiB", line))]
+
+
 def _repack_mib(lines: list[str]) -> float:
-    sizes = [float(m.group(1)) for line in lines if (m := re.search(r"CPU_REPACK model buffer size =\s*([\d.]+) MiB",
-                                                                    line))]
+    sizes = _buffer_mib(lines, "CPU_REPACK")
     assert sizes, "llama.cpp did not repack this model's weights: pick a model it repacks"
     return sum(sizes)
 
@@ -102,6 +109,55 @@ def test_repacked_weights_sit_in_huge_pages(on: bool) -> None:
         assert r["gained"] == 0 and r["marked"] == 0, r
 
 
+_LOAD_MODEL = """
+import json, sys
+from localllm import Model, store
+from localllm.runtime._lib import _backend
+sys.path.insert(0, sys.argv[1])
+from test_hugepages import _buffer_mib, _hg_huge_kib
+sink = _backend()
+path = str(store.resolve("smollm2-135m:q8_0"))  # not repacked: every weight is in the CPU buffer
+before, mark = _hg_huge_kib(), sink.mark()
+m = Model(path, n_ctx=256, prompt_cache=False, mmap=json.loads(sys.argv[2]))
+gained = (sum(_hg_huge_kib().values()) - sum(before.values())) / 1024
+mapped = any(line.rstrip().endswith(path) for line in open("/proc/self/maps"))
+log = sink.since(mark)
+print(json.dumps({"info_mmap": m.info.mmap, "mapped": mapped, "gained": gained, "cpu": _buffer_mib(log, "CPU"),
+                  "cpu_mapped": _buffer_mib(log, "CPU_Mapped"), "text": m.complete("1, 2, 3,", max_tokens=8,
+                  temperature=0).text}))
+"""
+
+
+@pytest.mark.skipif(hp.thp_mode() != "madvise", reason="needs a kernel whose THP mode is madvise "
+                    f"(this one: {hp.thp_mode()})")
+@pytest.mark.parametrize("env,mmap", [("1", None), ("1", True), ("0", None), ("0", False)])
+def test_weights_are_read_into_huge_pages_unless_mapped(env: str, mmap: bool | None) -> None:
+    """Auto reads the weights into memory where huge pages back them (all of the CPU buffer but its
+    partial 2 MiB ends); ``mmap=True`` and ``LOCALLLM_HUGEPAGES=0`` map the file; ``mmap=False`` reads
+    even then, into small pages. Each in a fresh process, answering the same greedy text."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    run = subprocess.run([sys.executable, "-c", _LOAD_MODEL, str(Path(__file__).parent), json.dumps(mmap)],
+                         capture_output=True, text=True, env={**os.environ, "LOCALLLM_HUGEPAGES": env}, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    r = json.loads(run.stdout.strip().splitlines()[-1])
+    read = mmap is False or (mmap is None and env == "1")
+    assert r["info_mmap"] is not read and r["mapped"] is not read, r
+    if read:
+        assert r["cpu"] and not r["cpu_mapped"], r  # llama.cpp's own log: a CPU buffer, no mapped one
+    else:
+        assert r["cpu_mapped"] and not r["cpu"], r
+    if read and env == "1":
+        assert r["gained"] >= sum(r["cpu"]) - 4, r
+    else:
+        assert r["gained"] == 0, r
+    assert r["text"].startswith(" 4, 5, 6"), r  # the weights work: the model counts on
+
+
 @pytest.mark.parametrize("env", ["1", "0"])
 def test_doctor_reports_the_kernels_mode_and_whether_loading_asks(env: str, tmp_path) -> None:
     import json
@@ -115,8 +171,10 @@ def test_doctor_reports_the_kernels_mode_and_whether_loading_asks(env: str, tmp_
     run = subprocess.run([sys.executable, "-m", "localllm", "doctor", "--json"], capture_output=True, text=True,
                          env={**os.environ, "LOCALLLM_HUGEPAGES": env}, timeout=120)
     hp = json.loads(run.stdout)["huge_pages"]
-    assert hp == {"thp_mode": mode, "asked": mode == "madvise" and env == "1" and sys.platform == "linux"}
+    linux = sys.platform == "linux"
+    assert hp == {"thp_mode": mode, "asked": mode == "madvise" and env == "1" and linux,
+                  "weights_in_memory": mode in ("madvise", "always") and env == "1" and linux}
     text = subprocess.run([sys.executable, "-m", "localllm", "doctor"], capture_output=True, text=True,
                           env={**os.environ, "LOCALLLM_HUGEPAGES": env}, timeout=120).stdout
     line = next(line for line in text.splitlines() if line.startswith("  THP "))
-    assert (mode or "no transparent") in line and ("asked for" in line) == hp["asked"], line
+    assert (mode or "no transparent") in line and ("read into" in line) == hp["weights_in_memory"], line

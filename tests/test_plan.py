@@ -23,10 +23,10 @@ import json, sys
 from localllm import runtime
 def rss():
     return int([l for l in open("/proc/self/status") if l.startswith("VmRSS")][0].split()[1]) * 1024
-path, n_ctx = sys.argv[1], int(sys.argv[2])
+path, n_ctx, mmap = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
 runtime._backend()
 r0 = rss()
-m = runtime.LlamaModel(path)
+m = runtime.LlamaModel(path, use_mmap=mmap)
 c = runtime.Context(m, n_ctx=n_ctx, n_threads=2)
 ids = m.tokenize("The quick brown fox jumps over the lazy dog. " * 200, add_special=True, parse_special=False)
 ids = ids[:min(n_ctx, 512)]
@@ -38,22 +38,33 @@ print(json.dumps({"growth": rss() - r0}))
 """
 
 
-def measure(path: Path, n_ctx: int) -> int:
+def measure(path: Path, n_ctx: int, mmap: bool = True) -> int:
     # the CPU placement's memory: on a GPU build llama.cpp would also run a 512-token batch's matmuls on a
     # visible device (op offload), so the devices are hidden (an empty list hides all)
     env = {**os.environ, "GGML_VK_VISIBLE_DEVICES": "", "CUDA_VISIBLE_DEVICES": ""}
-    out = subprocess.run([sys.executable, "-c", _MEASURE, str(path), str(n_ctx)], cwd=ROOT, capture_output=True,
+    out = subprocess.run([sys.executable, "-c", _MEASURE, str(path), str(n_ctx), "1" if mmap else "0"], cwd=ROOT,
+                         capture_output=True,
                          text=True, timeout=120, check=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])["growth"]
 
 
-@pytest.mark.parametrize("fixture", ["default_model_path", "gemma_path"])
-def test_estimate_matches_measured_rss(fixture: str, request: pytest.FixtureRequest) -> None:
+@pytest.fixture(scope="module")
+def q4_0_path() -> Path:
+    from localllm import store
+
+    return store.resolve("smollm2-135m:q4_0")
+
+
+@pytest.mark.parametrize("mmap", [True, False], ids=["mapped", "read"])
+@pytest.mark.parametrize("fixture", ["default_model_path", "gemma_path", "q4_0_path"])
+def test_estimate_matches_measured_rss(fixture: str, mmap: bool, request: pytest.FixtureRequest) -> None:
+    """Mapped and read into memory; Q4_0 and Gemma's Q4_K are repacked (a copy of the mapped file's
+    tensors when mapped, their only copy when read)."""
     path = request.getfixturevalue(fixture)
     measured, estimated = {}, {}
     for n_ctx in (512, 4096):
-        measured[n_ctx] = measure(path, n_ctx)
-        estimated[n_ctx] = plan.make_plan(path, n_ctx=n_ctx, offload=False, gpu_free=0).ram_bytes
+        measured[n_ctx] = measure(path, n_ctx, mmap)
+        estimated[n_ctx] = plan.make_plan(path, n_ctx=n_ctx, offload=False, gpu_free=0, mmap=mmap).ram_bytes
         assert abs(measured[n_ctx] - estimated[n_ctx]) <= 0.15 * estimated[n_ctx], (n_ctx, measured, estimated)
     # the context-dependent part (KV cache, attention mask) must be right on its own too
     d_meas, d_est = measured[4096] - measured[512], estimated[4096] - estimated[512]

@@ -14,10 +14,12 @@ def _huge_pages_line(hp: dict) -> str:
     if mode is None:
         return "no transparent huge pages on this system"
     if hp["asked"]:
-        return f"{mode}: huge pages asked for llama.cpp's repacked weights (LOCALLLM_HUGEPAGES=0 stops it)"
+        return f"{mode}: weights read into huge pages (--mmap or LOCALLLM_HUGEPAGES=0 maps them from the file)"
     if mode == "madvise":
-        return "madvise: huge pages not asked (LOCALLLM_HUGEPAGES=0)"
-    return f"{mode}: " + ("the kernel gives huge pages to every large allocation" if mode == "always" else "off")
+        return "madvise: huge pages not asked, weights mapped from the file (LOCALLLM_HUGEPAGES=0)"
+    if mode == "always":
+        return "always: weights read into memory, which the kernel backs with huge pages"
+    return f"{mode}: off, weights mapped from the file"
 
 
 def _offload_line(gpu: dict) -> str:

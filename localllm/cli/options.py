@@ -68,13 +68,19 @@ def int_range(name: str) -> click.IntRange:
 
 def model_settings(model: str | None, n_ctx: int | None, n_threads: int | None, gpu_layers: int | str,
                    models_dir: str | None, cache_type_k: str = "f16", cache_type_v: str = "f16",
-                   flash_attn: str = "auto", prompt_cache: bool = True, **extra: Any) -> Any:
+                   flash_attn: str = "auto", prompt_cache: bool = True, mmap: bool | None = None,
+                   **extra: Any) -> Any:
     """The flags of :func:`model_options` as one ``ModelSettings``."""
     from localllm.loader import ModelSettings
 
     return ModelSettings(model=model, models_dir=models_dir, n_ctx=n_ctx, n_threads=n_threads,
                          n_gpu_layers=gpu_layers, cache_type_k=cache_type_k, cache_type_v=cache_type_v,
-                         flash_attn=flash_attn, prompt_cache=prompt_cache, **extra)
+                         flash_attn=flash_attn, prompt_cache=prompt_cache, mmap=mmap, **extra)
+
+
+MMAP_HELP = ("Map the weights from the file (page cache shared with other processes) or read them into "
+             "memory backed by huge pages (decode 7-17 %% faster; docs/performance.md). "
+             "Default: read where the kernel offers transparent huge pages, else map.")
 
 
 # plan.CACHE_TYPES, spelled out (importing plan would slow every command's start); tests/test_flags.py compares
@@ -82,7 +88,7 @@ CACHE_TYPES = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq
 
 
 def model_options(f):
-    """--ctx, --threads, --gpu-layers, --gpu-memory, --models-dir, the KV cache and prompt cache."""
+    """--ctx, --threads, --gpu-layers, --gpu-memory, --models-dir, --mmap, the KV cache and prompt cache."""
     for opt in reversed([
         click.option("--ctx", "n_ctx", type=click.IntRange(min=16), default=None,
                      help="Context size in tokens (default: min(trained, 4096))."),
@@ -94,6 +100,7 @@ def model_options(f):
                      help="Cap on the GPU memory --gpu-layers auto may use, e.g. 2GiB (default: the free memory)."),
         click.option("--models-dir", type=click.Path(file_okay=False), default=None,
                      help="Model store to use for this command."),
+        click.option("--mmap/--no-mmap", default=None, help=MMAP_HELP),
         click.option("--cache-type-k", type=click.Choice(CACHE_TYPES), default="f16", show_default=True,
                      help="KV cache type of keys (q8_0 halves its memory)."),
         click.option("--cache-type-v", type=click.Choice(CACHE_TYPES), default="f16", show_default=True,

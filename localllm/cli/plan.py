@@ -6,7 +6,7 @@ import json
 
 import click
 
-from localllm.cli.options import CACHE_TYPES, GpuMemory, human_bytes
+from localllm.cli.options import CACHE_TYPES, MMAP_HELP, GpuMemory, human_bytes
 
 
 def table(p: dict) -> str:
@@ -14,8 +14,9 @@ def table(p: dict) -> str:
     rows = [
         ("model", f"{p['path']} ({p['quant']}, {p['parameters'] / 1e6:.1f}M parameters, {p['n_layer']} layers)"),
         ("context", f"{p['n_ctx']} tokens"),
-        ("weights (mapped file)", human_bytes(p["file_bytes"])),
-        ("repacked weights", human_bytes(p["repack_bytes"])),
+        ("weights (mapped file)", human_bytes(p["file_bytes"])) if p["mmap"] else
+        ("weights (in memory)", human_bytes(p["weights_bytes"])),
+        ("repacked weights", human_bytes(p["repack_bytes"]) + ("" if p["mmap"] else " of them, in a new layout")),
         ("vocabulary tables", human_bytes(p["vocab_bytes"])),
         ("KV cache", human_bytes(p["kv_bytes"])),
         ("output buffer", human_bytes(p["output_bytes"])),
@@ -41,16 +42,18 @@ def table(p: dict) -> str:
               help="KV cache type of keys.")
 @click.option("--cache-type-v", type=click.Choice(CACHE_TYPES), default="f16", show_default=True,
               help="KV cache type of values.")
+@click.option("--mmap/--no-mmap", default=None, help=MMAP_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @click.option("--models-dir", type=click.Path(file_okay=False), default=None)
 def command(model: str | None, n_ctx: int | None, gpu_memory: int | None, cache_type_k: str, cache_type_v: str,
-            as_json: bool, models_dir: str | None) -> int:
+            mmap: bool | None, as_json: bool, models_dir: str | None) -> int:
     """Show the memory MODEL needs at --ctx and how many layers go to the GPU. Exits 1 if it does not fit."""
     from localllm import loader, plan
 
-    prep = loader.prepare(loader.ModelSettings(model=model, models_dir=models_dir, n_ctx=n_ctx,
-                                               cache_type_k=cache_type_k, cache_type_v=cache_type_v))
+    s = loader.ModelSettings(model=model, models_dir=models_dir, n_ctx=n_ctx, cache_type_k=cache_type_k,
+                             cache_type_v=cache_type_v, mmap=mmap)
+    prep = loader.prepare(s)
     p = plan.make_plan(prep.path, n_ctx=n_ctx, gpu_memory=gpu_memory, cache_type_k=cache_type_k,
-                       cache_type_v=cache_type_v).to_dict()
+                       cache_type_v=cache_type_v, mmap=s.use_mmap()).to_dict()
     click.echo(json.dumps(p, indent=2) if as_json else table(p))
     return 0 if p["fits"] else 1

@@ -1,20 +1,25 @@
-"""Transparent huge pages for the weights llama.cpp copies into its own memory.
+"""Transparent huge pages for the weights llama.cpp holds in its own memory.
 
-On x86 llama.cpp repacks Q4_0, IQ4_NL and some k-quants into an interleaved
-layout, in memory it allocates itself (``CPU_REPACK model buffer``). On a kernel
-whose THP mode is ``madvise`` (Debian's default) that memory gets 4 KiB pages,
-and the decode's matrix-vector kernels then miss the TLB on every weight row:
-backing it with 2 MiB pages made Q4_0 decode about 3 % faster on an AVX-512
-EPYC (``benchmarks/hugepages_bench.py``: 1.028 and 1.049 in two runs). llama.cpp does not ask for huge pages,
-and glibc only does with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` set before
-the process starts, which a library cannot do.
+llama.cpp keeps weights in memory it allocates itself in two cases: when it
+reads the file instead of mapping it (``mmap=False``, the default where THP is
+available: ``hardware.weights_in_memory``), and, on x86, for the Q4_0, IQ4_NL
+and k-quant matrices it repacks into an interleaved layout (``CPU_REPACK model
+buffer``). On a kernel whose THP mode is ``madvise`` (Debian's default) that
+memory gets 4 KiB pages, and a decode, which streams every weight once per
+token, then misses the TLB on every page. Backed by 2 MiB pages, decode was
+7-17 % faster with the weights read into memory, and about 3 % faster for
+repacked Q4_0 with the rest mapped, on an AVX-512 EPYC
+(``benchmarks/hugepages_bench.py``). llama.cpp does not ask for huge pages, and
+glibc only does with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` set before the
+process starts, which a library cannot do.
 
 So the loader marks, with ``madvise(MADV_HUGEPAGE)``, the anonymous memory
 that appeared while llama.cpp allocated the model's buffers, *before* it fills
 them: its first progress callback comes after the allocation and before the
 first tensor is read. The pages then fault in as huge pages; nothing is copied.
-Memory llama.cpp maps from the file (weights it does not repack) is untouched,
-and so is the KV cache (huge pages there measured +1 %, within the noise).
+A mapped file's pages are untouched (the page cache cannot be asked for huge
+pages on this kernel configuration), and so is the KV cache (huge pages there
+measured +1 %, within the noise).
 
 malloc may serve a buffer from free memory it already holds (in a process that
 has loaded and freed models before); that one is not new and keeps its 4 KiB
@@ -32,23 +37,12 @@ import ctypes
 import sys
 from pathlib import Path
 
+from localllm.hardware import thp_mode
+
 _MADV_HUGEPAGE = 14  # <sys/mman.h>
 _HUGE = 2 << 20
-_MODE_FILE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 Ranges = list[tuple[int, int]]
-
-
-def thp_mode() -> str | None:
-    """The kernel's THP mode (``always``, ``madvise`` or ``never``), None without THP."""
-    try:
-        text = _MODE_FILE.read_text()
-    except OSError:
-        return None
-    for word in text.split():
-        if word.startswith("["):
-            return word.strip("[]")
-    return None
 
 
 def wanted() -> bool:

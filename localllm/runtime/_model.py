@@ -15,11 +15,14 @@ from localllm.runtime._lib import _LOG_ERROR, C, _backend, _explain_load_failure
 
 # --------------------------------------------------------------------------- model
 
+_LOAD_MODE_AUTO, _LOAD_MODE_NONE = -1, 0  # enum llama_load_mode: AUTO maps the file, NONE reads it into memory
+
 class LlamaModel:
     """A loaded llama.cpp model (weights + vocabulary). Free with :meth:`close`.
 
-    Loading is read-only and the weights are memory-mapped, so several
-    contexts may share one model.
+    Loading is read-only, so several contexts may share one model. ``use_mmap``
+    maps the file (the page cache is shared with other processes); ``False`` reads
+    the weights into memory the loader backs with huge pages (runtime/_hugepages.py).
     """
 
     def __init__(self, path: str | os.PathLike[str], *, n_gpu_layers: int = 0,
@@ -29,7 +32,8 @@ class LlamaModel:
         params = C.llama_model_default_params()
         params.n_gpu_layers = int(n_gpu_layers)
         params.vocab_only = bool(vocab_only)
-        params.use_mmap = bool(use_mmap)
+        # llama.cpp 0.3.36 has load_mode, not use_mmap (a ctypes Structure takes any attribute silently)
+        params.load_mode = _LOAD_MODE_AUTO if use_mmap else _LOAD_MODE_NONE
         # False keeps weights unrepacked: slower on some CPUs, but the same kernel runs for 1 and n rows
         params.use_extra_bufts = bool(use_extra_bufts)
         watch = NewMemory()  # huge pages for the buffers llama.cpp fills itself (repacked weights)
