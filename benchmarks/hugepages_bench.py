@@ -1,14 +1,19 @@
-"""What huge pages for llama.cpp's repacked weights buy (localllm/runtime/_hugepages.py).
+"""What huge pages for the weights buy (localllm/runtime/_hugepages.py, hardware.weights_in_memory).
 
-    python benchmarks/hugepages_bench.py [--rounds 20] [--tokens 128] [--models ...]
+    python benchmarks/hugepages_bench.py [--rounds 10] [--tokens 128] [--models ...]
 
-Each model is loaded twice in one process, once with ``LOCALLLM_HUGEPAGES=0``
-and once without, and ``Model.stream`` decodes with each in turn, the order
-alternating by round; the ratio reported is the median of the per-round ratios
-(huge / 4 KiB) with their range, so that this VM's drift in speed cancels out.
-A 200-token prompt's first token (median of three) is compared the same way. The decode only
-gains where llama.cpp repacks the weights (Q4_0 and, partly, Q4_K on x86);
-Q8_0 is the control.
+Each model is loaded three times in one process and ``Model.stream`` decodes
+with each in turn, the order rotating by round:
+
+- ``mapped``: the file mapped (``mmap=True``), as llama.cpp and llama-bench do;
+  the weights llama.cpp repacks (Q4_0, part of Q4_K) sit in huge pages;
+- ``read 4K``: read into memory with ``LOCALLLM_HUGEPAGES=0``: small pages;
+- ``read huge``: read into memory backed by huge pages (the default where the
+  kernel's THP mode is ``madvise`` or ``always``).
+
+Ratios are to ``mapped``: the median of the per-round ratios with their range,
+so that this VM's drift in speed cancels out. A 200-token prompt's first token
+(median of three) is compared the same way.
 """
 
 from __future__ import annotations
@@ -23,45 +28,59 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from generation_bench import ours_tg as decode, ttft_200 as first_token  # noqa: E402  the same measurements
 
-MODELS = ["smollm2-135m:q4_0", "gemma3-270m", "smollm2-135m:q8_0"]
+MODELS = ["smollm2-135m:q8_0", "smollm2-135m:bf16", "smollm2-135m:q4_0", "smollm2-135m:q4_1", "gemma3-270m"]
+# (name, mmap, LOCALLLM_HUGEPAGES); read huge first, so its buffers come from fresh memory (runtime/_hugepages.py)
+CONFIGS = [("read huge", False, "1"), ("read 4K", False, "0"), ("mapped", True, "1")]
+
+
+def _load(path: Path, mmap: bool, huge: str, threads: int):
+    from localllm import Model
+
+    os.environ["LOCALLLM_HUGEPAGES"] = huge  # read when the model loads
+    try:
+        return Model(path, n_ctx=1024, n_threads=threads, prompt_cache=False, mmap=mmap)
+    finally:
+        os.environ.pop("LOCALLLM_HUGEPAGES")
+
+
+def _ratio(xs: list[float], ys: list[float]) -> str:
+    r = [x / y for x, y in zip(xs, ys)]
+    return f"{statistics.median(r):.3f} ({min(r):.2f}-{max(r):.2f})"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--models", nargs="*", default=MODELS)
     a = ap.parse_args()
 
-    from localllm import Model, store
-    from localllm.runtime import _hugepages
+    from localllm import hardware, store
 
-    print(f"THP mode: {_hugepages.thp_mode()}")
+    print(f"THP mode: {hardware.thp_mode()}")
+    print("| model | huge pages, mapped / read | decode tok/s, mapped | read 4K / mapped | read huge / mapped "
+          "| 200-token prompt speed, read huge / mapped |")
+    print("|---|---|---|---|---|---|")
     for ref in a.models:
         path = store.resolve(ref)
-        models = {}
-        for on in (True, False):  # on first: its buffers then come from fresh memory (runtime/_hugepages.py)
-            os.environ["LOCALLLM_HUGEPAGES"] = "1" if on else "0"  # read when the model loads
-            models[on] = Model(path, n_ctx=1024, n_threads=a.threads, prompt_cache=False)
-        os.environ.pop("LOCALLLM_HUGEPAGES")
-        marked = models[True]._engine.llama.hugepage_bytes / 2**20
-        tg: dict[bool, list[float]] = {False: [], True: []}
-        ttft: dict[bool, list[float]] = {False: [], True: []}
+        models = {name: _load(path, mmap, huge, a.threads) for name, mmap, huge in CONFIGS}
+        marked = {name: m._engine.llama.hugepage_bytes / 2**20 for name, m in models.items()}
+        tg: dict[str, list[float]] = {name: [] for name in models}
+        ttft: dict[str, list[float]] = {name: [] for name in models}
         for m in models.values():
             decode(m, 16)  # page the weights in
+        names = list(models)
         for r in range(a.rounds):
-            for on in ((False, True) if r % 2 == 0 else (True, False)):
-                tg[on].append(decode(models[on], a.tokens))
-                ttft[on].append(first_token(models[on]))
+            for name in names[r % 3:] + names[:r % 3]:
+                tg[name].append(decode(models[name], a.tokens))
+                ttft[name].append(first_token(models[name]))
         for m in models.values():
             m.close()
-        ratios = [h / s for h, s in zip(tg[True], tg[False])]
-        pp = [s / h for h, s in zip(ttft[True], ttft[False])]  # speed ratio: >1 is faster
-        print(f"{ref:20s} huge pages {marked:5.0f} MiB | decode {statistics.median(tg[False]):6.1f} -> "
-              f"{statistics.median(tg[True]):6.1f} tok/s, ratio {statistics.median(ratios):.3f} "
-              f"({min(ratios):.2f}-{max(ratios):.2f}) | 200-token prompt speed ratio {statistics.median(pp):.3f} "
-              f"({min(pp):.2f}-{max(pp):.2f})", flush=True)
+        print(f"| {ref} | {marked['mapped']:.0f} / {marked['read huge']:.0f} MiB "
+              f"| {statistics.median(tg['mapped']):.1f} | {_ratio(tg['read 4K'], tg['mapped'])} "
+              f"| **{_ratio(tg['read huge'], tg['mapped'])}** | {_ratio(ttft['mapped'], ttft['read huge'])} |",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,13 @@
 """Reproduce docs/plan.md's table: the planner's RAM estimate against the real
 RSS growth of loading a model, creating a context and decoding a full
-512-token micro-batch (one fresh process per row).
+512-token micro-batch (one fresh process per row), with the weights mapped
+from the file and read into memory.
 
     python scripts/plan_vs_rss.py [MODEL ...]
 """
 
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,24 +15,25 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
-from test_plan import _MEASURE  # noqa: E402  (the same measurement the test makes)
+from test_plan import measure  # noqa: E402  (the same measurement the test makes)
 
 from localllm import plan, store  # noqa: E402
 
 
 def main(models: list[str]) -> None:
-    print(f"| model | n_ctx | estimate MiB | measured MiB | error | KV MiB | repack MiB | vocab MiB | compute MiB |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| model | weights | n_ctx | estimate MiB | measured MiB | error | KV MiB | repack MiB | vocab MiB "
+          "| compute MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for ref in models:
         path = store.resolve(ref)
-        for n_ctx in (512, 4096):
-            out = subprocess.run([sys.executable, "-c", _MEASURE, str(path), str(n_ctx)], cwd=ROOT,
-                                 capture_output=True, text=True, check=True)
-            meas = json.loads(out.stdout.strip().splitlines()[-1])["growth"]
-            p = plan.make_plan(path, n_ctx=n_ctx, offload=False, gpu_free=0)
-            mib = lambda b: f"{b / 2**20:.1f}"  # noqa: E731
-            print(f"| {ref} | {n_ctx} | {mib(p.ram_bytes)} | {mib(meas)} | {(meas - p.ram_bytes) / p.ram_bytes:+.1%} "
-                  f"| {mib(p.kv_bytes)} | {mib(p.repack_bytes)} | {mib(p.vocab_bytes)} | {mib(p.compute_bytes)} |")
+        for mmap in (True, False):
+            for n_ctx in (512, 4096):
+                meas = measure(path, n_ctx, mmap)
+                p = plan.make_plan(path, n_ctx=n_ctx, offload=False, gpu_free=0, mmap=mmap)
+                mib = lambda b: f"{b / 2**20:.1f}"  # noqa: E731
+                print(f"| {ref} | {'mapped' if mmap else 'read'} | {n_ctx} | {mib(p.ram_bytes)} | {mib(meas)} "
+                      f"| {(meas - p.ram_bytes) / p.ram_bytes:+.1%} | {mib(p.kv_bytes)} | {mib(p.repack_bytes)} "
+                      f"| {mib(p.vocab_bytes)} | {mib(p.compute_bytes)} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,16 @@ sys.path.insert(0, str(Path(__file__).parent))
 from ggufs import write_tiny_llama  # noqa: E402
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Started in the background from a script (``./test &``), pytest inherits SIGINT ignored, and so
+    would every program it starts: the tests that press Ctrl-C in `run` and `serve` would then wait in
+    vain. Python's own handler is reset to the default in a child, an ignored signal is not."""
+    import signal
+
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def turn_end_cut(ids: list[int], end: int) -> int:
     """How much of a chat prompt a later prompt reuses: up to the end of its last finished turn
     (token ``end``) that is at least MIN_CHUNK tokens after the previous one (the rule of
