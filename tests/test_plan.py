@@ -155,3 +155,26 @@ def test_plan_cli_json_and_table(default_model_path: Path) -> None:
     r = CliRunner().invoke(cli, ["plan", str(default_model_path), "--ctx", "1024", "--gpu-memory", "1GiB"],
                            catch_exceptions=False)
     assert r.exit_code == 0 and "KV cache" in r.output and "GPU layers" in r.output
+
+
+def test_plan_table_says_how_the_weights_are_held(default_model_path: Path) -> None:
+    """--mmap counts the mapped file, --no-mmap the tensors alone; the GGUF header gives both sizes."""
+    from click.testing import CliRunner
+
+    from localllm.cli import _register, cli
+    from localllm.cli.options import human_bytes
+    from localllm.validate import read_header
+
+    _register()
+    h = read_header(default_model_path)
+    tensors = sum(t.nbytes for t in h.tensors)
+    rows = {}
+    for flag in ("--mmap", "--no-mmap"):
+        r = CliRunner().invoke(cli, ["plan", str(default_model_path), "--ctx", "1024", flag], catch_exceptions=False)
+        assert r.exit_code == 0, r.output
+        rows[flag] = r.output
+    assert f"weights (mapped file)  {human_bytes(h.file_size)}" in rows["--mmap"], rows["--mmap"]
+    assert f"weights (in memory)  {human_bytes(tensors)}" in rows["--no-mmap"], rows["--no-mmap"]
+    ram = {f: json.loads(CliRunner().invoke(cli, ["plan", str(default_model_path), "--ctx", "1024", f, "--json"],
+                                            catch_exceptions=False).output)["ram_bytes"] for f in rows}
+    assert ram["--mmap"] - ram["--no-mmap"] == h.file_size - tensors

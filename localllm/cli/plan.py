@@ -16,7 +16,7 @@ def table(p: dict) -> str:
         ("context", f"{p['n_ctx']} tokens"),
         ("weights (mapped file)", human_bytes(p["file_bytes"])) if p["mmap"] else
         ("weights (in memory)", human_bytes(p["weights_bytes"])),
-        ("repacked weights", human_bytes(p["repack_bytes"]) + ("" if p["mmap"] else " of them, in a new layout")),
+        ("repacked weights", human_bytes(p["repack_bytes"]) + ("" if p["mmap"] else " (included above)")),
         ("vocabulary tables", human_bytes(p["vocab_bytes"])),
         ("KV cache", human_bytes(p["kv_bytes"])),
         ("output buffer", human_bytes(p["output_bytes"])),
