@@ -13,7 +13,10 @@ with each in turn, the order rotating by round:
 
 Ratios are to ``mapped``: the median of the per-round ratios with their range,
 so that this VM's drift in speed cancels out. A 200-token prompt's first token
-(median of three) is compared the same way.
+(median of three) is compared the same way. Each model runs in a fresh process:
+in one that has loaded and freed other models, a buffer under 32 MiB (glibc's
+largest mmap threshold) can come from memory malloc already holds, which keeps
+its small pages (runtime/_hugepages.py).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 
@@ -54,14 +58,21 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--models", nargs="*", default=MODELS)
+    ap.add_argument("--row", action="store_true", help=argparse.SUPPRESS)  # one model, in this process
     a = ap.parse_args()
 
     from localllm import hardware, store
 
-    print(f"THP mode: {hardware.thp_mode()}")
-    print("| model | huge pages, mapped / read | decode tok/s, mapped | read 4K / mapped | read huge / mapped "
-          "| 200-token prompt speed, read huge / mapped |")
-    print("|---|---|---|---|---|---|")
+    if not a.row:
+        print(f"THP mode: {hardware.thp_mode()}")
+        print("| model | huge pages, mapped / read | decode tok/s, mapped | read 4K / mapped | read huge / mapped "
+              "| 200-token prompt speed, read huge / mapped |")
+        print("|---|---|---|---|---|---|", flush=True)
+        for ref in a.models:
+            subprocess.run([sys.executable, __file__, "--row", "--models", ref, "--rounds", str(a.rounds),
+                            "--tokens", str(a.tokens), "--threads", str(a.threads)], check=True,
+                           stderr=subprocess.DEVNULL)
+        return
     for ref in a.models:
         path = store.resolve(ref)
         models = {name: _load(path, mmap, huge, a.threads) for name, mmap, huge in CONFIGS}

@@ -22,9 +22,12 @@ pages on this kernel configuration), and so is the KV cache (huge pages there
 measured +1 %, within the noise).
 
 malloc may serve a buffer from free memory it already holds (in a process that
-has loaded and freed models before); that one is not new and keeps its 4 KiB
-pages. So the loader first hands malloc's free memory back (``malloc_trim``),
-and counts the growth of malloc's ``[heap]`` as new.
+has loaded and freed models before: glibc does so for buffers under 32 MiB,
+its largest mmap threshold); that one is not new and keeps its 4 KiB pages.
+So the loader first hands malloc's free memory back (``malloc_trim``), counts
+the growth of malloc's ``[heap]`` as new, and, once the load is done, has the
+kernel copy into huge pages (``MADV_COLLAPSE``, Linux 6.1) each 2 MiB of old
+memory that was empty before the load and is full after it.
 
 Off with ``LOCALLLM_HUGEPAGES=0``; a no-op where the kernel has no THP, where
 its mode is ``never`` (the administrator's choice) or ``always`` (nothing to
@@ -40,6 +43,8 @@ from pathlib import Path
 from localllm.hardware import thp_mode
 
 _MADV_HUGEPAGE = 14  # <sys/mman.h>
+_MADV_COLLAPSE = 25  # Linux 6.1
+_PAGE = 4096
 _HUGE = 2 << 20
 
 Ranges = list[tuple[int, int]]
@@ -102,6 +107,50 @@ def advise(ranges: Ranges) -> int:
     return marked
 
 
+def chunk_presence(ranges: Ranges) -> dict[int, int]:
+    """Present 4 KiB pages in each whole 2 MiB chunk of ``ranges``, by chunk address (/proc/self/pagemap:
+    bit 63 of each page's entry; readable without privileges)."""
+    import numpy as np
+
+    out: dict[int, int] = {}
+    with open("/proc/self/pagemap", "rb") as f:
+        for a, b in ranges:
+            lo, hi = -(-a // _HUGE) * _HUGE, b // _HUGE * _HUGE
+            if hi <= lo:
+                continue
+            f.seek(lo // _PAGE * 8)
+            raw = f.read((hi - lo) // _PAGE * 8)
+            n = len(raw) // 8 // (_HUGE // _PAGE)  # whole chunks read
+            counts = (np.frombuffer(raw[:n * _HUGE // _PAGE * 8], dtype="<u8") >> np.uint64(63)).reshape(n, -1).sum(1)
+            out.update(zip(range(lo, lo + n * _HUGE, _HUGE), counts.tolist()))
+    return out
+
+
+def filled_runs(before: dict[int, int], after: dict[int, int]) -> Ranges:
+    """The runs of 2 MiB chunks that were not wholly present before and are after."""
+    full = _HUGE // _PAGE
+    chunks = sorted(c for c, n in after.items() if n == full and c in before and before[c] < full)
+    runs: Ranges = []
+    for c in chunks:
+        if runs and runs[-1][1] == c:
+            runs[-1] = (runs[-1][0], c + _HUGE)
+        else:
+            runs.append((c, c + _HUGE))
+    return runs
+
+
+def collapse(runs: Ranges) -> int:
+    """Mark ``runs`` ``MADV_HUGEPAGE`` and have the kernel copy them into huge pages now
+    (``MADV_COLLAPSE``). Returns the bytes collapsed; 0 on kernels without it."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    done = 0
+    for a, b in runs:
+        if libc.madvise(a, b - a, _MADV_HUGEPAGE) == 0 and libc.madvise(a, b - a, _MADV_COLLAPSE) == 0:
+            done += b - a
+    return done
+
+
 def _trim() -> None:
     """Give the free memory at the top of malloc's heaps back to the system (glibc's malloc_trim):
     a long-running process holds up to 64 MiB there, and a buffer carved from it is not new."""
@@ -116,10 +165,13 @@ def _trim() -> None:
 class NewMemory:
     """The anonymous memory allocated between :meth:`start` and :meth:`mark`: a model load
     calls :meth:`mark` from its first progress callback, when llama.cpp's buffers exist but
-    are still empty, so that they fault in as huge pages."""
+    are still empty, so that they fault in as huge pages; and :meth:`finish` once it is done,
+    for buffers malloc carved from memory it already held."""
 
     def __init__(self) -> None:
         self.before: Ranges | None = None
+        self.old: Ranges = []
+        self.presence: dict[int, int] = {}
         self.marked = 0
 
     def start(self) -> None:
@@ -127,7 +179,11 @@ class NewMemory:
             self.before = None
             return
         _trim()  # else malloc may serve the buffers from free memory it already holds (not new)
-        self.before = anonymous_ranges()
+        self.before = self.old = anonymous_ranges()
+        try:
+            self.presence = chunk_presence(self.old)
+        except (OSError, ValueError):
+            self.presence = {}
 
     def mark(self) -> None:
         if self.before is None:
@@ -137,3 +193,13 @@ class NewMemory:
             self.marked = advise(new_ranges(before, anonymous_ranges()))
         except OSError:  # no /proc or no libc: a speed-up missed, never a failed load
             self.marked = 0
+
+    def finish(self) -> None:
+        """After the load: collapse the old memory the buffers were carved from into huge pages."""
+        presence, self.presence = self.presence, {}
+        if not presence:
+            return
+        try:
+            self.marked += collapse(filled_runs(presence, chunk_presence(self.old)))
+        except (OSError, ValueError):
+            pass

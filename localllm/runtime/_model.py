@@ -48,6 +48,8 @@ class LlamaModel:
             watch.start()
         mark = sink.mark()
         ptr = C.llama_model_load_from_file(os.fsencode(self.path), params)
+        if ptr:
+            watch.finish()
         self.hugepage_bytes = watch.marked
         if not ptr:
             raise _explain_load_failure(self.path, sink.since(mark), sink.since(mark, _LOG_ERROR))
