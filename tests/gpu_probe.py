@@ -23,11 +23,13 @@ def _rss() -> int:
 
 
 def _device_buffers(lines: list[str]) -> dict[str, float]:
-    """llama.cpp's own "<device> <kind> buffer size = X MiB" lines for non-CPU devices, in bytes."""
+    """llama.cpp's own "<device> <kind> buffer size = X MiB" lines for non-CPU devices, in bytes. A device's
+    ``_Host`` buffer (pinned RAM: where llama.cpp reads the CPU layers' weights when the file is not mapped)
+    is RAM, not device memory."""
     out: dict[str, float] = {}
     for ln in lines:
         m = re.search(r"\b(\S+) (model|KV|compute) buffer size =\s*([0-9.]+) MiB", ln)
-        if m and not m.group(1).upper().startswith("CPU"):
+        if m and not m.group(1).upper().startswith("CPU") and not m.group(1).endswith("_Host"):
             out[m.group(2)] = out.get(m.group(2), 0.0) + float(m.group(3)) * 2**20
     return out
 
