@@ -129,8 +129,8 @@ def weights_in_memory() -> bool:
     Read into memory, the weights can sit in 2 MiB pages: the loader asks for them where the THP
     mode is ``madvise``, and the kernel gives them unasked where it is ``always``. A mapped file
     stays in the page cache's 4 KiB pages, and the decode, which streams every weight once per
-    token, then misses the TLB on every page: reading made decode 7-17 % faster on an AVX-512
-    EPYC (``benchmarks/hugepages_bench.py``) and costs about 30 ms per 100 MiB at load.
+    token, then misses the TLB on every page: reading made decode 3-16 % faster on an AVX-512
+    EPYC (``benchmarks/hugepages_bench.py``), for one copy of the weights at load.
     Mapping is kept off Linux, where THP is ``never`` or absent, and with ``LOCALLLM_HUGEPAGES=0``.
 
     Example:

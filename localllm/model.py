@@ -131,7 +131,7 @@ class Model:
     round differently, so a greedy near-tie may break the other way).
     ``mmap``: ``True`` maps the weights from the file (shared with other
     processes), ``False`` reads them into memory backed by huge pages (decode
-    7-17 % faster); the default reads where the kernel has transparent huge
+    3-16 % faster); the default reads where the kernel has transparent huge
     pages (``Model.info.mmap`` says which).
 
     Example:

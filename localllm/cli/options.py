@@ -79,7 +79,7 @@ def model_settings(model: str | None, n_ctx: int | None, n_threads: int | None, 
 
 
 MMAP_HELP = ("Map the weights from the file (page cache shared with other processes) or read them into "
-             "memory backed by huge pages (decode 7-17 %% faster; docs/performance.md). "
+             "memory backed by huge pages (decode 3-16 %% faster; docs/performance.md). "
              "Default: read where the kernel offers transparent huge pages, else map.")
 
 

@@ -7,7 +7,7 @@ and k-quant matrices it repacks into an interleaved layout (``CPU_REPACK model
 buffer``). On a kernel whose THP mode is ``madvise`` (Debian's default) that
 memory gets 4 KiB pages, and a decode, which streams every weight once per
 token, then misses the TLB on every page. Backed by 2 MiB pages, decode was
-7-17 % faster with the weights read into memory, and about 3 % faster for
+3-16 % faster with the weights read into memory, and about 3 % faster for
 repacked Q4_0 with the rest mapped, on an AVX-512 EPYC
 (``benchmarks/hugepages_bench.py``). llama.cpp does not ask for huge pages, and
 glibc only does with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` set before the
