@@ -94,12 +94,16 @@ class ModelSettings:
     def threads(self) -> int:
         return self.n_threads or settings_mod.default_threads()
 
-    def use_mmap(self) -> bool:
-        """Whether the weights are mapped from the file: ``mmap``, or where huge pages
-        would not back them in memory (hardware.weights_in_memory)."""
-        from localllm import hardware
+    def use_mmap(self, header: Header) -> bool:
+        """Whether the weights are mapped from the file: ``mmap``, or auto (plan.weights_mapped):
+        where huge pages would not back them in memory, or the model would not fit in RAM so held."""
+        if self.mmap is not None:
+            return self.mmap
+        from localllm import plan
 
-        return self.mmap if self.mmap is not None else not hardware.weights_in_memory()
+        n_ctx = self.n_ctx or plan.default_context(int(header.get("context_length", 0) or 0))
+        return plan.weights_mapped(header, n_ctx * self.n_seq, n_seq=self.n_seq, cache_type_k=self.cache_type_k,
+                                   cache_type_v=self.cache_type_v)
 
     def context_options(self) -> dict[str, Any]:
         """The llama.cpp context options these settings decide (for every generation context)."""
@@ -203,7 +207,7 @@ def load(s: ModelSettings, progress: Callable[[str], None] | None = None) -> Loa
 
     Runs out of GPU memory → retries with fewer layers (a note says so).
     """
-    from localllm import placement, runtime
+    from localllm import hardware, placement, runtime
     from localllm.plan import context_size, layer_split
     from localllm.prompting import Prompter
 
@@ -215,7 +219,11 @@ def load(s: ModelSettings, progress: Callable[[str], None] | None = None) -> Loa
     if not offload and isinstance(s.n_gpu_layers, int) and s.n_gpu_layers > 0:
         reason = (f"{s.n_gpu_layers} GPU layers requested, but this llama.cpp build has no GPU offload "
                   "(CPU only): 0 layers")
-    mmap = s.use_mmap()
+    mmap = s.use_mmap(prep.header)
+    if mmap and s.mmap is None and hardware.weights_in_memory():
+        prep.notes.append("the weights are mapped from the file, not read into huge pages: held in memory, "
+                          "the model would not fit in the RAM available (localllm plan MODEL --no-mmap says "
+                          "how much it needs)")
     llama, gpu_layers, notes = placement.load_with_fallback(
         lambda n: runtime.LlamaModel(prep.path, n_gpu_layers=n, use_extra_bufts=s.repack, use_mmap=mmap),
         prep.gpu_layers,

@@ -132,7 +132,7 @@ class Model:
     ``mmap``: ``True`` maps the weights from the file (shared with other
     processes), ``False`` reads them into memory backed by huge pages (decode
     3-16 % faster); the default reads where the kernel has transparent huge
-    pages (``Model.info.mmap`` says which).
+    pages and the model fits in RAM (``Model.info.mmap`` says which).
 
     Example:
         >>> with Model("smollm2-135m", n_ctx=2048, seed=1) as m:      # doctest: +SKIP

@@ -8,8 +8,8 @@ and the measurements:
 - **weights**: mapped (``mmap``), the file is memory-mapped and llama.cpp
   pre-faults the whole mapping at load, so the whole file becomes resident
   (page cache shared with other processes, but counted in this process's RSS).
-  Read into memory (the default where huge pages back it:
-  ``hardware.weights_in_memory``), only the tensors are resident;
+  Read into memory (the default where huge pages back it and it fits:
+  :func:`weights_mapped`), only the tensors are resident;
 - **repack**: on x86 with AVX2 the CPU backend copies some quant types
   (Q4_0, Q4_K, IQ4_NL, MXFP4; Q2_K with AVX-512) of matmul weights into an
   interleaved layout in anonymous memory: *in addition to* the mapped file,
@@ -292,6 +292,25 @@ def _devices_free() -> tuple[bool, int]:
     return True, sum(d["memory_free"] for d in runtime.backend_devices() if d["type"] in ("gpu", "igpu"))
 
 
+def weights_mapped(h: Header, n_ctx: int, *, n_seq: int = 1, ram: int | None = None,
+                   cpu: dict[str, Any] | None = None, cache_type_k: str = "f16", cache_type_v: str = "f16") -> bool:
+    """``mmap`` auto: read the weights into memory where huge pages back them
+    (``hardware.weights_in_memory``) and the model, so held, fits in ``ram`` (default:
+    available RAM); else map the file. Mapped, the kernel can drop the weights' page cache
+    under pressure and read it again, so a model larger than RAM still runs (slowly);
+    read into memory, it would not.
+
+    Example:
+        >>> weights_mapped(read_header("m.gguf"), 4096, ram=1 << 20)   # doctest: +SKIP
+        True
+    """
+    if not hardware.weights_in_memory():
+        return True
+    ram = ram if ram is not None else hardware.memory()["available"]
+    return estimate(h, n_ctx, n_seq=n_seq, cpu=cpu, cache_type=cache_type_k, cache_type_v=cache_type_v,
+                    mmap=False).ram_bytes > ram
+
+
 def make_plan(path: str | os.PathLike[str], *, n_ctx: int | None = None, gpu_memory: int | None = None,
               ram_available: int | None = None, n_ubatch: int = 512, offload: bool | None = None,
               gpu_free: int | None = None, cache_type_k: str = "f16", cache_type_v: str = "f16",
@@ -302,7 +321,8 @@ def make_plan(path: str | os.PathLike[str], *, n_ctx: int | None = None, gpu_mem
     ``gpu_memory``, the brief's ``max_memory``) after the compute buffer and
     a driver headroom; what stays on the CPU must fit in available RAM.
     ``offload`` and ``gpu_free`` override what the llama.cpp build reports (tests, what-ifs).
-    ``mmap``: the weights mapped or read into memory; None: what loading would do.
+    ``mmap``: the weights mapped or read into memory; None: what loading does with a model
+    that fits (:func:`weights_mapped`).
 
     Example:
         >>> make_plan("m.gguf", n_ctx=2048, gpu_memory=2 * 2**30).gpu_layers   # doctest: +SKIP
@@ -313,10 +333,11 @@ def make_plan(path: str | os.PathLike[str], *, n_ctx: int | None = None, gpu_mem
     trained = int(h.get("context_length", 0) or 0)
     n_ctx = n_ctx or default_context(trained)  # planning past the trained length is allowed (a what-if)
     cpu = hardware.cpu()
-    mmap = mmap if mmap is not None else not hardware.weights_in_memory()
+    ram = ram_available if ram_available is not None else hardware.memory()["available"]
+    if mmap is None:  # what loading does where the model fits (weights_mapped: it maps one that does not)
+        mmap = not hardware.weights_in_memory()
     kv: dict[str, Any] = {"cache_type": cache_type_k, "cache_type_v": cache_type_v, "mmap": mmap}
     est = estimate(h, n_ctx, n_ubatch=n_ubatch, cpu=cpu, **kv)
-    ram = ram_available if ram_available is not None else hardware.memory()["available"]
     reasons: list[str] = []
     if trained and n_ctx > trained:
         reasons.append(f"--ctx {n_ctx} is more than the {trained} tokens the model was trained on")
@@ -392,4 +413,4 @@ def _other_quants(h: Header, est: Estimate, ram: int, n_ctx: int, cpu: dict[str,
     return out
 
 
-__all__ = ["Estimate", "Plan", "estimate", "kv_layout", "make_plan", "split", "QUANT_BPW"]
+__all__ = ["Estimate", "Plan", "estimate", "kv_layout", "make_plan", "split", "weights_mapped", "QUANT_BPW"]

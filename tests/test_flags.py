@@ -8,6 +8,7 @@ every option of its command, so a new flag cannot be added without a check."""
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -318,6 +319,27 @@ def test_mmap_reaches_every_door(monkeypatch: pytest.MonkeyPatch, spies, tiny_gg
     assert seen[-1] is not mmap and json.loads(r.output)["mmap"] is not mmap
     ModelPool(ModelSettings(n_ctx=64, mmap=mmap), max_memory=1 << 30)._estimate(tiny_gguf)
     assert seen[-1] is mmap
+
+
+def test_auto_maps_a_model_that_would_not_fit_in_memory(monkeypatch: pytest.MonkeyPatch, spies,
+                                                         default_model_path: Path) -> None:
+    """Read into memory, a model larger than the RAM available would be killed by the kernel; mapped,
+    its page cache can be dropped and read again. Auto maps it and says why; ``mmap=False`` is obeyed."""
+    from localllm import Model, hardware, plan
+    from localllm.validate import read_header
+
+    monkeypatch.setattr(hardware, "weights_in_memory", lambda: True)
+    need = plan.estimate(read_header(default_model_path), 256, mmap=False).ram_bytes
+    for available, mapped in ((need - (8 << 20), True), (need + (64 << 20), False)):
+        monkeypatch.setattr(hardware, "memory", lambda a=available: {"total": 1 << 40, "available": a})
+        with pytest.warns(RuntimeWarning) if mapped else warnings.catch_warnings(record=True) as caught:
+            with Model(default_model_path, n_ctx=256, prompt_cache=False) as m:
+                assert m.info.mmap is mapped and spies["model"][-1]["use_mmap"] is mapped
+        notes = [str(w.message) for w in caught if "not read into huge pages" in str(w.message)]
+        assert len(notes) == int(mapped), notes
+    monkeypatch.setattr(hardware, "memory", lambda: {"total": 1 << 40, "available": need - (8 << 20)})
+    with Model(default_model_path, n_ctx=256, prompt_cache=False, mmap=False) as m:  # asked: obeyed
+        assert m.info.mmap is False
 
 
 def test_bad_mmap_is_refused(tiny_gguf: Path) -> None:

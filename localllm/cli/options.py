@@ -80,7 +80,7 @@ def model_settings(model: str | None, n_ctx: int | None, n_threads: int | None, 
 
 MMAP_HELP = ("Map the weights from the file (page cache shared with other processes) or read them into "
              "memory backed by huge pages (decode 3-16 %% faster; docs/performance.md). "
-             "Default: read where the kernel offers transparent huge pages, else map.")
+             "Default: read where the kernel offers transparent huge pages and the model fits in RAM, else map.")
 
 
 # plan.CACHE_TYPES, spelled out (importing plan would slow every command's start); tests/test_flags.py compares

@@ -50,10 +50,9 @@ def command(model: str | None, n_ctx: int | None, gpu_memory: int | None, cache_
     """Show the memory MODEL needs at --ctx and how many layers go to the GPU. Exits 1 if it does not fit."""
     from localllm import loader, plan
 
-    s = loader.ModelSettings(model=model, models_dir=models_dir, n_ctx=n_ctx, cache_type_k=cache_type_k,
-                             cache_type_v=cache_type_v, mmap=mmap)
-    prep = loader.prepare(s)
+    prep = loader.prepare(loader.ModelSettings(model=model, models_dir=models_dir, n_ctx=n_ctx,
+                                               cache_type_k=cache_type_k, cache_type_v=cache_type_v))
     p = plan.make_plan(prep.path, n_ctx=n_ctx, gpu_memory=gpu_memory, cache_type_k=cache_type_k,
-                       cache_type_v=cache_type_v, mmap=s.use_mmap()).to_dict()
+                       cache_type_v=cache_type_v, mmap=mmap).to_dict()
     click.echo(json.dumps(p, indent=2) if as_json else table(p))
     return 0 if p["fits"] else 1

@@ -108,7 +108,7 @@ class ModelPool:
         s = self.base
         n_ctx = s.n_ctx * s.n_seq if s.n_ctx else None
         p = plan.make_plan(path, n_ctx=n_ctx, cache_type_k=s.cache_type_k, cache_type_v=s.cache_type_v,
-                           mmap=s.use_mmap())
+                           mmap=s.mmap)
         return int(p.ram_bytes or p.total_bytes)
 
     def _make_room(self, ref: str, need: int) -> None:
