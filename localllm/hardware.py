@@ -13,6 +13,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -137,8 +138,6 @@ def weights_in_memory() -> bool:
         >>> weights_in_memory() in (True, False)
         True
     """
-    import sys
-
     from localllm import settings
 
     return sys.platform == "linux" and settings.hugepages() and thp_mode() in ("madvise", "always")

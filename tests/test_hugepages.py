@@ -226,7 +226,7 @@ import json, os, sys
 from localllm import Model, store
 from localllm.runtime._lib import _backend
 sys.path.insert(0, sys.argv[1])
-from test_hugepages import _buffer_mib
+from test_hugepages import _buffer_mib, _hg_huge_kib
 sink = _backend()
 for ref in ("smollm2-135m:q8_0", "smollm2-135m:bf16"):  # what hugepages_bench did in one process
     models = []
@@ -242,7 +242,7 @@ mark = sink.mark()
 m = Model(store.resolve("smollm2-135m:q4_0"), n_ctx=1024, prompt_cache=False, mmap=False)
 log = sink.since(mark)
 print(json.dumps({"buffers": _buffer_mib(log, "CPU") + _buffer_mib(log, "CPU_REPACK"),
-                  "marked": m._engine.llama.hugepage_bytes / 2**20}))
+                  "marked": m._engine.llama.hugepage_bytes / 2**20, "huge": sum(_hg_huge_kib().values()) / 1024}))
 """
 
 
@@ -261,3 +261,4 @@ def test_a_model_loaded_after_others_still_gets_huge_pages() -> None:
     assert run.returncode == 0, run.stderr[-2000:]
     r = json.loads(run.stdout.strip().splitlines()[-1])
     assert len(r["buffers"]) == 2 and r["marked"] >= sum(r["buffers"]) - 8, r
+    assert r["huge"] >= sum(r["buffers"]) - 8, r  # the kernel's count, not ours (smaps: 56 MiB without it)

@@ -94,15 +94,21 @@ def new_ranges(before: Ranges, after: Ranges) -> Ranges:
     return out
 
 
+def _madvise():
+    """libc's ``madvise(addr, length, advice)``."""
+    fn = ctypes.CDLL(None, use_errno=True).madvise
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return fn
+
+
 def advise(ranges: Ranges) -> int:
     """Mark each range's whole 2 MiB pages ``MADV_HUGEPAGE``, so that the pages touched from now
     on are huge. Returns the bytes marked."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    madvise = _madvise()
     marked = 0
     for a, b in ranges:
         lo, hi = -(-a // _HUGE) * _HUGE, b // _HUGE * _HUGE
-        if hi > lo and libc.madvise(lo, hi - lo, _MADV_HUGEPAGE) == 0:
+        if hi > lo and madvise(lo, hi - lo, _MADV_HUGEPAGE) == 0:
             marked += hi - lo
     return marked
 
@@ -142,11 +148,10 @@ def filled_runs(before: dict[int, int], after: dict[int, int]) -> Ranges:
 def collapse(runs: Ranges) -> int:
     """Mark ``runs`` ``MADV_HUGEPAGE`` and have the kernel copy them into huge pages now
     (``MADV_COLLAPSE``). Returns the bytes collapsed; 0 on kernels without it."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    madvise = _madvise()
     done = 0
     for a, b in runs:
-        if libc.madvise(a, b - a, _MADV_HUGEPAGE) == 0 and libc.madvise(a, b - a, _MADV_COLLAPSE) == 0:
+        if madvise(a, b - a, _MADV_HUGEPAGE) == 0 and madvise(a, b - a, _MADV_COLLAPSE) == 0:
             done += b - a
     return done
 
@@ -169,28 +174,28 @@ class NewMemory:
     for buffers malloc carved from memory it already held."""
 
     def __init__(self) -> None:
-        self.before: Ranges | None = None
-        self.old: Ranges = []
+        self.old: Ranges | None = None  # the anonymous mappings before the load; None: not wanted
+        self.pending = False            # mark() still to come
         self.presence: dict[int, int] = {}
         self.marked = 0
 
     def start(self) -> None:
         if not wanted():
-            self.before = None
+            self.old, self.pending = None, False
             return
         _trim()  # else malloc may serve the buffers from free memory it already holds (not new)
-        self.before = self.old = anonymous_ranges()
+        self.old, self.pending = anonymous_ranges(), True
         try:
             self.presence = chunk_presence(self.old)
         except (OSError, ValueError):
             self.presence = {}
 
     def mark(self) -> None:
-        if self.before is None:
+        if not self.pending or self.old is None:
             return
-        before, self.before = self.before, None  # once
+        self.pending = False  # once
         try:
-            self.marked = advise(new_ranges(before, anonymous_ranges()))
+            self.marked = advise(new_ranges(self.old, anonymous_ranges()))
         except OSError:  # no /proc or no libc: a speed-up missed, never a failed load
             self.marked = 0
 
@@ -200,6 +205,6 @@ class NewMemory:
         if not presence:
             return
         try:
-            self.marked += collapse(filled_runs(presence, chunk_presence(self.old)))
+            self.marked += collapse(filled_runs(presence, chunk_presence(self.old or [])))
         except (OSError, ValueError):
             pass
