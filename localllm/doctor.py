@@ -94,8 +94,10 @@ def _gpu_section(problems: list[dict[str, str | None]]) -> tuple[bool, dict[str,
                      "gpu_rebuild": rebuild}
 
 
-def report(model: str | None = None, *, n_ctx: int | None = None, models_dir: str | None = None) -> dict[str, Any]:
-    """Collect the doctor report (see module docstring for keys)."""
+def report(model: str | os.PathLike[str] | None = None, *, n_ctx: int | None = None,
+           models_dir: str | None = None) -> dict[str, Any]:
+    """Collect the doctor report (see module docstring for keys); with ``model`` (a GGUF path: the
+    CLI resolves names), whether it fits. ``models_dir``: the store whose disk is checked."""
     from localllm import runtime
 
     problems: list[dict[str, str | None]] = []
@@ -129,7 +131,9 @@ def report(model: str | None = None, *, n_ctx: int | None = None, models_dir: st
         "cpu": cpu,
         "build": {"llama_cpp_python": runtime.llama_cpp_version(), "system_info": info.strip(), "features": feats,
                   "missing_on_cpu": missing, "gpu_offload": offload,
-                  "cpu_variant": runtime.cpu_variant(), "rebuild": REBUILD_NATIVE if missing else None},
+                  "cpu_variant": runtime.cpu_variant(), "rebuild": REBUILD_NATIVE if missing else None,
+                  # repacked/AMX weight buffers: off where the build has AMX (they crash; runtime._lib)
+                  "extra_buffers": runtime.extra_buffers_usable()},
         "gpu": gpu,
         "memory": mem,
         # the kernel's THP mode, whether loading asks for huge pages, and whether it reads the weights into them
@@ -138,10 +142,10 @@ def report(model: str | None = None, *, n_ctx: int | None = None, models_dir: st
         "disk": disk,
         "problems": problems,
     }
-    if model is not None or models_dir is not None:
-        from localllm import plan, store as store_mod
+    if model is not None:
+        from localllm import plan
 
-        path = store_mod.resolve(model, models_dir=models_dir)
+        path = os.fspath(model)
         p = plan.make_plan(path, n_ctx=n_ctx)
         out["model"] = p.to_dict()
         if not p.fits:

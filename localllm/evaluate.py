@@ -34,7 +34,7 @@ import math
 import os
 import time
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -43,14 +43,13 @@ import numpy as np
 
 from localllm.errors import InvalidArgumentError
 from localllm.loader import ModelSettings
+from localllm.progress import Progress
 
 DEFAULT_CTX = 512
 LOGP_FLOOR = -16.0  # reference tokens below this log-probability are left out of the KL (as llama-perplexity)
 _Q16 = 65535.0 / -LOGP_FLOOR
 _BLOCK = 32         # rows converted to log-probabilities at a time (bounds memory for 256k vocabularies)
 _CACHE_VERSION = 2
-
-Progress = Callable[[int, int, str], None]   # (done, total, what)
 
 
 @dataclass(frozen=True)
@@ -254,7 +253,7 @@ def _load_reference(settings: ModelSettings, text: str, text_sha: str, use_cache
                     progress: Progress | None) -> tuple[_Reference, bool, Path]:
     """The reference's distributions (f16 KV: ``settings`` has the default cache types), from the cache
     when it holds them; (reference, whether cached, its path)."""
-    from localllm import store
+    from localllm import store   # the sha256 of the file (a path): no name is looked up
 
     n_ctx = int(settings.n_ctx or DEFAULT_CTX)
     rs = _Scorer(settings)
@@ -275,15 +274,15 @@ def _load_reference(settings: ModelSettings, text: str, text_sha: str, use_cache
 
 def evaluate(model: str | os.PathLike[str], *, reference: str | os.PathLike[str] | None = None,
              text: str | None = None, text_name: str | None = None, n_ctx: int = DEFAULT_CTX,
-             n_threads: int | None = None, models_dir: str | os.PathLike[str] | None = None,
-             use_cache: bool = True, cache_type_k: str = "f16", cache_type_v: str = "f16",
+             n_threads: int | None = None, use_cache: bool = True, cache_type_k: str = "f16", cache_type_v: str = "f16",
              flash_attn: str = "auto", progress: Progress | None = None) -> EvalResult:
-    """Perplexity of ``model`` on ``text`` (default: :func:`default_text`) and,
-    with ``reference``, KL divergence and top-1 agreement against it. The KV cache
-    types and flash attention apply to ``model`` only; the reference keeps f16 KV."""
+    """Perplexity of ``model`` (a GGUF path: the CLI resolves names) on ``text`` (default:
+    :func:`default_text`) and, with ``reference`` (a path), KL divergence and top-1 agreement
+    against it. The KV cache types and flash attention apply to ``model`` only; the reference
+    keeps f16 KV."""
     if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 8:
         raise InvalidArgumentError("the context must be an integer >= 8", param="ctx")
-    ms = ModelSettings(model=model, models_dir=models_dir, n_ctx=n_ctx, n_threads=n_threads,
+    ms = ModelSettings(model=model, n_ctx=n_ctx, n_threads=n_threads,
                        cache_type_k=cache_type_k, cache_type_v=cache_type_v, flash_attn=flash_attn)
     if text is None:
         text, text_name = default_text(), "built-in"
@@ -295,7 +294,7 @@ def evaluate(model: str | os.PathLike[str], *, reference: str | os.PathLike[str]
     cached: bool | None = None
     ref_path: Path | None = None
     if reference is not None:
-        rset = ModelSettings(model=reference, models_dir=models_dir, n_ctx=n_ctx, n_threads=n_threads)
+        rset = ModelSettings(model=reference, n_ctx=n_ctx, n_threads=n_threads)
         ref, cached, ref_path = _load_reference(rset, text, text_sha, use_cache, progress)
     scorer = _Scorer(ms)
     try:

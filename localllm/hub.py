@@ -114,7 +114,7 @@ def pull(repo: str, *, file: str | None = None, quant: str | None = None, revisi
 
     info = validate.summary(cached)  # refuse a bad file before copying anything
     name = name or default_name(repo)
-    version = (version or store._version_from_quant(info.get("quant"))).lower()
+    version = (version or store.version_from_quant(info.get("quant"))).lower()
     if store.find(f"{name}:{version}", root) is not None:
         return {**store.show(f"{name}:{version}", root), "already_present": True}
 

@@ -1,5 +1,6 @@
-"""The one loader: reference → store → header check → placement → llama.cpp
-model → prompter. ``Model``, ``serve`` and ``plan`` all go through it.
+"""The one loader: a GGUF path → header check → placement → llama.cpp model → prompter.
+``Model``, ``serve``, ``plan``, bench and eval all go through it. It takes a *path*: the doors
+turn names into paths first (:mod:`localllm.resolve`), so loading never starts a measurement.
 
 ``ModelSettings`` holds what every door can say about loading (context,
 threads, GPU layers, repacking, mapping, sequences); ``ModelInfo`` describes the
@@ -7,7 +8,7 @@ result with the same field names everywhere (``Model.info``, the server's
 ``/v1/models`` and ``/health``).
 
 Example:
-    >>> s = ModelSettings(model="smollm2-135m", n_ctx=2048)
+    >>> s = ModelSettings(model="models/smollm2-135m/q8_0/smollm2-135m-q8_0.gguf", n_ctx=2048)
     >>> (s.n_ctx, s.n_gpu_layers, s.n_seq)
     (2048, 'auto', 1)
     >>> loaded = load(s)                                            # doctest: +SKIP
@@ -24,20 +25,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from localllm import settings as settings_mod
-from localllm.errors import InvalidArgumentError
+from localllm import store
+from localllm.errors import InvalidArgumentError, ModelNotFoundError
+from localllm.formats import KV_TYPES, check_int, check_kv_type
 
 if TYPE_CHECKING:
     from localllm import runtime
+    from localllm.plan import Plan
     from localllm.prompting import Prompter
     from localllm.validate import Header
 
 GpuLayers = int | Literal["auto", "all"]
-
-
-def _check_int(name: str, v: Any, lo: int, hi: int | None = None) -> None:
-    if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
-        raise InvalidArgumentError(f"{name} must be an integer >= {lo}" + (f" and <= {hi}" if hi else ""),
-                                   param=name)
 
 
 @dataclass(frozen=True)
@@ -45,8 +43,7 @@ class ModelSettings:
     """How to load a model. ``n_ctx`` is per sequence; ``n_seq`` sequences are
     decoded together (the server's ``--parallel``), each with its own KV stream."""
 
-    model: str | os.PathLike[str] | None = None
-    models_dir: str | os.PathLike[str] | None = None
+    model: str | os.PathLike[str] | None = None   # the GGUF's path (a door resolves names: localllm.resolve)
     n_ctx: int | None = None
     n_threads: int | None = None
     n_gpu_layers: GpuLayers = "auto"
@@ -64,46 +61,58 @@ class ModelSettings:
 
     def __post_init__(self) -> None:
         from localllm.placement import parse_gpu_layers, parse_gpu_memory
-        from localllm.plan import CACHE_TYPES
 
         for name in ("cache_type_k", "cache_type_v"):
-            if getattr(self, name) not in CACHE_TYPES:
-                raise InvalidArgumentError(f"{name} must be one of {', '.join(CACHE_TYPES)}", param=name)
+            check_kv_type(getattr(self, name), name)
         if self.flash_attn not in ("auto", "on", "off"):
             raise InvalidArgumentError("flash_attn must be auto, on or off", param="flash_attn")
         if self.speculate not in ("on", "off"):
             raise InvalidArgumentError("speculate must be on or off", param="speculate")
-        if self.flash_attn == "off" and self.cache_type_v not in ("f16", "bf16", "f32"):
+        if self.flash_attn == "off" and KV_TYPES[self.cache_type_v].quantized:
             raise InvalidArgumentError("a quantized V cache needs flash attention (flash_attn auto or on)",
                                        param="cache_type_v")
         if self.n_ctx is not None:
-            _check_int("n_ctx", self.n_ctx, 16)
+            check_int("n_ctx", self.n_ctx, 16)
         if self.n_threads is not None:
-            _check_int("n_threads", self.n_threads, 1)
-        _check_int("n_seq", self.n_seq, 1, 256)
+            check_int("n_threads", self.n_threads, 1)
+        check_int("n_seq", self.n_seq, 1, 256)
         if not isinstance(self.repack, bool):
             raise InvalidArgumentError("repack must be true or false", param="repack")
         if self.mmap is not None and not isinstance(self.mmap, bool):
             raise InvalidArgumentError("mmap must be true, false or None (auto)", param="mmap")
         if not isinstance(self.prompt_cache, bool):
             raise InvalidArgumentError("prompt_cache must be true or false", param="prompt_cache")
-        _check_int("prompt_cache_bytes", self.prompt_cache_bytes, 1 << 20)
+        check_int("prompt_cache_bytes", self.prompt_cache_bytes, 1 << 20)
         object.__setattr__(self, "n_gpu_layers", parse_gpu_layers(self.n_gpu_layers))
         object.__setattr__(self, "gpu_memory", parse_gpu_memory(self.gpu_memory))
 
     def threads(self) -> int:
         return self.n_threads or settings_mod.default_threads()
 
+    def total_context(self, header: Header) -> int:
+        """The KV cells of all sequences together: ``n_ctx`` (or the model's default) × ``n_seq``."""
+        from localllm.plan import default_context
+
+        return (self.n_ctx or default_context(int(header.get("context_length", 0) or 0))) * self.n_seq
+
+    def plan(self, header: Header, **what_if: Any) -> Plan:
+        """The memory plan of loading ``header``'s model with these settings: the one that ``plan``,
+        the ``--all-models`` pool and loading itself read (the same layout, mapped or read, for each).
+        ``what_if`` passes make_plan's overrides (``ram_available``, ``offload``, ``gpu_free``)."""
+        from localllm.plan import make_plan
+
+        return make_plan(header, n_ctx=self.total_context(header), n_seq=self.n_seq, gpu_memory=self.gpu_memory,  # type: ignore[arg-type]
+                         cache_type_k=self.cache_type_k, cache_type_v=self.cache_type_v, mmap=self.mmap, **what_if)
+
     def use_mmap(self, header: Header) -> bool:
-        """Whether the weights are mapped from the file: ``mmap``, or auto (plan.weights_mapped):
-        where huge pages would not back them in memory, or the model would not fit in RAM so held."""
+        """Whether the weights are mapped from the file: ``mmap``, or auto (plan.weights_mapped, the one
+        rule): where huge pages would not back them in memory, or the model would not fit in RAM so held."""
         if self.mmap is not None:
             return self.mmap
         from localllm import plan
 
-        n_ctx = self.n_ctx or plan.default_context(int(header.get("context_length", 0) or 0))
-        return plan.weights_mapped(header, n_ctx * self.n_seq, n_seq=self.n_seq, cache_type_k=self.cache_type_k,
-                                   cache_type_v=self.cache_type_v)
+        return plan.weights_mapped(header, self.total_context(header), n_seq=self.n_seq,
+                                   cache_type_k=self.cache_type_k, cache_type_v=self.cache_type_v)
 
     def context_options(self) -> dict[str, Any]:
         """The llama.cpp context options these settings decide (for every generation context)."""
@@ -164,6 +173,7 @@ class Prepared:
     gpu_layers: int
     reason: str
     notes: list[str] = field(default_factory=list)   # e.g. the version chosen for this CPU on first use
+    settings: ModelSettings | None = None            # what it was prepared for
 
 
 @dataclass
@@ -183,27 +193,41 @@ class Loaded:
 
 def model_id(path: Path) -> str:
     """``NAME:VERSION`` for a file in the store, else the file's stem."""
-    if (path.parent / "manifest.json").is_file():
+    if (path.parent / store.MANIFEST).is_file():
         return f"{path.parent.parent.name}:{path.parent.name}"
     return path.stem
 
 
-def prepare(s: ModelSettings) -> Prepared:
-    """Resolve the reference, check the header (bounded, before llama.cpp), and place layers.
-    Cheap: reads the header only. ``plan`` and ``serve``'s early check stop here."""
-    from localllm import placement, store, validate
+def _path(s: ModelSettings) -> Path:
+    if s.model is None or s.model == "":
+        raise InvalidArgumentError("no model path given (a door resolves names first: localllm.resolve.resolve)",
+                                   param="model")
+    p = Path(s.model).expanduser()
+    if not p.is_file():
+        raise ModelNotFoundError(f"model file {p} does not exist" + (" (a directory)" if p.is_dir() else ""),
+                                 hint="pass the path of a .gguf file, or a name at a door (Model, the CLI, serve)",
+                                 path=str(p))
+    return p
 
-    notes: list[str] = []
-    path = store.resolve(s.model, models_dir=s.models_dir, notes=notes)
+
+def prepare(s: ModelSettings, notes: list[str] | None = None) -> Prepared:
+    """Check the header of ``s.model`` (a path; bounded, before llama.cpp) and place layers.
+    Cheap: reads the header only. ``plan`` and ``serve``'s early check stop here; pass the result
+    to :func:`load` so it is not done twice. ``notes`` (from resolving) travel with it."""
+    from localllm import placement, validate
+
+    path = _path(s)
     header = validate.read_header(path)
     n_ctx = s.n_ctx * s.n_seq if s.n_ctx else None
-    gpu_layers, reason = placement.explain(path, s.n_gpu_layers, n_ctx, gpu_memory=s.gpu_memory,  # type: ignore[arg-type]
+    gpu_layers, reason = placement.explain(header, s.n_gpu_layers, n_ctx, gpu_memory=s.gpu_memory,  # type: ignore[arg-type]
                                            cache_types=(s.cache_type_k, s.cache_type_v))
-    return Prepared(path, header, gpu_layers, reason, notes)
+    return Prepared(path, header, gpu_layers, reason, list(notes or []), s)
 
 
-def load(s: ModelSettings, progress: Callable[[str], None] | None = None) -> Loaded:
-    """Load ``s.model``: the whole path from a reference to a ready model.
+def load(s: ModelSettings, progress: Callable[[str], None] | None = None,
+         prepared: Prepared | None = None) -> Loaded:
+    """Load ``s.model`` (a path): header, placement, llama.cpp, prompter. ``prepared``: the result of
+    :func:`prepare` for these same settings, so nothing is read twice.
 
     Runs out of GPU memory → retries with fewer layers (a note says so).
     """
@@ -211,7 +235,9 @@ def load(s: ModelSettings, progress: Callable[[str], None] | None = None) -> Loa
     from localllm.plan import context_size, layer_split
     from localllm.prompting import Prompter
 
-    prep = prepare(s)
+    if prepared is not None and prepared.settings is not None and prepared.settings != s:
+        raise ValueError("load(): `prepared` was made for other settings")  # a bug in the caller, not the user's
+    prep = prepared or prepare(s)
     if progress:
         progress(f"loading {prep.path}")
     offload = runtime.supports_gpu_offload()

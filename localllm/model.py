@@ -146,6 +146,7 @@ class Model:
                  seed: int | None = None, models_dir: str | Path | None = None, repack: bool = True,
                  prompt_cache: bool | str | Path | None = None, speculate: str | None = None,
                  mmap: bool | None = None, settings: ModelSettings | None = None) -> None:
+        from localllm import loader, resolve
         from localllm.core.engine import Engine  # loads llama.cpp: import late
 
         self._lock = threading.Lock()
@@ -153,7 +154,7 @@ class Model:
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise InvalidArgumentError("seed must be an integer", param="seed")
         if settings is None:
-            settings = ModelSettings(model=model, models_dir=models_dir, n_ctx=n_ctx, n_threads=n_threads,
+            settings = ModelSettings(model=model, n_ctx=n_ctx, n_threads=n_threads,
                                      n_gpu_layers=n_gpu_layers, gpu_memory=gpu_memory, repack=repack, mmap=mmap)
         if prompt_cache is not None and not isinstance(prompt_cache, (bool, str, os.PathLike)):
             raise InvalidArgumentError("prompt_cache must be true, false or a folder", param="prompt_cache")
@@ -164,7 +165,10 @@ class Model:
                                            prompt_cache_dir=folder or settings.prompt_cache_dir)
         if speculate is not None:
             settings = dataclasses.replace(settings, speculate=speculate)
-        self._engine = Engine(settings)
+        notes: list[str] = []  # the door resolves the name once; everything below takes the path
+        settings = dataclasses.replace(settings, model=resolve.resolve(settings.model, models_dir=models_dir,
+                                                                       notes=notes))
+        self._engine = Engine(settings, prepared=loader.prepare(settings, notes))
         self._closed = False
         for note in self._engine.notes:  # the library never prints: a warning the caller may show
             warnings.warn(note, RuntimeWarning, stacklevel=2)
@@ -206,7 +210,7 @@ class Model:
         (for measuring, or to free the KV cache's contents)."""
         self._enter()
         try:
-            self._engine.scheduler.forget()
+            self._engine.forget()
         finally:
             self._lock.release()
 
@@ -221,8 +225,7 @@ class Model:
         if not isinstance(text, str):
             raise InvalidArgumentError("text must be a string", param="text")
         self._check_open()
-        e = self._engine
-        return e.prompter.tokenize(text, add_special=add_bos and e.llama.add_bos, special=special)
+        return self._engine.tokenize(text, add_special=add_bos, parse_special=special)
 
     def detokenize(self, ids: Sequence[int]) -> str:
         """Token ids → text.
@@ -234,7 +237,7 @@ class Model:
         self._check_open()
         if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
             raise InvalidArgumentError("ids must be integers", param="ids")
-        return self._engine.llama.detokenize(list(ids)).decode("utf-8", "replace")
+        return self._engine.detokenize(list(ids), special=False)
 
     def count_tokens(self, messages: Sequence[dict[str, Any]], *, system: str | None = None) -> int:
         """How many prompt tokens a chat is, exactly as ``chat`` (and the server) will read it.
@@ -243,16 +246,29 @@ class Model:
             >>> m.count_tokens([{"role": "user", "content": "Hi"}])     # doctest: +SKIP
             9
         """
+        return len(self.chat_tokens(messages, system=system))
+
+    def chat_tokens(self, messages: Sequence[dict[str, Any]], *, system: str | None = None) -> list[int]:
+        """The prompt's token ids for a chat, exactly as ``chat`` (and the server) will read it.
+
+        Example:
+            >>> m.chat_tokens([{"role": "user", "content": "Hi"}])[:2]   # doctest: +SKIP
+            [1, 9690]
+        """
         self._check_open()
-        return len(self._engine.chat_ids(messages, system))
+        return self._engine.chat_ids(messages, system)
 
     def render_chat(self, messages: Any, *, add_generation_prompt: bool = True) -> str:
         """The prompt text the model's chat template makes of ``messages``."""
         self._check_open()
         return self._engine.render_chat(messages, add_generation_prompt=add_generation_prompt)
 
-    def _chat_ids(self, messages: Any, system: str | None = None) -> list[int]:
-        return self._engine.chat_ids(messages, system)
+    @property
+    def engine(self) -> Any:
+        """The generation core under this Model (:class:`localllm.core.engine.Engine`), for benchmarks
+        and advanced use: what it exposes publicly is the same scheduler the server runs."""
+        self._check_open()
+        return self._engine
 
     # ------------------------------------------------------------------ the one path
     def _params(self, sampling: dict[str, Any], default_max: int) -> SamplingParams:

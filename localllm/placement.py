@@ -12,11 +12,14 @@ Example:
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from localllm.errors import InsufficientMemoryError, InvalidArgumentError
+from localllm.formats import parse_size
+
+if TYPE_CHECKING:
+    from localllm.validate import Header
 
 T = TypeVar("T")
 
@@ -39,35 +42,23 @@ def parse_gpu_layers(value: str | int) -> int | str:
                                param="gpu_layers")
 
 
-_SIZE_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
-               "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40}
-
-
 def parse_gpu_memory(value: str | int | None) -> int | None:
-    """Parse a ``--gpu-memory`` cap: bytes, or a size like ``2GiB``, ``512MB``, ``6g`` (None: no cap).
+    """Parse a ``--gpu-memory`` cap with the one size parser (:func:`localllm.formats.parse_size`:
+    ``512MB`` is 512·10⁶ bytes, ``512MiB`` and ``512M`` 512·2²⁰); None: no cap.
 
     Example:
         >>> parse_gpu_memory("2GiB"), parse_gpu_memory(512 * 2**20), parse_gpu_memory(None)
         (2147483648, 536870912, None)
     """
-    if value is None:
-        return None
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    if isinstance(value, str):
-        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value)
-        if m and m.group(2).lower() in _SIZE_UNITS:
-            return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
-    raise InvalidArgumentError(f"gpu memory must be a size like 2GiB, 512MB or a number of bytes >= 0, not {value!r}",
-                               param="gpu_memory")
+    return None if value is None else parse_size(value, "gpu_memory")
 
 
-def choose_gpu_layers(path: str | os.PathLike[str], requested: str | int, n_ctx: int | None) -> int:
+def choose_gpu_layers(path: str | os.PathLike[str] | Header, requested: str | int, n_ctx: int | None) -> int:
     """Resolve ``requested`` (N, "auto", "all") to a layer count for llama.cpp."""
     return explain(path, requested, n_ctx)[0]
 
 
-def explain(path: str | os.PathLike[str], requested: str | int, n_ctx: int | None,
+def explain(path: str | os.PathLike[str] | Header, requested: str | int, n_ctx: int | None,
             gpu_memory: int | None = None, cache_types: tuple[str, str] = ("f16", "f16")) -> tuple[int, str]:
     """``requested`` as a layer count, and why.
 

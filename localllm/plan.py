@@ -41,12 +41,10 @@ from typing import Any
 
 from localllm import hardware
 from localllm.errors import InvalidArgumentError
+from localllm.formats import KV_TYPES, QUANTS
 from localllm.validate import Header, read_header
 
 _BLK = re.compile(r"^blk\.(\d+)\.")
-_CACHE_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32, "q4_1": 20 / 32,
-                "q5_0": 22 / 32, "q5_1": 24 / 32, "iq4_nl": 18 / 32}
-CACHE_TYPES = tuple(_CACHE_BYTES)  # the KV cache types localllm offers (bytes per element above)
 # ggml type ids that the x86 CPU backend repacks (ggml-cpu/repack.cpp, ggml_repack_get_optimal_repack_type)
 _REPACK_AVX2 = {2: "Q4_0", 12: "Q4_K", 20: "IQ4_NL", 39: "MXFP4"}
 _REPACK_AVX512 = {10: "Q2_K"}
@@ -82,9 +80,8 @@ def context_size(requested: int | None, trained: int, *, param: str = "n_ctx") -
 
 _FIXED_OVERHEAD = 4 * 2**20  # contexts, thread pool, graph metadata
 _GPU_HEADROOM = 512 * 2**20  # CUDA context and driver allocations outside llama.cpp's buffers (not measured here)
-# approximate bits per weight of common quants, for "another quant would fit"
-QUANT_BPW = {"Q8_0": 8.5, "Q6_K": 6.56, "Q5_K_M": 5.69, "Q4_K_M": 4.89, "Q4_0": 4.55, "IQ4_XS": 4.25,
-             "Q3_K_M": 3.91, "Q2_K": 3.35}
+# the quants suggested when a model does not fit ("another quant would fit"), bits per weight from formats
+ALTERNATIVES = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "IQ4_XS", "Q3_K_M", "Q2_K")
 
 
 @dataclass
@@ -185,7 +182,16 @@ def kv_layout(h: Header) -> tuple[list[int], list[int], list[bool], int]:
     return k_w, v_w, swa, window
 
 
-def _repack_types(cpu_flags: dict[str, bool], arch: str) -> dict[int, str]:
+def _this_cpu() -> dict[str, Any]:
+    """hardware.cpu(), plus whether this llama.cpp build repacks at all (runtime.extra_buffers_usable)."""
+    from localllm import runtime
+
+    return {**hardware.cpu(), "repack": runtime.extra_buffers_usable()}
+
+
+def _repack_types(cpu_flags: dict[str, bool], arch: str, repack: bool = True) -> dict[int, str]:
+    if not repack:
+        return {}
     if arch in ("arm64", "aarch64"):
         return _REPACK_ARM if cpu_flags.get("neon") else {}
     types = dict(_REPACK_AVX2) if cpu_flags.get("avx2") else {}
@@ -208,8 +214,8 @@ def estimate(h: Header, n_ctx: int, *, n_ubatch: int = 512, n_seq: int = 1, cach
         274857984
     """
     n_layer = int(h.get("block_count", 0))
-    cpu = cpu if cpu is not None else hardware.cpu()
-    repack_types = _repack_types(cpu.get("flags", {}), cpu.get("arch", ""))
+    cpu = cpu if cpu is not None else _this_cpu()
+    repack_types = _repack_types(cpu.get("flags", {}), cpu.get("arch", ""), cpu.get("repack", True))
     layer_bytes = [0] * n_layer
     non_layer = repack = 0
     for t in h.tensors:
@@ -227,7 +233,7 @@ def estimate(h: Header, n_ctx: int, *, n_ubatch: int = 512, n_seq: int = 1, cach
     head = sizes.get("output.weight", sizes.get("token_embd.weight", 0)) + sizes.get("output_norm.weight", 0)
     n_ctx_p = _pad(n_ctx)
     k_w, v_w, swa, window = kv_layout(h)
-    per_k, per_v = _CACHE_BYTES[cache_type], _CACHE_BYTES[cache_type_v or cache_type]
+    per_k, per_v = KV_TYPES[cache_type].bytes, KV_TYPES[cache_type_v or cache_type].bytes
     kv_layers = []
     for kw, vw, is_swa in zip(k_w, v_w, swa):
         cells = n_ctx_p if (swa_full or not is_swa) else min(n_ctx_p, _pad(window * n_seq + n_ubatch))
@@ -294,7 +300,8 @@ def _devices_free() -> tuple[bool, int]:
 
 def weights_mapped(h: Header, n_ctx: int, *, n_seq: int = 1, ram: int | None = None,
                    cpu: dict[str, Any] | None = None, cache_type_k: str = "f16", cache_type_v: str = "f16") -> bool:
-    """``mmap`` auto: read the weights into memory where huge pages back them
+    """``mmap`` auto, the one rule that planning, loading and the pool share: read the weights into memory
+    where huge pages back them
     (``hardware.weights_in_memory``) and the model, so held, fits in ``ram`` (default:
     available RAM); else map the file. Mapped, the kernel can drop the weights' page cache
     under pressure and read it again, so a model larger than RAM still runs (slowly);
@@ -311,32 +318,34 @@ def weights_mapped(h: Header, n_ctx: int, *, n_seq: int = 1, ram: int | None = N
                     mmap=False).ram_bytes > ram
 
 
-def make_plan(path: str | os.PathLike[str], *, n_ctx: int | None = None, gpu_memory: int | None = None,
+def make_plan(path: str | os.PathLike[str] | Header, *, n_ctx: int | None = None, gpu_memory: int | None = None,
               ram_available: int | None = None, n_ubatch: int = 512, offload: bool | None = None,
               gpu_free: int | None = None, cache_type_k: str = "f16", cache_type_v: str = "f16",
-              mmap: bool | None = None) -> Plan:
+              mmap: bool | None = None, n_seq: int = 1) -> Plan:
     """Plan ``path`` at ``n_ctx`` (default: min(trained context, 4096)).
 
     GPU layers are the most that fit in the devices' free memory (capped by
     ``gpu_memory``, the brief's ``max_memory``) after the compute buffer and
     a driver headroom; what stays on the CPU must fit in available RAM.
     ``offload`` and ``gpu_free`` override what the llama.cpp build reports (tests, what-ifs).
-    ``mmap``: the weights mapped or read into memory; None: what loading does with a model
-    that fits (:func:`weights_mapped`).
+    ``mmap``: the weights mapped or read into memory; None: what loading does (:func:`weights_mapped`).
+    ``n_ctx`` is the whole context, all ``n_seq`` sequences together. ``path`` may be a header already read.
 
     Example:
         >>> make_plan("m.gguf", n_ctx=2048, gpu_memory=2 * 2**30).gpu_layers   # doctest: +SKIP
         0
     """
-    h = read_header(path)
+    h = path if isinstance(path, Header) else read_header(path)
+    path = h.path
     n_layer = int(h.get("block_count", 0))
     trained = int(h.get("context_length", 0) or 0)
     n_ctx = n_ctx or default_context(trained)  # planning past the trained length is allowed (a what-if)
-    cpu = hardware.cpu()
+    cpu = _this_cpu()
     ram = ram_available if ram_available is not None else hardware.memory()["available"]
-    if mmap is None:  # what loading does where the model fits (weights_mapped: it maps one that does not)
-        mmap = not hardware.weights_in_memory()
-    kv: dict[str, Any] = {"cache_type": cache_type_k, "cache_type_v": cache_type_v, "mmap": mmap}
+    if mmap is None:  # what loading does: read where huge pages back the weights and the model fits
+        mmap = weights_mapped(h, n_ctx, n_seq=n_seq, ram=ram, cpu=cpu, cache_type_k=cache_type_k,
+                              cache_type_v=cache_type_v)
+    kv: dict[str, Any] = {"cache_type": cache_type_k, "cache_type_v": cache_type_v, "mmap": mmap, "n_seq": n_seq}
     est = estimate(h, n_ctx, n_ubatch=n_ubatch, cpu=cpu, **kv)
     reasons: list[str] = []
     if trained and n_ctx > trained:
@@ -402,7 +411,8 @@ def _other_quants(h: Header, est: Estimate, ram: int, n_ctx: int, cpu: dict[str,
     params = h.parameters or 1
     bpw_now = est.weights_bytes * 8 / params
     out = []
-    for q, bpw in QUANT_BPW.items():
+    for q in ALTERNATIVES:
+        bpw = QUANTS[q].bpw
         if bpw >= bpw_now * 0.95:
             continue
         weights = int(params * bpw / 8)
@@ -413,4 +423,4 @@ def _other_quants(h: Header, est: Estimate, ram: int, n_ctx: int, cpu: dict[str,
     return out
 
 
-__all__ = ["Estimate", "Plan", "estimate", "kv_layout", "make_plan", "split", "weights_mapped", "QUANT_BPW"]
+__all__ = ["Estimate", "Plan", "estimate", "kv_layout", "make_plan", "split", "weights_mapped", "ALTERNATIVES"]

@@ -76,6 +76,12 @@ def hugepages() -> bool:
     return os.environ.get("LOCALLLM_HUGEPAGES", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
+def amx() -> bool:
+    """``LOCALLLM_AMX=1`` lets llama.cpp put weights in its AMX buffers where the build has them
+    (off by default: they crash on batches of 2+ tokens, see runtime._lib.extra_buffers_usable)."""
+    return os.environ.get("LOCALLLM_AMX", "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def default_threads() -> int:
     """Threads for decoding: physical cores are best for llama.cpp; we use the
     affinity mask (containers) and leave hyperthreads out when we can tell."""

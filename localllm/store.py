@@ -1,13 +1,14 @@
-"""The model store: ``<root>/<name>/<version>/`` holding one ``.gguf`` and a
-``manifest.json``. See :func:`localllm.settings.models_dir` for the root.
+"""The model store on disk: ``<root>/<name>/<version>/`` holding one ``.gguf`` and a
+``manifest.json`` (sha256, size, source, quant). See :func:`localllm.settings.models_dir` for the root.
 
-A reference is a path to a ``.gguf`` file, ``NAME`` (its newest version, or
-the version ``default`` points at) or ``NAME:VERSION``. Built-in models (see
-:mod:`localllm.catalog`) are materialised into the store on first use.
+Manifests, hashes, atomic adds, listing, verifying and removing: a service any layer may call with
+a store root or a version folder. It looks names up only among what is stored (:func:`find`) and
+never materialises or measures anything: turning a reference into a path, built-ins included, is
+:mod:`localllm.resolve`'s, at the doors.
 
 Example:
-    >>> resolve("smollm2-135m")                       # doctest: +SKIP
-    PosixPath('.../models/smollm2-135m/q8_0/smollm2-135m-q8_0.gguf')
+    >>> parse_ref("smollm2-135m:q8_0")
+    ('smollm2-135m', 'q8_0')
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from localllm import catalog, settings
-from localllm.errors import (DiskFullError, InvalidArgumentError, InvalidModelFileError, ModelIntegrityError,
+from localllm.errors import (DiskFullError, InvalidArgumentError, ModelIntegrityError,
                              ModelNotFoundError)
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
@@ -47,7 +48,8 @@ def parse_ref(ref: str) -> tuple[str, str | None]:
     return name, (version.lower() or None)
 
 
-def _looks_like_path(ref: str) -> bool:
+def looks_like_path(ref: str) -> bool:
+    """Whether ``ref`` is written as a file path rather than a store name."""
     return os.sep in ref or "/" in ref or ref.endswith(".gguf") or ref.startswith(".") or ref.startswith("~")
 
 
@@ -56,18 +58,20 @@ def _version_dirs(root: Path, name: str) -> list[Path]:
     if not d.is_dir():
         return []
     out = [v for v in d.iterdir() if v.is_dir() and not v.name.startswith(".") and (v / MANIFEST).is_file()]
-    return sorted(out, key=lambda v: _manifest(v).get("created", ""), reverse=True)
+    return sorted(out, key=lambda v: read_manifest(v).get("created", ""), reverse=True)
 
 
-def _manifest(vdir: Path) -> dict[str, Any]:
+def read_manifest(vdir: Path) -> dict[str, Any]:
+    """The manifest of a version folder (``{}`` when missing or unreadable): the one reader of manifests."""
     try:
-        return json.loads((vdir / MANIFEST).read_text())
+        m = json.loads((vdir / MANIFEST).read_text())
     except (OSError, ValueError):
         return {}
+    return m if isinstance(m, dict) else {}
 
 
 def gguf_in(vdir: Path) -> Path:
-    m = _manifest(vdir)
+    m = read_manifest(vdir)
     f = vdir / m.get("file", "")
     if m.get("file") and f.is_file():
         return f
@@ -119,7 +123,7 @@ def check(vdir: Path) -> Path:
 
     Raises ModelIntegrityError suggesting ``localllm models verify``.
     """
-    m = _manifest(vdir)
+    m = read_manifest(vdir)
     f = gguf_in(vdir)
     ref = f"{m.get('name', vdir.parent.name)}:{m.get('version', vdir.name)}"
     size = f.stat().st_size
@@ -137,48 +141,12 @@ def check(vdir: Path) -> Path:
 
 def default_ref(root: Path) -> str:
     """The model used when none is given: the store's ``default`` pointer, else the built-in default."""
-    p = root / "default"
+    p = root / DEFAULT_FILE
     if p.is_file():
         ref = p.read_text().strip()
         if ref:
             return ref
     return catalog.DEFAULT_MODEL
-
-
-def resolve(ref: str | os.PathLike[str] | None, *, models_dir: str | os.PathLike[str] | None = None,
-            notes: list[str] | None = None) -> Path:
-    """Turn a model reference into the path of a GGUF file that exists.
-
-    Raises ModelNotFoundError with a next step when it cannot. What the user
-    should hear (a version chosen for this CPU) is appended to ``notes``.
-    """
-    root = settings.models_dir(models_dir)
-    if ref is None or ref == "":
-        ref = default_ref(root)
-    if isinstance(ref, os.PathLike) or _looks_like_path(str(ref)) or Path(str(ref)).is_file():
-        p = Path(ref).expanduser()
-        if p.is_dir():
-            raise InvalidModelFileError(f"{p} is a directory, not a .gguf file",
-                                        hint="pass the .gguf file inside it", path=str(p))
-        if not p.exists():
-            raise ModelNotFoundError(f"model file {p} does not exist",
-                                     hint="check the path, or run `localllm models list` for stored models",
-                                     path=str(p))
-        return p
-    vdir = find(str(ref), root)
-    if vdir is not None:
-        return check(vdir)
-    name, version = parse_ref(str(ref))
-    b = catalog.BUILTIN.get(name)
-    if b is not None:
-        if version is None and b.default_version == "auto":
-            return materialize_auto(b, root, notes)
-        return materialize(b, version or b.default_version, root)
-    known = sorted({p.name for p in root.iterdir() if p.is_dir()} | set(catalog.BUILTIN)) if root.is_dir() \
-        else sorted(catalog.BUILTIN)
-    what = f"{name}:{version}" if version else name
-    raise ModelNotFoundError(f"no model {what!r} in {root} (known: {', '.join(known)})",
-                             hint="run `localllm models list`, or pass a path to a .gguf file", name=name)
 
 
 @contextlib.contextmanager
@@ -269,33 +237,15 @@ def add(produce: Callable[[Path], None], name: str, version: str, *, source: dic
     return vdir / fname
 
 
-def materialize(b: catalog.Builtin, version: str, root: Path, extra: dict[str, Any] | None = None) -> Path:
-    """Put built-in model ``b`` at ``version`` into the store (requantizing if needed)."""
-    if version not in b.versions:
-        raise ModelNotFoundError(f"built-in model {b.name!r} has no version {version!r} "
-                                 f"(available: {', '.join(b.versions)})", name=b.name)
-    ftype = b.versions[version]
-
-    def produce(tmp: Path) -> None:
-        src = catalog.shipped_file(b, tmp.parent)
-        if ftype is None:
-            if src.parent == tmp.parent:
-                os.replace(src, tmp)
-            else:
-                shutil.copyfile(src, tmp)
-        else:
-            from localllm import runtime
-
-            runtime.quantize(src, tmp, ftype, nthread=settings.default_threads(), allow_requantize=True)
-            if src.parent == tmp.parent:
-                src.unlink()
-
-    source = {"builtin": b.name, "package": b.pip.split()[0], "license": b.license,
-              "requantized_to": version if ftype is not None else None}
-    return add(produce, b.name, version, source=source, root=root, extra=extra)
-
-
 AUTO = "auto.json"  # NAME/auto.json: the version chosen for NAME on this machine, and on which feature set
+
+
+def record_auto_version(b: catalog.Builtin, root: Path, version: str, feature_set: str) -> None:
+    """Remember ``version`` as the one chosen for ``b`` on CPUs of ``feature_set`` (atomically)."""
+    root.joinpath(b.name).mkdir(parents=True, exist_ok=True)
+    tmp = root / b.name / f".{AUTO}.{os.getpid()}"
+    tmp.write_text(json.dumps({"version": version, "feature_set": feature_set}) + "\n")
+    os.replace(tmp, root / b.name / AUTO)
 
 
 def _auto_version(b: catalog.Builtin, root: Path) -> str | None:
@@ -307,53 +257,11 @@ def _auto_version(b: catalog.Builtin, root: Path) -> str | None:
         return None
 
 
-def materialize_auto(b: catalog.Builtin, root: Path, notes: list[str] | None = None) -> Path:
-    """Choose ``b``'s version for this CPU (from the measured table, else by measuring now) and store it."""
-    import time
-
-    key = catalog.feature_set()
-    entry = catalog.quant_table().get(b.name, {}).get(key)
-    t0 = time.perf_counter()
-    if entry is not None and str(entry.get("quant", "")).lower() in b.versions:
-        version = str(entry["quant"]).lower()
-        path = materialize(b, version, root, extra={"quant_choice": {**entry, "source": f"table:{key}"}})
-        why = (f"from the table measured on {key} CPUs ({entry.get('cpu', {}).get('model', '?')}, "
-               f"{entry.get('date', '?')}; benchmarks/default_choice.py)")
-    else:
-        path = _measure_builtin(b, root, key)
-        version = path.parent.name
-        why = f"measured on this CPU ({key}, not in the table) in {time.perf_counter() - t0:.0f} s"
-    root.joinpath(b.name).mkdir(parents=True, exist_ok=True)
-    tmp = root / b.name / f".{AUTO}.{os.getpid()}"
-    tmp.write_text(json.dumps({"version": version, "feature_set": key}) + "\n")
-    os.replace(tmp, root / b.name / AUTO)
-    if notes is not None:
-        notes.append(f"{b.name}: using {version}, the fastest version within the KL budget {why}; "
-                     f"the measured table: `localllm models show {b.name}:{version}`")
-    return path
-
-
-def _measure_builtin(b: catalog.Builtin, root: Path, key: str) -> Path:
-    """Measure every candidate version of ``b`` here; store and return the chosen one."""
-    from localllm import autoquant, runtime
-
-    with autoquant.workdir(root) as work:
-        ref = work / "reference-f32.gguf"  # the shipped weights exactly, at F32
-        runtime.quantize(catalog.shipped_file(b, work), ref, 0, nthread=settings.default_threads(),
-                         allow_requantize=True)
-        decision, files = autoquant.choose(ref, work, candidates=catalog.auto_candidates(b))
-        chosen = files[decision.quant]
-        source = {"builtin": b.name, "package": b.pip.split()[0], "license": b.license,
-                  "requantized_to": decision.quant.lower()}
-        return add(lambda tmp: os.replace(chosen, tmp), b.name, decision.quant.lower(), source=source, root=root,
-                   extra={"quant_choice": {**decision.to_dict(), "feature_set": key}})
-
-
 # --------------------------------------------------------------------------- store commands
 # Each returns plain data (the CLI's --json output); none prints.
 
 def _entry(vdir: Path, default: Path | None) -> dict[str, Any]:
-    m = _manifest(vdir)
+    m = read_manifest(vdir)
     name, version = vdir.parent.name, vdir.name
     return {"name": name, "version": version, "ref": f"{name}:{version}", "path": str(vdir / m.get("file", "")),
             "size": m.get("size"), "quant": m.get("quant"), "arch": m.get("arch"),
@@ -404,7 +312,7 @@ def show(ref: str, root: Path | None = None) -> dict[str, Any]:
 
     root = root or settings.models_dir()
     vdir = _require(ref, root)
-    m = _manifest(vdir)
+    m = read_manifest(vdir)
     f = gguf_in(vdir)
     h = validate.read_header(f)
     return {**m, "ref": f"{vdir.parent.name}:{vdir.name}", "path": str(f),
@@ -430,7 +338,7 @@ def verify(ref: str | None = None, root: Path | None = None,
     vdirs = [_require(ref, root)] if ref else [Path(e["path"]).parent for e in list_models(root)]
     out = []
     for vdir in vdirs:
-        m = _manifest(vdir)
+        m = read_manifest(vdir)
         r = f"{vdir.parent.name}:{vdir.name}"
         res: dict[str, Any] = {"ref": r, "ok": False, "problem": None, "expected_sha256": m.get("sha256"),
                                "sha256": None}
@@ -481,21 +389,13 @@ def remove(ref: str, root: Path | None = None) -> list[str]:
     return removed
 
 
-def set_default(ref: str, root: Path | None = None) -> dict[str, Any]:
-    """Make ``NAME[:VERSION]`` the model used when none is given.
-
-    Example:
-        >>> set_default("gemma3-270m")["default"]          # doctest: +SKIP
-        'gemma3-270m'
-    """
-    root = root or settings.models_dir()
-    name, version = parse_ref(ref)
-    path = resolve(ref, models_dir=root)  # must exist (materialises a built-in)
+def write_default(root: Path, ref: str) -> dict[str, Any]:
+    """Point the store's ``default`` at ``ref`` (checked by the caller: :func:`localllm.resolve.set_default`)."""
     with locked(root):
         tmp = root / f".tmp-default-{os.getpid()}"
-        tmp.write_text((f"{name}:{version}" if version else name) + "\n")
+        tmp.write_text(ref + "\n")
         os.replace(tmp, root / DEFAULT_FILE)
-    return {"default": f"{name}:{version}" if version else name, "path": str(path)}
+    return {"default": ref}
 
 
 def import_file(path: str | os.PathLike[str], name: str, version: str | None = None, *,
@@ -513,7 +413,7 @@ def import_file(path: str | os.PathLike[str], name: str, version: str | None = N
     root = root or settings.models_dir()
     src = Path(path).expanduser().resolve()
     info = validate.summary(src)
-    version = version or _version_from_quant(info.get("quant"))
+    version = version or version_from_quant(info.get("quant"))
     name, _ = parse_ref(f"{name}:{version}")
     if find(f"{name}:{version}", root) is not None:
         raise InvalidArgumentError(f"{name}:{version} is already in the store",
@@ -535,6 +435,6 @@ def import_file(path: str | os.PathLike[str], name: str, version: str | None = N
     return show(f"{name}:{version.lower()}", root)
 
 
-def _version_from_quant(quant: str | None) -> str:
+def version_from_quant(quant: str | None) -> str:
     q = (quant or "").lower()
     return q if q and _NAME.match(q) and not q.startswith("type") and q != "unknown" else "v1"

@@ -191,7 +191,7 @@ sys.exit(not any(lib.glob('*ggml-${LOCALLLM_GPU:-none}*')))"
     say "localllm doctor reports a problem:"; "$VENV/bin/localllm" doctor | grep -E '^(ERROR|  fix)' >&2
     return 1
   fi
-  "$vpy" -c 'from localllm import store; n = []; store.resolve(None, notes=n); print(*n, sep="\n")' 2>>"$log" \
+  "$vpy" -c 'from localllm import resolve; n = []; resolve.resolve(None, notes=n); print(*n, sep="\n")' 2>>"$log" \
     | while IFS= read -r line; do say "$line"; done
   [ "${PIPESTATUS[0]}" = 0 ] || { say "preparing the default model failed; see $log"; return 1; }
   echo "$want" > "$stamp"

@@ -17,7 +17,7 @@ sys.path.insert(0, str(ROOT))
 
 from test_plan import measure  # noqa: E402  (the same measurement the test makes)
 
-from localllm import plan, store  # noqa: E402
+from localllm import plan, resolve  # noqa: E402
 
 
 def main(models: list[str]) -> None:
@@ -25,7 +25,7 @@ def main(models: list[str]) -> None:
           "| compute MiB |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for ref in models:
-        path = store.resolve(ref)
+        path = resolve.resolve(ref)
         for mmap in (True, False):
             for n_ctx in (512, 4096):
                 meas = measure(path, n_ctx, mmap)

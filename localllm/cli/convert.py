@@ -9,17 +9,14 @@ import click
 
 from localllm.autoquant import DEFAULT_MAX_KL
 from localllm.cli.options import human_bytes
-
-# localllm.converter.writer.QUANTS, spelled out: importing it (gguf, numpy) would slow every command's
-# start by a third of a second; tests/test_convert_io.py checks that the two lists agree
-_QUANTS = ["F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_1", "Q5_0", "Q4_K_M", "Q4_1", "Q4_0"]
+from localllm.formats import CONVERT_QUANTS, DEFAULT_QUANT
 
 
 @click.command("convert")
 @click.argument("src")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
               help="Output .gguf path (or use --name to add it to the model store).")
-@click.option("--quant", type=click.Choice([*_QUANTS, "auto"], case_sensitive=False), default="Q4_K_M",
+@click.option("--quant", type=click.Choice([*CONVERT_QUANTS, "auto"], case_sensitive=False), default=DEFAULT_QUANT,
               show_default=True,
               help="Weight type. Q4_K_M is the CPU default: decoding on a CPU is memory-bandwidth bound, so "
                    "~4.8 bits/weight runs ~3x faster than F16 at a small quality cost. auto: measure the "

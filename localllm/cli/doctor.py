@@ -6,7 +6,7 @@ import json
 
 import click
 
-from localllm.cli.options import human_bytes
+from localllm.cli.options import human_bytes, models_dir_option
 
 
 def _huge_pages_line(hp: dict) -> str:
@@ -33,12 +33,13 @@ def _offload_line(gpu: dict) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable report (keys in docs/doctor.md).")
 @click.option("--model", "-m", default=None, help="Also plan memory for this model (path or name).")
 @click.option("--ctx", "n_ctx", type=click.IntRange(min=16), default=None, help="Context size for --model.")
-@click.option("--models-dir", type=click.Path(file_okay=False), default=None)
+@models_dir_option
 def command(as_json: bool, model: str | None, n_ctx: int | None, models_dir: str | None) -> int:
     """Check CPU features, the llama.cpp build, GPU, memory and disk. Exits 1 if something blocks running."""
-    from localllm import doctor
+    from localllm import doctor, resolve
 
-    r = doctor.report(model, n_ctx=n_ctx, models_dir=models_dir)
+    path = resolve.resolve(model, models_dir=models_dir) if model is not None or models_dir is not None else None
+    r = doctor.report(path, n_ctx=n_ctx, models_dir=models_dir)
     if as_json:
         click.echo(json.dumps(r, indent=2))
         return 0 if r["ok"] else 1

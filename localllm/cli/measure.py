@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING
 
 import click
 
-from localllm.cli.options import CACHE_TYPES, human_bytes
+from localllm.cli.options import human_bytes, models_dir_option
+from localllm.formats import CACHE_TYPES
 
 if TYPE_CHECKING:
     from localllm.bench import BenchResult
@@ -68,7 +69,7 @@ def _fmt(d: dict[str, float], digits: int = 1) -> str:
 @click.option("--reps", type=click.IntRange(min=1, max=100), default=3, show_default=True,
               help="Repetitions per model (rounds alternate the order of the models).")
 @click.option("--threads", "n_threads", type=click.IntRange(min=1), default=None, help="CPU threads.")
-@click.option("--models-dir", type=click.Path(file_okay=False), default=None, help="Model store to use.")
+@models_dir_option
 @click.option("--kv", "kv", multiple=True, metavar="K[/V]",
               help="KV cache types to measure, repeatable: q8_0 (keys and values) or q8_0/f16 "
                    "(default: f16). Each model runs once per --kv, side by side.")
@@ -85,14 +86,18 @@ def bench_command(models: tuple[str, ...], prompt_tokens: int, gen_tokens: int, 
                   flash_attn: tuple[str, ...], plot_path: str | None, as_json: bool, quiet: bool) -> int:
     """Measure MODELS on this machine: load time, prompt and generation speed,
     time to first token, peak memory (median ±half the range over the reps)."""
-    from localllm import bench
+    from localllm import bench, resolve
 
     if plot_path:
         _check_plot(plot_path)
+    bench.check_options(prompt_tokens, gen_tokens, depth, reps, kv=list(kv) or None, flash_attn=list(flash_attn))
+    # every name resolved (a built-in materialised) before measuring: a missing one fails first,
+    # and a version requantized on first use does not count as load time
+    paths = [resolve.resolve(m, models_dir=models_dir) for m in models]
     with progress_bar(quiet, "run") as cb:
-        rows = bench.bench(list(models), prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, depth=depth,
-                           reps=reps, n_threads=n_threads, models_dir=models_dir, kv=list(kv) or None,
-                           flash_attn=list(flash_attn), progress=cb)
+        rows = bench.bench(paths, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, depth=depth,
+                           reps=reps, n_threads=n_threads, kv=list(kv) or None,
+                           flash_attn=list(flash_attn), progress=cb, names=list(models))
     cpu = cpu_line()
     if plot_path:
         bench.plot(rows, plot_path, title=f"{cpu}, {rows[0].threads} threads, pp{prompt_tokens} tg{gen_tokens}"
@@ -141,7 +146,7 @@ def _check_plot(path: str) -> None:
 @click.option("--ctx", "n_ctx", type=click.IntRange(min=8, max=131072), default=512, show_default=True,
               help="Window size; the second half of each window is scored, as llama-perplexity does.")
 @click.option("--threads", "n_threads", type=click.IntRange(min=1), default=None, help="CPU threads.")
-@click.option("--models-dir", type=click.Path(file_okay=False), default=None, help="Model store to use.")
+@models_dir_option
 @click.option("--no-cache", is_flag=True, help="Recompute the reference's distributions instead of reading "
                                                "them from the cache.")
 @click.option("--cache-type-k", default="f16", show_default=True, metavar="TYPE",
@@ -157,12 +162,15 @@ def eval_command(model: str, ref: str | None, text_file: str | None, n_ctx: int,
                  as_json: bool, quiet: bool) -> int:
     """Perplexity of MODEL on a text and, with --ref, KL divergence and top-1
     agreement against the reference."""
+    from localllm import resolve
     from localllm.evaluate import evaluate
 
     text = _read_text(text_file) if text_file else None
+    path = resolve.resolve(model, models_dir=models_dir)
+    ref_path = resolve.resolve(ref, models_dir=models_dir) if ref is not None else None
     with progress_bar(quiet, "chunk") as cb:
-        r = evaluate(model, reference=ref, text=text, text_name=text_file, n_ctx=n_ctx, n_threads=n_threads,
-                     models_dir=models_dir, use_cache=not no_cache, cache_type_k=cache_type_k,
+        r = evaluate(path, reference=ref_path, text=text, text_name=text_file, n_ctx=n_ctx, n_threads=n_threads,
+                     use_cache=not no_cache, cache_type_k=cache_type_k,
                      cache_type_v=cache_type_v, flash_attn=flash_attn, progress=cb)
     if as_json:
         click.echo(json.dumps(r.to_dict(), indent=2))

@@ -8,10 +8,9 @@ from typing import Any
 
 import click
 
-from localllm.cli.options import human_bytes
+from localllm.cli.options import human_bytes, models_dir_option
 
-_models_dir = click.option("--models-dir", type=click.Path(file_okay=False), default=None,
-                           help="Model store to use for this command.")
+_models_dir = models_dir_option
 _json = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 
 
@@ -168,9 +167,9 @@ def pull_cmd(repo: str, file: str | None, quant: str | None, revision: str | Non
 @_models_dir
 def default_cmd(ref: str, as_json: bool, models_dir: str | None) -> None:
     """Make NAME[:VERSION] the model used when none is given."""
-    from localllm import store
+    from localllm import resolve
 
-    d = store.set_default(ref, _root(models_dir))
+    d = resolve.set_default(ref, _root(models_dir))
     _emit(d, as_json, f"default model: {d['default']} ({d['path']})")
 
 

@@ -7,6 +7,7 @@ from typing import Any
 import click
 
 from localllm.errors import InvalidArgumentError
+from localllm.formats import CACHE_TYPES, parse_size
 from localllm.placement import parse_gpu_layers, parse_gpu_memory
 
 
@@ -33,22 +34,19 @@ class GpuMemory(click.ParamType):
 
 
 class ByteSize(click.ParamType):
-    """A size: bytes, or a number with K, M, G or T (powers of 1024)."""
+    """A size of at least 1 MiB, read by the one size parser (:func:`localllm.formats.parse_size`:
+    512MB is 512·10⁶ bytes, 512MiB and 512M are 512·2²⁰), as ``--gpu-memory`` reads it."""
 
     name = "SIZE"
 
     def convert(self, value: Any, param: Any, ctx: Any) -> int:
-        if isinstance(value, int):
-            return value
-        text = str(value).strip().upper().removesuffix("IB").removesuffix("B")
-        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(text[-1:], 1)
         try:
-            n = float(text[:-1] if scale > 1 else text) * scale
-        except ValueError:
-            self.fail(f"{value!r} is not a size (like 512M or 4G)", param, ctx)
+            n = parse_size(value, param.name if param is not None else "size")
+        except InvalidArgumentError as e:
+            self.fail(str(e), param, ctx)
         if n < 1 << 20:
             self.fail(f"{value!r} is less than 1 MiB", param, ctx)
-        return int(n)
+        return n
 
 
 def float_range(name: str) -> click.FloatRange:
@@ -67,13 +65,14 @@ def int_range(name: str) -> click.IntRange:
 
 
 def model_settings(model: str | None, n_ctx: int | None, n_threads: int | None, gpu_layers: int | str,
-                   models_dir: str | None, cache_type_k: str = "f16", cache_type_v: str = "f16",
+                   cache_type_k: str = "f16", cache_type_v: str = "f16",
                    flash_attn: str = "auto", prompt_cache: bool = True, mmap: bool | None = None,
                    **extra: Any) -> Any:
-    """The flags of :func:`model_options` as one ``ModelSettings``."""
+    """The flags of :func:`model_options` as one ``ModelSettings`` (``model`` as given: the door that
+    loads it, ``Model`` or the server, resolves it in ``--models-dir``)."""
     from localllm.loader import ModelSettings
 
-    return ModelSettings(model=model, models_dir=models_dir, n_ctx=n_ctx, n_threads=n_threads,
+    return ModelSettings(model=model, n_ctx=n_ctx, n_threads=n_threads,
                          n_gpu_layers=gpu_layers, cache_type_k=cache_type_k, cache_type_v=cache_type_v,
                          flash_attn=flash_attn, prompt_cache=prompt_cache, mmap=mmap, **extra)
 
@@ -83,9 +82,9 @@ MMAP_HELP = ("Map the weights from the file (page cache shared with other proces
              "Default: read where the kernel offers transparent huge pages and the model fits in RAM, else map.")
 
 
-# plan.CACHE_TYPES, spelled out (importing plan would slow every command's start); tests/test_flags.py compares
-CACHE_TYPES = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl"]
-
+models_dir_option = click.option("--models-dir", type=click.Path(file_okay=False), default=None,
+                                 help="Model store to use for this command (default: LOCALLLM_HOME's, "
+                                      "or models/ in a checkout).")
 
 def model_options(f):
     """--ctx, --threads, --gpu-layers, --gpu-memory, --models-dir, --mmap, the KV cache and prompt cache."""
@@ -98,12 +97,11 @@ def model_options(f):
                      help="Layers to offload to the GPU: N, auto or all."),
         click.option("--gpu-memory", "gpu_memory", type=GpuMemory(), default=None,
                      help="Cap on the GPU memory --gpu-layers auto may use, e.g. 2GiB (default: the free memory)."),
-        click.option("--models-dir", type=click.Path(file_okay=False), default=None,
-                     help="Model store to use for this command."),
+        models_dir_option,
         click.option("--mmap/--no-mmap", default=None, help=MMAP_HELP),
-        click.option("--cache-type-k", type=click.Choice(CACHE_TYPES), default="f16", show_default=True,
+        click.option("--cache-type-k", type=click.Choice(list(CACHE_TYPES)), default="f16", show_default=True,
                      help="KV cache type of keys (q8_0 halves its memory)."),
-        click.option("--cache-type-v", type=click.Choice(CACHE_TYPES), default="f16", show_default=True,
+        click.option("--cache-type-v", type=click.Choice(list(CACHE_TYPES)), default="f16", show_default=True,
                      help="KV cache type of values (quantized needs flash attention)."),
         click.option("--flash-attn", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
                      help="llama.cpp's flash attention."),

@@ -6,7 +6,8 @@ import json
 
 import click
 
-from localllm.cli.options import CACHE_TYPES, MMAP_HELP, GpuMemory, human_bytes
+from localllm.cli.options import MMAP_HELP, GpuMemory, human_bytes, models_dir_option
+from localllm.formats import CACHE_TYPES
 
 
 def table(p: dict) -> str:
@@ -38,21 +39,21 @@ def table(p: dict) -> str:
 @click.option("--ctx", "n_ctx", type=click.IntRange(min=16), default=None,
               help="Context size in tokens (default: min(trained, 4096)).")
 @click.option("--gpu-memory", type=GpuMemory(), default=None, help="Cap on GPU memory to use, e.g. 6GiB.")
-@click.option("--cache-type-k", type=click.Choice(CACHE_TYPES), default="f16", show_default=True,
+@click.option("--cache-type-k", type=click.Choice(list(CACHE_TYPES)), default="f16", show_default=True,
               help="KV cache type of keys.")
-@click.option("--cache-type-v", type=click.Choice(CACHE_TYPES), default="f16", show_default=True,
+@click.option("--cache-type-v", type=click.Choice(list(CACHE_TYPES)), default="f16", show_default=True,
               help="KV cache type of values.")
 @click.option("--mmap/--no-mmap", default=None, help=MMAP_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
-@click.option("--models-dir", type=click.Path(file_okay=False), default=None)
+@models_dir_option
 def command(model: str | None, n_ctx: int | None, gpu_memory: int | None, cache_type_k: str, cache_type_v: str,
             mmap: bool | None, as_json: bool, models_dir: str | None) -> int:
     """Show the memory MODEL needs at --ctx and how many layers go to the GPU. Exits 1 if it does not fit."""
-    from localllm import loader, plan
+    from localllm import loader, resolve, validate
 
-    prep = loader.prepare(loader.ModelSettings(model=model, models_dir=models_dir, n_ctx=n_ctx,
-                                               cache_type_k=cache_type_k, cache_type_v=cache_type_v))
-    p = plan.make_plan(prep.path, n_ctx=n_ctx, gpu_memory=gpu_memory, cache_type_k=cache_type_k,
-                       cache_type_v=cache_type_v, mmap=mmap).to_dict()
+    path = resolve.resolve(model, models_dir=models_dir)
+    settings = loader.ModelSettings(model=path, n_ctx=n_ctx, gpu_memory=gpu_memory, cache_type_k=cache_type_k,
+                                    cache_type_v=cache_type_v, mmap=mmap)
+    p = settings.plan(validate.read_header(path)).to_dict()   # what `serve` and the pool plan and load
     click.echo(json.dumps(p, indent=2) if as_json else table(p))
     return 0 if p["fits"] else 1

@@ -15,19 +15,6 @@ from localllm.cli.options import float_range, int_range, model_options, model_se
 HELP_REPL = "commands: /reset clears the conversation, /exit quits; Ctrl-C stops an answer, Ctrl-D quits"
 
 
-def _is_model_ref(arg: str, models_dir: str | None) -> bool:
-    """Whether a lone positional argument names a model rather than a prompt."""
-    from localllm import catalog, settings, store
-
-    if arg.endswith(".gguf") or Path(arg).expanduser().is_file():
-        return True
-    try:
-        name, _ = store.parse_ref(arg)
-    except Exception:
-        return False
-    return name in catalog.BUILTIN or (settings.models_dir(models_dir) / name).is_dir()
-
-
 def _text_or_file(value: str | None, what: str) -> str | None:
     """``@PATH`` reads a file; anything else is the text itself."""
     if value is None or not value.startswith("@"):
@@ -126,10 +113,10 @@ def command(model: str | None, prompt: str | None, chat: bool | None, system: st
 
     With no PROMPT on a terminal, start an interactive chat. PROMPT "-" reads stdin.
     """
-    from localllm import Model
+    from localllm import Model, resolve
     from localllm.sampling import SamplingParams
 
-    if model is not None and prompt is None and not _is_model_ref(model, models_dir):
+    if model is not None and prompt is None and not resolve.is_model_ref(model, models_dir):
         model, prompt = None, model  # `localllm run "a question"`
     sampling = sampling_from_flags(flags)
     SamplingParams(**sampling)  # bad combinations fail before the model loads
@@ -139,12 +126,12 @@ def command(model: str | None, prompt: str | None, chat: bool | None, system: st
         prompt = sys.stdin.read()
         if not prompt.strip():
             raise click.UsageError("stdin was empty: nothing to answer")
-    settings = model_settings(model, n_ctx, n_threads, gpu_layers, models_dir, cache_type_k, cache_type_v,
+    settings = model_settings(model, n_ctx, n_threads, gpu_layers, cache_type_k, cache_type_v,
                               flash_attn, prompt_cache, mmap, repack=repack, gpu_memory=gpu_memory,
                               speculate=speculate)
     with warnings.catch_warnings(record=True) as caught:  # the library warns; the CLI prints one line each
         warnings.simplefilter("always", RuntimeWarning)
-        m = Model(settings=settings)
+        m = Model(settings=settings, models_dir=models_dir)
     for w in caught:
         click.echo(f"note: {w.message}", err=True)
     with m:

@@ -83,11 +83,11 @@ def command(model: str | None, model_path: str | None, host: str, port: int, api
         click.echo(f"warning: serving on {host} WITHOUT an API key: anyone who can reach this port "
                    "can use the model", err=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    cfg = ServerSettings(model=model_settings(model_path or model, n_ctx, n_threads, gpu_layers, models_dir,
+    cfg = ServerSettings(model=model_settings(model_path or model, n_ctx, n_threads, gpu_layers,
                                               cache_type_k, cache_type_v, flash_attn, prompt_cache, mmap,
                                               repack=repack, n_seq=parallel, gpu_memory=gpu_memory,
                                               speculate=speculate),
-                         host=host, port=port, api_key=api_key, max_queue=max_queue, cors_origins=cors_origins,
+                         models_dir=models_dir, host=host, port=port, api_key=api_key, max_queue=max_queue, cors_origins=cors_origins,
                          max_body_bytes=max_body_bytes, model_alias=model_alias, drain_timeout=drain_timeout,
                          all_models=all_models, max_memory=max_memory, keep_alive=keep_alive)
     app = create_app(cfg)

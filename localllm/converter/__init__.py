@@ -12,6 +12,6 @@ Example:
 """
 
 from localllm.converter.pipeline import ConvertResult, convert
-from localllm.converter.writer import DEFAULT_QUANT, QUANTS
+from localllm.formats import DEFAULT_QUANT, QUANTS
 
 __all__ = ["ConvertResult", "convert", "DEFAULT_QUANT", "QUANTS"]

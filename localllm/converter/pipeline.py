@@ -29,8 +29,9 @@ from localllm.converter.probe import ProbeResult, probe_gguf, skip_reason
 from localllm.converter.rules import ArchRule, rule_for
 from localllm.converter.tensors import DIRECT_TYPES, OutTensor, hparams, plan_tensors
 from localllm.converter.tokenizer import load_vocab, write_vocab
-from localllm.converter.writer import (QUANTS, atomic_output, check_space, disk_nearly_full,
-                                       parse_quant, patch_u32, scratch_file, tensor_types, write_gguf)
+from localllm.converter.writer import (atomic_output, check_space, disk_nearly_full, patch_u32, scratch_file,
+                                       tensor_types, write_gguf)
+from localllm.formats import QUANTS, parse_quant
 from localllm.errors import ConversionCheckError, DiskFullError, ModelLoadError, PrerequisiteError
 
 CONVERTER_VERSION = "1"
@@ -146,7 +147,7 @@ def convert(src: str | os.PathLike[str], out: str | os.PathLike[str], *, quant: 
                      f"head_dim except for known sizes; logits may differ")
     kv = hparams(rule, cfg)
     kv["vocab_size"] = len(vocab.tokens)
-    ftype, direct = QUANTS[quant]
+    ftype, direct = QUANTS[quant].ftype, QUANTS[quant].written
     imatrix, imatrix_note = _importance(ck.path, rule, cfg, quant, direct, imatrix)
     probe_outs = plan_tensors(ck, rule, cfg, gguf.GGMLQuantizationType.F32, n_vocab=len(vocab.tokens))
     stage = quant if direct else _INTERMEDIATE[_source_type(ck, probe_outs)]
@@ -172,7 +173,7 @@ def convert(src: str | os.PathLike[str], out: str | os.PathLike[str], *, quant: 
         from tqdm import tqdm
         bar = tqdm(total=need, unit="B", unit_scale=True, desc=f"convert {stage}", file=sys.stderr)
     on_tensor = (lambda t: bar.update(t.nbytes)) if bar else None
-    general = _general(model_name, ftype if direct else QUANTS[stage][0], skip_reason(vocab.hf_json), ck.path)
+    general = _general(model_name, ftype if direct else QUANTS[stage].ftype, skip_reason(vocab.hf_json), ck.path)
     try:
         with atomic_output(out) as tmp:
             if direct:
@@ -222,7 +223,7 @@ def convert(src: str | os.PathLike[str], out: str | os.PathLike[str], *, quant: 
 def _importance(src: Path, rule: ArchRule, cfg: dict[str, Any], quant: str, direct: bool,
                 want: bool | dict[str, Any] | None) -> tuple[dict[str, Any] | None, str]:
     """(the importance matrix or None, what the summary says about it)."""
-    from localllm.converter import imatrix as imx
+    import localllm.converter.imatrix as imx
 
     if isinstance(want, dict):
         return want, f"given, {len(want)} tensors"

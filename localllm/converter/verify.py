@@ -10,6 +10,7 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,6 +90,25 @@ def gguf_logits(path: Path, ids: list[int], *, n_threads: int = 2) -> np.ndarray
         m.close()
 
 
+def gguf_tokenize(path: Path, texts: Sequence[str]) -> list[list[int]]:
+    """``texts`` as the runtime tokenizes a prompt of the GGUF at ``path``: with the HF
+    tokenizer embedded in it when there is one it can read, else llama.cpp's; BOS as
+    the GGUF says, special-token text kept literal (``Model.tokenize(text)``)."""
+    from localllm import runtime
+    from localllm.hftok import from_metadata
+    from localllm.validate import read_header
+
+    metadata = read_header(path).metadata  # the bounded header check, before llama.cpp opens the file
+    m = runtime.LlamaModel(path, vocab_only=True)
+    try:
+        hf = from_metadata(metadata, bos=m.bos, eos=m.eos, add_bos=m.add_bos, add_eos=m.add_eos)
+        if hf is not None:
+            return [hf.encode(t, add_special=m.add_bos, special=False) for t in texts]
+        return [list(m.tokenize(t, add_special=m.add_bos, parse_special=False)) for t in texts]
+    finally:
+        m.close()
+
+
 def verify(src: str | Path, gguf_path: str | Path, *, quant: str, greedy_tokens: int = 8) -> VerifyReport:
     """Compare ``gguf_path`` with the HF checkpoint ``src`` on :data:`PROMPTS`."""
     try:
@@ -97,19 +117,15 @@ def verify(src: str | Path, gguf_path: str | Path, *, quant: str, greedy_tokens:
     except ImportError:
         raise PrerequisiteError("--verify needs torch and transformers",
                                 hint="pip install 'localllm[verify]'") from None
-    from localllm import Model
 
     rep = VerifyReport(quant)
     hf_tok = transformers.AutoTokenizer.from_pretrained(src)
     model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
     model.eval()
     refs, gots = [], []
-    with Model(Path(gguf_path), n_ctx=256, n_gpu_layers=0, prompt_cache=False) as gm:
-        for p in PROMPTS:
-            ids = list(hf_tok(p, add_special_tokens=True)["input_ids"])
-            if gm.tokenize(p, add_bos=True) != ids:
-                rep.tokenization_match = False
-        ids_all = [list(hf_tok(p, add_special_tokens=True)["input_ids"]) for p in PROMPTS]
+    ids_all = [list(hf_tok(p, add_special_tokens=True)["input_ids"]) for p in PROMPTS]
+    ours = gguf_tokenize(Path(gguf_path), PROMPTS)
+    rep.tokenization_match = ours == ids_all
     for ids in ids_all:
         with torch.no_grad():
             refs.append(model(torch.tensor([ids])).logits[0].float().numpy())

@@ -22,34 +22,9 @@ import gguf
 import numpy as np
 
 from localllm.converter.tensors import OutTensor
-from localllm.errors import DiskFullError, InvalidArgumentError
+from localllm.errors import DiskFullError
 
 Q = gguf.GGMLQuantizationType
-FT = gguf.LlamaFileType
-# --quant name → (llama.cpp file type, written directly by us?)
-QUANTS: dict[str, tuple[int, bool]] = {
-    "F32": (FT.ALL_F32, True), "F16": (FT.MOSTLY_F16, True), "BF16": (FT.MOSTLY_BF16, True),
-    "Q8_0": (FT.MOSTLY_Q8_0, True), "Q6_K": (FT.MOSTLY_Q6_K, False), "Q5_K_M": (FT.MOSTLY_Q5_K_M, False),
-    "Q5_1": (FT.MOSTLY_Q5_1, False), "Q5_0": (FT.MOSTLY_Q5_0, False), "Q4_K_M": (FT.MOSTLY_Q4_K_M, False),
-    "Q4_1": (FT.MOSTLY_Q4_1, False), "Q4_0": (FT.MOSTLY_Q4_0, False),
-}
-# Q4_K_M: the usual CPU choice. CPU decoding is memory-bandwidth bound, so ~4.8
-# bits/weight runs ~3x faster than F16, and K-quants keep quality close to Q5/Q6.
-DEFAULT_QUANT = "Q4_K_M"
-
-
-def parse_quant(name: str) -> str:
-    """Normalise a ``--quant`` value (case-insensitive).
-
-    Example:
-        >>> parse_quant("q4_k_m")
-        'Q4_K_M'
-    """
-    q = name.strip().upper()
-    if q not in QUANTS:
-        raise InvalidArgumentError(f"unknown quant type {name!r}; choose one of {', '.join(QUANTS)}",
-                                   param="quant")
-    return q
 
 
 def _anonymous_fd(directory: Path) -> int | None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from localllm import chat as chatmod
@@ -26,6 +27,30 @@ from localllm.loader import ModelInfo, ModelSettings
 from localllm.tools import ToolSpec
 
 
+@dataclass(frozen=True)
+class EngineStatus:
+    """What an engine is doing right now: one snapshot, read for ``/health`` and the metrics gauges.
+
+    Example:
+        >>> s = EngineStatus(queue_depth=0, busy_slots=1, n_slots=4)
+        >>> s.idle_slots, s.idle
+        (3, False)
+    """
+
+    queue_depth: int    # requests waiting for a slot
+    busy_slots: int     # slots generating
+    n_slots: int        # sequences decoded at once (--parallel)
+
+    @property
+    def idle_slots(self) -> int:
+        return self.n_slots - self.busy_slots
+
+    @property
+    def idle(self) -> bool:
+        """Nothing running and nothing waiting (the server's pool may unload it)."""
+        return self.busy_slots == 0 and self.queue_depth == 0
+
+
 class Engine:
     """Loads ``settings.model`` (see :func:`localllm.loader.load`) and owns its scheduler.
 
@@ -35,9 +60,10 @@ class Engine:
     """
 
     def __init__(self, settings: ModelSettings, *, threaded: bool = False, max_queue: int = 16,
-                 on_step: Callable[[dict[str, Any]], None] | None = None) -> None:
+                 on_step: Callable[[dict[str, Any]], None] | None = None,
+                 prepared: loader.Prepared | None = None) -> None:
         self.settings = settings
-        self.loaded = loader.load(settings)
+        self.loaded = loader.load(settings, prepared=prepared)
         self.llama = self.loaded.llama
         self.prompter = self.loaded.prompter
         self.info: ModelInfo = self.loaded.info
@@ -100,12 +126,12 @@ class Engine:
             raise InvalidArgumentError("content must be a string", param="content")
         return self.prompter.tokenize(text, add_special=add_special and self.llama.add_bos, special=parse_special)
 
-    def detokenize(self, ids: Sequence[int]) -> str:
-        """Ids → text (special tokens written out)."""
+    def detokenize(self, ids: Sequence[int], *, special: bool = True) -> str:
+        """Ids → text (``special``: special tokens written out)."""
         if not isinstance(ids, Sequence) or isinstance(ids, (str, bytes)) or not all(
                 isinstance(t, int) and not isinstance(t, bool) for t in ids):
             raise InvalidArgumentError("tokens must be a list of token ids", param="tokens")
-        return self.llama.detokenize(list(ids), special=True).decode("utf-8", "replace")
+        return self.llama.detokenize(list(ids), special=special).decode("utf-8", "replace")
 
     def piece(self, token: int) -> str:
         return self.llama.token_piece(token, special=True).decode("utf-8", "replace")
@@ -132,6 +158,31 @@ class Engine:
                 self.scheduler = self._scheduler(old)  # what worked before; the error is the caller's
                 raise
         return self.scheduler.run(req)
+
+    # ------------------------------------------------------------------ state
+    def status(self) -> EngineStatus:
+        """Queue depth and slots now. Cheap, and safe from any thread."""
+        s = self.scheduler
+        return EngineStatus(queue_depth=int(s.stats.get("queue_depth", 0)), busy_slots=s.busy_slots(),
+                            n_slots=s.n_slots)
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """A copy of the scheduler's counters: ``steps``, ``max_step_sequences``,
+        ``drafted_tokens`` and ``accepted_tokens`` (``speculate``), ... Since the scheduler
+        was made (a request wider than it makes a new one, see :meth:`run`)."""
+        return dict(self.scheduler.stats)
+
+    @property
+    def hugepage_bytes(self) -> int:
+        """Bytes of the model's own memory (weights read into memory, repacked buffers) the load
+        asked the kernel to back with huge pages; 0 where THP is off (runtime/_hugepages.py)."""
+        return self.llama.hugepage_bytes
+
+    def forget(self) -> None:
+        """Drop every slot's reusable prefix: the next prompt is read from scratch.
+        Only while nothing runs (else :class:`~localllm.errors.RuntimeFailure`)."""
+        self.scheduler.forget()
 
     # ------------------------------------------------------------------ embeddings
     def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:

@@ -248,11 +248,11 @@ def model_digest(path: Path) -> str:
     """The model file's sha256 from its store manifest (checked when it was stored), else its quick hash."""
     from localllm import store
 
+    m = store.read_manifest(path.parent)
     try:
-        m = json.loads((path.parent / "manifest.json").read_text())
         if m.get("file") == path.name and m.get("size") == path.stat().st_size and m.get("sha256"):
             return f"sha256:{m['sha256']}"
-    except (OSError, ValueError, AttributeError):
+    except OSError:
         pass
     return f"quick:{store.quick_hash(path)}"
 

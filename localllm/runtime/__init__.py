@@ -17,8 +17,9 @@ Example:
 from localllm.runtime._context import KV_CACHE_TYPES, Context
 from localllm.runtime._hugepages import thp_mode
 from localllm.runtime._hugepages import wanted as hugepages_wanted
-from localllm.runtime._lib import (LLAMA_CPP_PYTHON_VERSION, _backend, backend_devices, cpu_variant, gpu_backends,
-                                   llama_cpp_version, log_tail, supports_gpu_offload, system_info, time_us)
+from localllm.runtime._lib import (LLAMA_CPP_PYTHON_VERSION, _backend, amx_compiled, backend_devices, cpu_variant,
+                                   extra_buffers_usable, gpu_backends, llama_cpp_version, log_tail,
+                                   supports_gpu_offload, system_info, time_us)
 from localllm.runtime._model import Batch, LlamaModel
 from localllm.runtime._quantize import quantize
 from localllm.runtime._sampling import Grammar, Sampler, json_grammar, json_schema_to_grammar
@@ -27,4 +28,5 @@ __all__ = ["KV_CACHE_TYPES", "Context", "LLAMA_CPP_PYTHON_VERSION", "backend_dev
            "llama_cpp_version",
            "log_tail",
            "supports_gpu_offload", "system_info", "time_us", "Batch", "LlamaModel", "quantize", "Grammar", "Sampler",
-           "json_grammar", "json_schema_to_grammar", "_backend", "thp_mode", "hugepages_wanted"]
+           "json_grammar", "json_schema_to_grammar", "_backend", "thp_mode", "hugepages_wanted", "amx_compiled",
+           "extra_buffers_usable"]

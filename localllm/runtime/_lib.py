@@ -174,6 +174,24 @@ def system_info() -> str:
     return C.llama_print_system_info().decode("utf-8", "replace")
 
 
+def amx_compiled() -> bool:
+    """Whether this llama.cpp build has ggml's AMX kernels (built for a CPU with AMX-INT8)."""
+    return "AMX_INT8 = 1" in system_info()
+
+
+def extra_buffers_usable() -> bool:
+    """Whether weights may go to llama.cpp's extra buffer types (``use_extra_bufts``: repacked layouts).
+
+    Not where the build has AMX, unless ``LOCALLLM_AMX=1``: ggml puts the AMX buffer type first, so it
+    takes Q4_0, Q4_1, Q8_0 and the K-quants, and its matmul crashes the process (SIGSEGV in
+    ggml_backend_amx_mul_mat) on every batch of 2 tokens or more on the AMX Xeon dev VM
+    (tests/core/test_runtime_amx.py reproduces it; llama.cpp issue 20824 is open). The extra
+    buffer types are one switch, so the repacked layouts go with it: a crash-free load instead."""
+    from localllm import settings
+
+    return not amx_compiled() or settings.amx()
+
+
 def supports_gpu_offload() -> bool:
     _backend()
     return bool(C.llama_supports_gpu_offload())

@@ -11,7 +11,7 @@ import numpy as np
 
 from localllm.errors import InvalidArgumentError, RuntimeFailure
 from localllm.runtime._hugepages import NewMemory
-from localllm.runtime._lib import _LOG_ERROR, C, _backend, _explain_load_failure
+from localllm.runtime._lib import _LOG_ERROR, C, _backend, _explain_load_failure, extra_buffers_usable
 
 # --------------------------------------------------------------------------- model
 
@@ -34,8 +34,9 @@ class LlamaModel:
         params.vocab_only = bool(vocab_only)
         # llama.cpp 0.3.36 has load_mode, not use_mmap (a ctypes Structure takes any attribute silently)
         params.load_mode = _LOAD_MODE_AUTO if use_mmap else _LOAD_MODE_NONE
-        # False keeps weights unrepacked: slower on some CPUs, but the same kernel runs for 1 and n rows
-        params.use_extra_bufts = bool(use_extra_bufts)
+        # False keeps weights unrepacked: slower on some CPUs, but the same kernel runs for 1 and n rows;
+        # never with AMX compiled in (extra_buffers_usable: its buffers crash on prompt batches)
+        params.use_extra_bufts = bool(use_extra_bufts) and extra_buffers_usable()
         watch = NewMemory()  # huge pages for the buffers llama.cpp fills itself (repacked weights)
 
         def progress(_done: float, _user: ctypes.c_void_p) -> bool:

@@ -42,7 +42,8 @@ class ServerSettings:
     """How to serve: the model's settings (``model.n_seq`` is ``--parallel``,
     ``model.n_ctx`` the context of each sequence) and the server's own options."""
 
-    model: ModelSettings = field(default_factory=ModelSettings)
+    model: ModelSettings = field(default_factory=ModelSettings)   # its ``model``: a name or a path (resolved here)
+    models_dir: str | None = None  # the store names are looked up in (default: settings.models_dir())
     host: str = "127.0.0.1"
     port: int = 7860
     api_key: str | None = None
@@ -73,10 +74,11 @@ class ServerSettings:
 class State:
     """What one app holds: settings, metrics, and the engine once loaded."""
 
-    def __init__(self, cfg: ServerSettings) -> None:
+    def __init__(self, cfg: ServerSettings, prepared: Any = None) -> None:
         from localllm.core.engine import Engine
 
         self.cfg = cfg
+        self.prepared = prepared  # loader.Prepared of the one model (None with --all-models)
         self.metrics = Metrics()
         self.engine: Engine | None = None
         self.load_error: LocalLLMError | None = None
@@ -103,11 +105,10 @@ class State:
         try:
             if self.cfg.all_models:
                 eng = self._start_pool()
-            else:
-                eng = Engine(self.cfg.model, threaded=True, max_queue=self.cfg.max_queue,
-                             on_step=self.metrics.on_step)
-            sched = eng.scheduler
-            self.metrics.bind(lambda: sched.stats["queue_depth"], sched.busy_slots, sched.n_slots)
+            else:  # prepared once, in create_app: resolve, header and placement are not done again
+                eng = Engine(self.prepared.settings, threaded=True, max_queue=self.cfg.max_queue,
+                             on_step=self.metrics.on_step, prepared=self.prepared)
+            self.metrics.watch(eng.status)
             for note in eng.notes:
                 log.warning("%s", note)
             info = eng.info
@@ -134,7 +135,8 @@ class State:
 
         budget = self.cfg.max_memory or int(0.8 * hardware.memory()["available"])
         self.pool = ModelPool(self.cfg.model, max_memory=budget, keep_alive=self.cfg.keep_alive,
-                              max_queue=self.cfg.max_queue, on_step=self.metrics.on_step)
+                              max_queue=self.cfg.max_queue, on_step=self.metrics.on_step,
+                              models_dir=self.cfg.models_dir)
         eng = self.pool.get(str(self.cfg.model.model) if self.cfg.model.model else None)
         if self.cfg.keep_alive is not None:
             self.pool.start_reaper()
@@ -258,6 +260,19 @@ def drain(app: Flask, timeout: float) -> bool:
         return state.idle.wait_for(lambda: state.inflight <= 0, timeout=timeout)
 
 
+def _prepare(cfg: ServerSettings) -> Any:
+    """The one model's name resolved (this door's job) and its header read and placed, once;
+    with --all-models, only the name is checked (the pool loads on first use)."""
+    from localllm import loader, resolve
+
+    notes: list[str] = []
+    path = resolve.resolve(cfg.model.model, models_dir=cfg.models_dir, notes=notes)
+    for note in notes:
+        log.warning("%s", note)
+    settings = dataclasses.replace(cfg.model, model=path)
+    return None if cfg.all_models else loader.prepare(settings)
+
+
 def create_app(cfg: ServerSettings | None = None) -> Flask:
     """A Flask app serving ``cfg.model``; the model loads in a background thread
     (``/health`` is 503 until it is ready) unless ``cfg.load_async`` is False.
@@ -265,16 +280,15 @@ def create_app(cfg: ServerSettings | None = None) -> Flask:
     Example:
         >>> app = create_app(ServerSettings.create(model="smollm2-135m", parallel=2))  # doctest: +SKIP
     """
-    from localllm import loader
     from localllm.server.routes import api
 
     cfg = cfg or ServerSettings()
-    # a wrong path or a bad file is the caller's mistake: fail now (cheap: the header
+    # a wrong name, path or a bad file is the caller's mistake: fail now (cheap: the header
     # only), not later in the background where it would only show as a 503
-    loader.prepare(cfg.model)
+    prepared = _prepare(cfg)
     app = Flask("localllm.server", static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = cfg.max_body_bytes
-    state = State(cfg)
+    state = State(cfg, prepared)
     app.extensions["localllm"] = state
     _install_hooks(app, cfg, state)
     _count_inflight(app, state)

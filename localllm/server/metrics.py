@@ -10,6 +10,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -40,8 +41,15 @@ class Metrics:
         self.busy_slots = Gauge("localllm_busy_slots", "Slots generating", registry=r)
         self.slots = Gauge("localllm_slots", "Slots (--parallel)", registry=r)
 
+    def watch(self, status: Callable[[], Any]) -> None:
+        """The queue and slot gauges read ``status()`` (``Engine.status``: an object with
+        ``queue_depth``, ``busy_slots`` and ``n_slots``) when scraped."""
+        self.queue_depth.set_function(lambda: status().queue_depth)
+        self.busy_slots.set_function(lambda: status().busy_slots)
+        self.slots.set_function(lambda: status().n_slots)
+
     def bind(self, queue_depth: Callable[[], float], busy: Callable[[], float], slots: int) -> None:
-        """Gauges read the scheduler when scraped."""
+        """The same gauges from separate readers; :meth:`watch` takes an engine's ``status``."""
         self.queue_depth.set_function(queue_depth)
         self.busy_slots.set_function(busy)
         self.slots.set(slots)

@@ -41,8 +41,9 @@ class ModelPool:
 
     def __init__(self, base: ModelSettings, *, max_memory: int, keep_alive: float | None = None,
                  max_queue: int = 16, on_step: Callable[[dict[str, Any]], None] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, models_dir: str | None = None) -> None:
         self.base, self.max_memory, self.keep_alive = base, max_memory, keep_alive
+        self.models_dir = models_dir
         self.max_queue, self.on_step, self.clock = max_queue, on_step, clock
         self._lock = threading.Lock()
         self._loading: dict[str, threading.Lock] = {}
@@ -56,7 +57,7 @@ class ModelPool:
         with self._lock:
             loaded = dict(self.loaded)
         out = []
-        for e in store.list_models(settings.models_dir(self.base.models_dir)):
+        for e in store.list_models(settings.models_dir(self.models_dir)):
             ref = e["ref"]
             out.append({"id": ref, "loaded": ref in loaded, "default": bool(e.get("default")),
                         "size": e.get("size"), "quant": e.get("quant")})
@@ -64,9 +65,9 @@ class ModelPool:
 
     def resolve(self, name: str | None) -> tuple[str, Any]:
         """(the store reference ``NAME:VERSION``, its path) for a request's ``model``."""
-        from localllm import loader, store
+        from localllm import loader, resolve
 
-        path = store.resolve(name or None, models_dir=self.base.models_dir)
+        path = resolve.resolve(name or None, models_dir=self.models_dir)
         ref = loader.model_id(path)
         if ":" not in ref:  # a file outside the store: pools serve the store
             raise ModelNotFoundError(f"model {name!r} is not in the store", param="model",
@@ -102,13 +103,15 @@ class ModelPool:
                      self.used() / 2**20, self.max_memory / 2**20)
             return eng
 
-    def _estimate(self, path: Any) -> int:
-        from localllm import plan
+    def plan(self, path: Any) -> Any:
+        """The plan of loading ``path`` with the pool's settings: ModelSettings.plan, the same layout
+        (mapped or read, the whole context of every sequence) that ``serve`` of one model plans and loads."""
+        from localllm import validate
 
-        s = self.base
-        n_ctx = s.n_ctx * s.n_seq if s.n_ctx else None
-        p = plan.make_plan(path, n_ctx=n_ctx, cache_type_k=s.cache_type_k, cache_type_v=s.cache_type_v,
-                           mmap=s.mmap)
+        return dataclasses.replace(self.base, model=str(path)).plan(validate.read_header(path))
+
+    def _estimate(self, path: Any) -> int:
+        p = self.plan(path)
         return int(p.ram_bytes or p.total_bytes)
 
     def _make_room(self, ref: str, need: int) -> None:
@@ -177,8 +180,7 @@ class ModelPool:
 
 
 def _idle(engine: Any) -> bool:
-    s = engine.scheduler
-    return s.busy_slots() == 0 and not s.stats.get("queue_depth", 0)
+    return bool(engine.status().idle)
 
 
 __all__ = ["ModelPool"]

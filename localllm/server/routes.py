@@ -23,8 +23,8 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from localllm import tools as toolsmod
 from localllm.core.request import Request, collect
 from localllm.errors import InvalidArgumentError, LocalLLMError, ModelNotFoundError, PayloadTooLargeError
-from localllm.server import openai_format as fmt
-from localllm.server import protocol
+import localllm.server.openai_format as fmt
+import localllm.server.protocol as protocol
 
 STATIC = Path(__file__).resolve().parent.parent / "static"
 api = Blueprint("api", __name__)
@@ -91,10 +91,9 @@ def health() -> Response:
         return _json(body, 503, {"Retry-After": "1"})
     if st.pool is not None:  # ready while the server runs: models load on first use
         return _json({"status": "ok", "model": st.model_id, "models_loaded": sorted(st.pool.loaded)})
-    sched = eng.scheduler
-    busy = sched.busy_slots()
-    return _json({"status": "ok", "model": st.model_id, "slots_idle": sched.n_slots - busy,
-                  "slots_processing": busy, "queue": sched.stats["queue_depth"]})
+    now = eng.status()
+    return _json({"status": "ok", "model": st.model_id, "slots_idle": now.idle_slots,
+                  "slots_processing": now.busy_slots, "queue": now.queue_depth})
 
 
 @api.get("/metrics")
@@ -159,7 +158,7 @@ def embeddings() -> Response:
 # ---------------------------------------------------------------------- Anthropic's Messages API
 @api.post("/v1/messages")
 def anthropic_messages() -> Response:
-    from localllm.server import anthropic_format as af
+    import localllm.server.anthropic_format as af
 
     body = _body()
     eng = _engine_for(body)
@@ -206,7 +205,7 @@ def anthropic_messages() -> Response:
 
 @api.post("/v1/messages/count_tokens")
 def anthropic_count_tokens() -> Response:
-    from localllm.server import anthropic_format as af
+    import localllm.server.anthropic_format as af
 
     body = _body()
     eng = _engine_for(body)
