@@ -1,16 +1,14 @@
 """Shared fixtures: the real built-in models (cached once per machine in the
-store) and tiny GGUFs the tests write themselves."""
+store) and tiny GGUFs the tests write themselves. Helpers that are not fixtures
+are in helpers.py."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from ggufs import write_tiny_llama  # noqa: E402
+from tests.helpers import write_tiny_llama
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -21,29 +19,6 @@ def pytest_configure(config: pytest.Config) -> None:
 
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
-
-
-def turn_end_cut(ids: list[int], end: int) -> int:
-    """How much of a chat prompt a later prompt reuses: up to the end of its last finished turn
-    (token ``end``) that is at least MIN_CHUNK tokens after the previous one (the rule of
-    localllm.core.lanes.cuts, written again from its documentation)."""
-    from localllm.core.lanes import MIN_CHUNK
-
-    ends = [i + 1 for i, t in enumerate(ids) if t == end]
-    return max((e for e, b in zip(ends, [0] + ends) if e - b >= MIN_CHUNK), default=0)
-
-
-def default_quant() -> str:
-    """The default model's version on this CPU, as the measured table says (else as first use measured it)."""
-    import json
-
-    from localllm import catalog, settings
-
-    entry = catalog.quant_table().get(catalog.DEFAULT_MODEL, {}).get(catalog.feature_set())
-    if entry is not None:
-        return str(entry["quant"]).upper()
-    rec = json.loads((settings.models_dir() / catalog.DEFAULT_MODEL / "auto.json").read_text())
-    return str(rec["version"]).upper()
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""Run in a subprocess by tests/test_gpu.py, with ``GGML_VK_VISIBLE_DEVICES`` set, so that a CPU
+"""Run in a subprocess by tests/core/test_gpu.py, with ``GGML_VK_VISIBLE_DEVICES`` set, so that a CPU
 Vulkan device (Mesa's lavapipe) is used only by the GPU tests and never by the rest of the suite.
 
     python tests/gpu_probe.py greedy MODEL GPU_LAYERS N_TOKENS LOGITS.npy   # greedy tokens (+ logits)

@@ -1,11 +1,104 @@
-"""Tiny GGUF files made by the tests themselves (random weights, real format)."""
+"""Helpers shared by the tests (fixtures stay in conftest.py).
+
+- ``ROOT``, ``TESTS``: the checkout and this folder;
+- :func:`cli`: ``python -m localllm ARGS`` as a user runs it;
+- :func:`free_port`: a free loopback port;
+- :func:`metric`: one sample of a server's ``/metrics`` (a missing one fails the test);
+- :func:`default_quant`, :func:`turn_end_cut`: what the default model's version is, and how
+  much of a chat prompt a later prompt reuses;
+- :func:`write_tiny_llama`: tiny GGUF files made by the tests themselves (random weights, real format).
+
+The other helper modules sit beside this one: ``serverutil`` (a live in-process server and
+plain HTTP), ``convert_fixtures`` (tiny HF checkpoints), ``llama_reference`` (llama-cpp-python's
+own logits), ``reliability_doc`` (the tables of docs/RELIABILITY.md), and ``gguf_fuzz`` and
+``gpu_probe``, which the tests also run as scripts. Fixture files are in ``fixtures/``.
+"""
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
-import gguf
-import numpy as np
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+FIXTURES = TESTS / "fixtures"
+
+
+# ---------------------------------------------------------------- processes and servers
+
+def cli(*args: str, env: dict[str, str | None] | None = None, timeout: float = 120,
+        **kw: object) -> subprocess.CompletedProcess:
+    """``python -m localllm ARGS`` from the checkout, output captured as text.
+
+    The environment is this one without ``LOCALLLM_DEBUG`` (errors must be one line by default),
+    updated with ``env``, where a value of None removes the variable. ``kw`` goes to
+    :func:`subprocess.run` (``input=...``, ``stdin=...``)."""
+    e = {k: v for k, v in os.environ.items() if k != "LOCALLLM_DEBUG"}
+    for k, v in (env or {}).items():
+        if v is None:
+            e.pop(k, None)
+        else:
+            e[k] = v
+    return subprocess.run([sys.executable, "-m", "localllm", *args], capture_output=True, text=True, env=e,
+                          timeout=timeout, cwd=ROOT, **kw)  # type: ignore[call-overload]
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 (the kernel picks it), for a server the test starts."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+_REQUIRED = object()
+
+
+def metric(url: str, name: str, default: float | object = _REQUIRED) -> float:
+    """The value of one sample line of ``url + "/metrics"``. ``name`` includes its labels as /metrics
+    writes them (``localllm_requests_total{endpoint="api.completions",status="200"}``).
+
+    A sample that is not there fails the test, unless the caller gives a ``default`` (a labelled
+    counter appears only once something was counted)."""
+    from tests.serverutil import get
+
+    text = get(url + "/metrics").text
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[-1])
+    if default is _REQUIRED:
+        raise AssertionError(f"no {name} in {url}/metrics")
+    return float(default)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- the default model
+
+def turn_end_cut(ids: list[int], end: int) -> int:
+    """How much of a chat prompt a later prompt reuses: up to the end of its last finished turn
+    (token ``end``) that is at least MIN_CHUNK tokens after the previous one (the rule of
+    localllm.core.lanes.cuts, written again from its documentation)."""
+    from localllm.core.lanes import MIN_CHUNK
+
+    ends = [i + 1 for i, t in enumerate(ids) if t == end]
+    return max((e for e, b in zip(ends, [0] + ends) if e - b >= MIN_CHUNK), default=0)
+
+
+def default_quant() -> str:
+    """The default model's version on this CPU, as the measured table says (else as first use measured it)."""
+    import json
+
+    from localllm import catalog, settings
+
+    entry = catalog.quant_table().get(catalog.DEFAULT_MODEL, {}).get(catalog.feature_set())
+    if entry is not None:
+        return str(entry["quant"]).upper()
+    rec = json.loads((settings.models_dir() / catalog.DEFAULT_MODEL / "auto.json").read_text())
+    return str(rec["version"]).upper()
+
+
+# ---------------------------------------------------------------- tiny GGUF files
 
 WORDS = ["the", "cat", "sat", "on", "mat", "dog", "ran", "a", "and", "hello", "world"]
 
@@ -14,6 +107,9 @@ def write_tiny_llama(path: Path, *, arch: str = "llama", n_embd: int = 64, n_lay
                      n_ff: int = 128, ctx: int = 256, seed: int = 0, scale: float = 0.02) -> Path:
     """A 2-layer llama with a SentencePiece-style vocab (bytes + a few words);
     a larger ``scale`` gives peaked next-token distributions (no near-ties)."""
+    import gguf
+    import numpy as np
+
     rng = np.random.default_rng(seed)
     w = gguf.GGUFWriter(str(path), arch)
     w.add_name("tiny-test")

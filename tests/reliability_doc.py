@@ -9,6 +9,7 @@ test, or a test naming an unknown case, fails that check.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -21,7 +22,11 @@ F = TypeVar("F", bound=Callable[..., object])
 
 class Cases:
     def __init__(self, key: str, source: str, heading: str, intro: str, cases: dict[str, tuple[str, str]]) -> None:
+        # ``source`` names the test file in the table's markers, as the document has them
         self.key, self.source, self.heading, self.intro, self.cases = key, source, heading, intro, cases
+        # the test module that declared the cases, wherever it now sits: for the "regenerate with" hints
+        caller = Path(sys._getframe(1).f_globals["__file__"]).resolve()
+        self.path = caller.relative_to(DOC.parent.parent).as_posix()
         self.covered: set[str] = set()
 
     @property
@@ -65,9 +70,9 @@ class Cases:
             DOC.write_text(text)
         if self.begin not in text or self.end not in text:
             pytest.fail(f"docs/RELIABILITY.md has no {self.key} table: regenerate with "
-                        f"LOCALLLM_REGEN=1 pytest {self.source}")
+                        f"LOCALLLM_REGEN=1 pytest {self.path}")
         current = text[text.index(self.begin):text.index(self.end) + len(self.end)]
         if current != table:
             diff = [f"- {a}\n+ {b}" for a, b in zip(current.splitlines(), table.splitlines()) if a != b][:5]
-            pytest.fail(f"docs/RELIABILITY.md's {self.key} table differs from {self.source}'s cases; regenerate "
-                        f"with LOCALLLM_REGEN=1 pytest {self.source}. First differences:\n" + "\n".join(diff))
+            pytest.fail(f"docs/RELIABILITY.md's {self.key} table differs from {self.path}'s cases; regenerate "
+                        f"with LOCALLLM_REGEN=1 pytest {self.path}. First differences:\n" + "\n".join(diff))

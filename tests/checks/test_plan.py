@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from localllm import placement, plan
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 
 # one fresh process per measurement, so nothing from earlier loads is resident.
 # RSS growth = from after llama.cpp's backend init to after loading the model,

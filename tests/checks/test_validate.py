@@ -159,10 +159,7 @@ def _only_invalid_model_file(path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def small_header(tmp_path_factory: pytest.TempPathFactory) -> bytes:
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from ggufs import write_tiny_llama
+    from tests.helpers import write_tiny_llama
 
     p = write_tiny_llama(tmp_path_factory.mktemp("fz") / "t.gguf", n_embd=32, n_ff=64, n_layer=1)
     return p.read_bytes()

@@ -12,11 +12,10 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from convert_fixtures import ARCHS, build_checkpoint, gguf_logits, hf_logits, nmse  # noqa: E402
-
 from localllm.converter import convert  # noqa: E402
 from localllm.converter.probe import CORPUS, hf_encode  # noqa: E402
 from localllm.converter.rules import rule_for  # noqa: E402
+from tests.convert_fixtures import ARCHS, build_checkpoint, gguf_logits, hf_logits, nmse  # noqa: E402
 
 SLOW = {"gemma3"}  # a real 262k-token vocabulary: the checkpoint and every write are large
 PARAMS = [pytest.param(a, marks=pytest.mark.slow) if a in SLOW else a for a in ARCHS]

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import types
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -20,12 +21,10 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from convert_fixtures import build_checkpoint  # noqa: E402
-
 from localllm.converter import convert  # noqa: E402
 from localllm.errors import DiskFullError  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.convert_fixtures import build_checkpoint  # noqa: E402
+from tests.helpers import ROOT, cli  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -33,11 +32,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_checkpoint("qwen2", tmp_path_factory.mktemp("io") / "hf")
 
 
-def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    e = {k: v for k, v in os.environ.items() if k != "LOCALLLM_DEBUG"}
-    e.update(env or {})
-    return subprocess.run([sys.executable, "-m", "localllm", *args], capture_output=True, text=True, env=e,
-                          timeout=300, cwd=ROOT)
+_cli = partial(cli, timeout=300)  # a conversion
 
 
 # ---------------------------------------------------------------- kill / Ctrl-C
@@ -191,7 +186,7 @@ def test_tensor_size_disagreeing_with_config_names_file(tiny: Path, tmp_path: Pa
     cfg = json.loads((bad / "config.json").read_text())
     cfg["intermediate_size"] = 96  # the weights are 128 wide
     (bad / "config.json").write_text(json.dumps(cfg))
-    r = cli("convert", str(bad), "-o", str(tmp_path / "m.gguf"), "--quant", "F32", "-q")
+    r = _cli("convert", str(bad), "-o", str(tmp_path / "m.gguf"), "--quant", "F32", "-q")
     assert r.returncode != 0
     assert f"{bad / 'model.safetensors'}: tensor 'model.layers.0.mlp" in r.stderr, r.stderr
     assert "config.json implies" in r.stderr and "intermediate_size 96" in r.stderr
@@ -219,7 +214,7 @@ def test_name_adds_to_store(tiny: Path, tmp_path: Path) -> None:
     from localllm import store, validate
 
     home = tmp_path / "home"
-    r = cli("convert", str(tiny), "--name", "tinyconv", "--quant", "Q8_0", "-q", env={"LOCALLLM_HOME": str(home)})
+    r = _cli("convert", str(tiny), "--name", "tinyconv", "--quant", "Q8_0", "-q", env={"LOCALLLM_HOME": str(home)})
     assert r.returncode == 0, r.stderr
     path = store.resolve("tinyconv:q8_0", models_dir=home / "models")
     manifest = json.loads((path.parent / store.MANIFEST).read_text())
@@ -244,10 +239,10 @@ def test_hub_repo_id_from_offline_cache(tiny: Path, tmp_path: Path) -> None:
     hub = tmp_path / "hub"
     _fake_hub_cache(hub, "acme/tiny", tiny)
     env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hub), "HF_HOME": str(tmp_path / "hfhome")}
-    r = cli("convert", "acme/tiny", "-o", str(tmp_path / "m.gguf"), "--quant", "F32", "-q", env=env)
+    r = _cli("convert", "acme/tiny", "-o", str(tmp_path / "m.gguf"), "--quant", "F32", "-q", env=env)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "m.gguf").exists()
-    r = cli("convert", "acme/absent", "-o", str(tmp_path / "n.gguf"), "--quant", "F32", "-q", env=env)
+    r = _cli("convert", "acme/absent", "-o", str(tmp_path / "n.gguf"), "--quant", "F32", "-q", env=env)
     assert r.returncode != 0 and "acme/absent: cannot download from the Hugging Face hub" in r.stderr
     assert not (tmp_path / "n.gguf").exists()
 

@@ -10,10 +10,9 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from convert_fixtures import hf_from_gguf  # noqa: E402
-
 from localllm.converter import convert  # noqa: E402
 from localllm.evaluate import evaluate  # noqa: E402
+from tests.convert_fixtures import hf_from_gguf  # noqa: E402
 
 
 def test_imatrix_lowers_q4_k_m_kl_on_held_out_text(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

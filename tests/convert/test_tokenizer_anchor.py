@@ -12,11 +12,11 @@ import pytest
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "benchmarks"))
+from tests.convert_fixtures import ARCHS  # noqa: E402
+from tests.helpers import ROOT  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "benchmarks"))
 import native  # noqa: E402
-from convert_fixtures import ARCHS  # noqa: E402
 
 ANCHOR = native.cache_dir() / "llama_cpp_python-0.3.36" / "vendor" / "llama.cpp" / "convert_hf_to_gguf.py"
 pytestmark = [pytest.mark.slow,

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -24,9 +23,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.helpers import TESTS, free_port
+
 pytestmark = pytest.mark.gpu
 
-HERE = Path(__file__).resolve().parent
 PARTIAL = 10          # layers offloaded in the partial runs (of SmolLM2-135M's 30)
 N_TOKENS = 8
 # the normalized mean squared error between CPU and partially offloaded logits, per generated token:
@@ -81,7 +81,7 @@ def test_doctor_lists_the_device_and_offload(doctor: dict) -> None:
 def test_partial_offload_greedy_matches_cpu(doctor: dict, default_model_path: Path, tmp_path: Path) -> None:
     runs = {}
     for n in (0, PARTIAL):
-        r = _py(str(HERE / "gpu_probe.py"), "greedy", str(default_model_path), str(n), str(N_TOKENS),
+        r = _py(str(TESTS / "gpu_probe.py"), "greedy", str(default_model_path), str(n), str(N_TOKENS),
                 str(tmp_path / f"{n}.npy"))
         assert r.returncode == 0, r.stderr[-2000:]
         runs[n] = json.loads(r.stdout)
@@ -99,14 +99,8 @@ def test_partial_offload_greedy_matches_cpu(doctor: dict, default_model_path: Pa
         assert top2[1] - top2[0] < 0.1, f"token {same} differs without a near tie: {cpu['tokens']} {gpu['tokens']}"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_serve_reports_the_offloaded_layers(doctor: dict, default_model_path: Path, tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     env = {**_env(), "LOCALLLM_VERBOSE": "1"}  # llama.cpp's own log on stderr: to a file, a pipe would fill
     log = (tmp_path / "serve.log").open("w")
     p = subprocess.Popen([sys.executable, "-m", "localllm", "serve", "--model-path", str(default_model_path),
@@ -156,7 +150,7 @@ def test_gpu_memory_caps_auto_and_the_plan_matches(doctor: dict, default_model_p
     assert r.returncode == 0, r.stderr
     want = json.loads(r.stdout)
     assert 0 < want["gpu_layers"] < want["n_layer"], want["reasons"]
-    r = _py(str(HERE / "gpu_probe.py"), "auto", str(default_model_path), str(cap))
+    r = _py(str(TESTS / "gpu_probe.py"), "auto", str(default_model_path), str(cap))
     assert r.returncode == 0, r.stderr[-2000:]
     got = json.loads(r.stdout)
     assert got["info"]["gpu_layers"] == want["gpu_layers"] and got["info"]["gpu_memory"] == cap

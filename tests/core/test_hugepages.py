@@ -163,21 +163,19 @@ def test_weights_are_read_into_huge_pages_unless_mapped(env: str, mmap: bool | N
 @pytest.mark.parametrize("env", ["1", "0"])
 def test_doctor_reports_the_kernels_mode_and_whether_loading_asks(env: str, tmp_path) -> None:
     import json
-    import os
-    import subprocess
     import sys
     from pathlib import Path
 
+    from tests.helpers import cli  # here: the child processes above import this file alone, from its folder
+
     f = Path("/sys/kernel/mm/transparent_hugepage/enabled")
     mode = re.search(r"\[(\w+)\]", f.read_text()).group(1) if f.exists() else None
-    run = subprocess.run([sys.executable, "-m", "localllm", "doctor", "--json"], capture_output=True, text=True,
-                         env={**os.environ, "LOCALLLM_HUGEPAGES": env}, timeout=120)
+    run = cli("doctor", "--json", env={"LOCALLLM_HUGEPAGES": env})
     hp = json.loads(run.stdout)["huge_pages"]
     linux = sys.platform == "linux"
     assert hp == {"thp_mode": mode, "asked": mode == "madvise" and env == "1" and linux,
                   "weights_in_memory": mode in ("madvise", "always") and env == "1" and linux}
-    text = subprocess.run([sys.executable, "-m", "localllm", "doctor"], capture_output=True, text=True,
-                          env={**os.environ, "LOCALLLM_HUGEPAGES": env}, timeout=120).stdout
+    text = cli("doctor", env={"LOCALLLM_HUGEPAGES": env}).stdout
     line = next(line for line in text.splitlines() if line.startswith("  THP "))
     assert (mode or "no transparent") in line and ("read into" in line) == hp["weights_in_memory"], line
 

@@ -19,8 +19,8 @@ import pytest
 
 from localllm.core.lanes import MIN_CHUNK
 from localllm.core.prompt_cache import MAGIC, PromptCache
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 SYSTEM = "You are a careful assistant. " + " ".join(f"Rule {i}: answer politely and cite item {i * 7}."
                                                     for i in range(8))
 GREEDY = dict(temperature=0, max_tokens=8)
@@ -181,7 +181,6 @@ def test_size_cap_evicts_the_least_recently_used(tmp_path: Path) -> None:
     # another key sees none of it
     assert PromptCache(tmp_path, {"model": "other"}).lookup(a + [5], have=0) is None
     assert PromptCache(tmp_path, {"model": "m"}).lookup(a + [5], have=0).tokens == a + [9] * 5
-
 
 
 def test_a_restarted_server_reports_the_prefix_it_read_from_disk(tmp_path: Path, default_model_path: Path,

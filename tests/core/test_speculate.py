@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from localllm.converter.verify import gguf_logits
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 CODE = (ROOT / "localllm" / "core" / "speculate.py").read_text()[:2500]
 COPY = [{"role": "user", "content": "Repeat this Python code exactly, changing nothing.\n\n" + CODE}]
 

@@ -5,17 +5,14 @@ official openai client completes a two-turn exchange; no answer is dropped."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
 from localllm import chat, tools as T
+from tests.helpers import FIXTURES
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import native  # noqa: E402
-
-TEMPLATES = native.cache_dir() / "llama_cpp_python-0.3.36" / "vendor" / "llama.cpp" / "models" / "templates"
+TEMPLATES = FIXTURES / "templates"  # llama.cpp's, as bundled in llama-cpp-python 0.3.36 (README.md there)
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city",
                                             "parameters": {"type": "object", "properties": {
@@ -27,7 +24,7 @@ ADD = {"type": "function", "function": {"name": "add", "description": "Add two i
                                             "a": {"type": "integer"}, "b": {"type": "integer"}},
                                             "required": ["a", "b"]}}}
 
-# real templates (llama.cpp's collection, in the llama-cpp-python sdist) → the family their model speaks
+# real templates (llama.cpp's collection, in tests/fixtures/templates) → the family their model speaks
 FAMILIES = {"Qwen-Qwen2.5-7B-Instruct": "hermes", "NousResearch-Hermes-3-Llama-3.1-8B-tool_use": "hermes",
             "NousResearch-Hermes-2-Pro-Llama-3-8B-tool_use": "hermes", "meta-llama-Llama-3.1-8B-Instruct": "llama3",
             "meta-llama-Llama-3.3-70B-Instruct": "llama3", "mistralai-Mistral-Nemo-Instruct-2407": "mistral",
@@ -46,10 +43,7 @@ def _valid(args: dict, schema: dict) -> bool:
 
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_real_templates_render_tools_and_their_own_calls_parse_back(name: str) -> None:
-    path = TEMPLATES / f"{name}.jinja"
-    if not path.exists():
-        pytest.skip(f"{path} is missing (benchmarks/native.py fetches the llama-cpp-python sdist)")
-    template = path.read_text()
+    template = (TEMPLATES / f"{name}.jinja").read_text()
     family = T.family_of(template)
     assert family == FAMILIES[name]
     spec = T.spec_from([WEATHER])
@@ -125,7 +119,7 @@ def test_parser_never_drops_text() -> None:
 @pytest.fixture(scope="module")
 def client():
     openai = pytest.importorskip("openai")
-    from serverutil import live_server
+    from tests.serverutil import live_server
 
     with live_server(model="smollm2-135m", ctx=1024) as live:
         yield openai.OpenAI(base_url=live.api, api_key="unused", max_retries=0, timeout=180), live
@@ -180,7 +174,7 @@ def test_a_cut_off_call_comes_back_as_content_with_the_reason(client) -> None:
 
 
 def test_bad_tool_requests_are_400(client) -> None:
-    from serverutil import post
+    from tests.serverutil import post
 
     _, live = client
     base = {"model": "smollm2-135m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import ROOT
 
 
 def _sandbox(tmp_path: Path, tools: dict[str, str]) -> tuple[Path, dict[str, str]]:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,7 +30,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import ROOT, free_port
+
 pytestmark = [pytest.mark.container, pytest.mark.slow]
 
 STORAGE = ["--storage-driver", "vfs"]
@@ -119,12 +119,6 @@ def container(image: str):
     subprocess.run(["buildah", *STORAGE, "rm", name], capture_output=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _children(pid: int) -> list[int]:
     """Every descendant of ``pid`` (from /proc)."""
     kids: dict[int, list[int]] = {}
@@ -165,7 +159,7 @@ def test_serves_a_chat_completion_and_drains_on_sigterm(container: str, tmp_path
     models = tmp_path / "models"  # an empty volume: the baked default model is materialised into it
     models.mkdir()
     os.chown(models, 10001, 10001)
-    port = _free_port()
+    port = free_port()
     cmd = ["buildah", *STORAGE, "run", "--isolation", "chroot", "--user", "10001:10001",
            "-v", f"{models}:/home/localllm/data/models", "-e", "LOCALLLM_API_KEY=test-key", container, "--",
            # the image's entrypoint, on a free port of the shared network

@@ -1,6 +1,6 @@
 """deploy/: the Kubernetes manifests rendered by kustomize and validated against the
 Kubernetes JSON schemas offline, the values that matter asserted, and the Dockerfile's
-static facts (the image itself is built and probed by tests/test_container.py)."""
+static facts (the image itself is built and probed by tests/deploy/test_container.py)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import ROOT
+
 K8S = ROOT / "deploy" / "k8s"
 DOCKERFILE = ROOT / "deploy" / "Dockerfile"
 TARGETS = ["base", "overlays/gpu", "overlays/edge"]
@@ -289,7 +290,7 @@ def test_kubernetes_yaml_is_gone_and_nothing_points_at_it() -> None:
         assert "kubernetes.yaml" not in p.read_text(), p
 
 
-# --- the Dockerfile (static; tests/test_container.py builds it) ------------------------------------
+# --- the Dockerfile (static; tests/deploy/test_container.py builds it) -----------------------------
 
 
 def test_dockerfile_copies_files_that_exist_and_dockerignore_lets_them_in() -> None:

@@ -18,7 +18,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,7 +28,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import ROOT, free_port
+
 
 # top-level folders of the checkout that are not source (and models/ is big)
 _NOT_SOURCE = {".git", ".venv", "venv", ".tox", "models", "build", "dist", ".localllm",
@@ -76,12 +76,6 @@ def _clean_env(**extra: str) -> dict[str, str]:
     env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
     env.update(extra)
     return env
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _http(method: str, url: str, body: dict | None = None, timeout: float = 10) -> tuple[int, bytes]:
@@ -169,7 +163,7 @@ def test_wheel_installs_and_serves(tmp_path: Path) -> None:
     assert "LlamaForCausalLM" in archs, archs
 
     # 4. `localllm serve` from the venv answers /health and one chat completion
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = tmp_path / "serve.log"
     with open(log, "wb") as out:

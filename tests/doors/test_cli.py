@@ -12,14 +12,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def cli(*args: str, input: str | None = None, env: dict | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
-    e = {k: v for k, v in os.environ.items() if k != "LOCALLLM_DEBUG"}  # errors must be one line by default
-    e.update(env or {})
-    return subprocess.run([sys.executable, "-m", "localllm", *args], input=input, capture_output=True, text=True,
-                          env=e, timeout=timeout, cwd=ROOT)
+from tests.helpers import ROOT, cli
 
 
 def test_version_and_help() -> None:

@@ -8,18 +8,14 @@ into CLI flags and an HTTP body the way a user would."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from serverutil import live_server
+from tests.helpers import cli
+from tests.serverutil import live_server
 
 openai = pytest.importorskip("openai")
-ROOT = Path(__file__).resolve().parent.parent
 CTX = 1024
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
           "required": ["name", "age"]}
@@ -90,10 +86,7 @@ def via_model(model, prompt: str, kw: dict[str, Any]) -> list[tuple]:
 
 
 def via_cli(prompt: str, kw: dict[str, Any]) -> list[tuple]:
-    env = {k: v for k, v in os.environ.items() if k != "LOCALLLM_DEBUG"}
-    r = subprocess.run([sys.executable, "-m", "localllm", "run", "smollm2-135m", prompt, "--raw", "--json",
-                        "--ctx", str(CTX), *cli_flags(kw)], capture_output=True, text=True, timeout=120, cwd=ROOT,
-                       env=env)
+    r = cli("run", "smollm2-135m", prompt, "--raw", "--json", "--ctx", str(CTX), *cli_flags(kw))
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
     choices = d.get("choices") or [{"text": d["text"], "finish_reason": d["finish_reason"], "tokens": d["tokens"],
@@ -138,7 +131,7 @@ def test_the_table_covers_every_sampling_option() -> None:
     from localllm.sampling import SamplingParams
 
     covered = {k for _, kw in CASES for k in kw}
-    # repeat_last_n, logit_bias and ignore_eos are covered by the flag test (tests/test_flags.py)
+    # repeat_last_n, logit_bias and ignore_eos are covered by the flag test (tests/doors/test_flags.py)
     assert set(SamplingParams.names()) - covered <= {"repeat_last_n", "logit_bias", "ignore_eos"}
 
 
@@ -147,9 +140,8 @@ def test_chat_through_every_door(model, server) -> None:
     kw = dict(temperature=0.8, seed=2, max_tokens=16)
     model.reset()
     a = model.chat_complete(msgs, **kw)
-    r = subprocess.run([sys.executable, "-m", "localllm", "run", "smollm2-135m", "Name a colour.", "--chat", "--json",
-                        "--ctx", str(CTX), "--temp", "0.8", "--seed", "2", "-n", "16"], capture_output=True,
-                       text=True, timeout=120, cwd=ROOT)
+    r = cli("run", "smollm2-135m", "Name a colour.", "--chat", "--json", "--ctx", str(CTX), "--temp", "0.8", "--seed",
+            "2", "-n", "16")
     assert r.returncode == 0, r.stderr
     b = json.loads(r.stdout)
     client = openai.OpenAI(base_url=server.api, api_key="unused", max_retries=0, timeout=120)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,10 +31,9 @@ from typing import Any
 
 import pytest
 
-import gguf_fuzz as gf
-from ggufs import write_tiny_llama
+from tests import gguf_fuzz as gf
+from tests.helpers import ROOT, cli, free_port, write_tiny_llama
 
-ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "RELIABILITY.md"
 BEGIN, END = "<!-- fuzz-doors:begin (tests/test_fuzz_doors.py) -->", "<!-- fuzz-doors:end -->"
 CRASH = ("signal", "died", "hang")
@@ -202,23 +200,17 @@ def counts(fz: Fuzz) -> Counter[str]:
 
 # --------------------------------------------------------------------------- the CLI doors
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _cli(args: list[str], timeout: float = 120) -> dict[str, Any]:
-    r = subprocess.run([sys.executable, "-m", "localllm", *args], capture_output=True, text=True, cwd=ROOT,
-                       env=_env(), timeout=timeout, stdin=subprocess.DEVNULL)
+    r = cli(*args, env={"LOCALLLM_VERBOSE": None, "GGML_NO_BACKTRACE": "1"},  # the environment of _env()
+            timeout=timeout, stdin=subprocess.DEVNULL)
     return {"rc": r.returncode, "stdout": r.stdout, "stderr": r.stderr}
 
 
 def _serve(path: Path, timeout: float = 120) -> dict[str, Any]:
     """``serve --model-path``: it must exit with an error, or serve (then /health is checked and it is stopped)."""
-    from serverutil import get
+    from tests.serverutil import get
 
-    port = _free_port()
+    port = free_port()
     p = subprocess.Popen([sys.executable, "-m", "localllm", "serve", "--model-path", str(path), "--port", str(port),
                           "--parallel", "1", "--ctx", "128", "--threads", "1"], stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, cwd=ROOT, env=_env(), stdin=subprocess.DEVNULL)
@@ -397,4 +389,4 @@ def test_reliability_doc_lists_every_case(fuzz: Fuzz, cli_results: dict[int, dic
         diff = [f"- {a}\n+ {b}" for a, b in zip(old, new) if a != b][:5]
         pytest.fail("docs/RELIABILITY.md's fuzz table differs from what the harness ran "
                     f"({len(old)} vs {len(new)} lines); regenerate with "
-                    "LOCALLLM_REGEN=1 pytest tests/test_fuzz_doors.py. First differences:\n" + "\n".join(diff))
+                    "LOCALLLM_REGEN=1 pytest tests/doors/test_fuzz_doors.py. First differences:\n" + "\n".join(diff))

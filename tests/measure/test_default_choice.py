@@ -73,7 +73,7 @@ def test_first_use_measures_when_the_table_lacks_this_cpu(tmp_path: Path, monkey
     choice = json.loads((path.parent / "manifest.json").read_text())["quant_choice"]
     rows = {r["quant"]: r for r in choice["rows"]}
     assert set(rows) == {"Q8_0", "Q4_0"} and choice["source"] == "measured"
-    # requantizing the shipped 4-bit file to Q4_0 loses far more than Q8_0 does (tests/test_eval.py measures it)
+    # requantizing the shipped 4-bit file to Q4_0 loses far more than Q8_0 does (tests/measure/test_eval.py measures it)
     assert rows["Q8_0"]["kl_mean"] < choice["max_kl"] < rows["Q4_0"]["kl_mean"]
     assert choice["quant"] == "Q8_0" == path.parent.name.upper()
     assert json.loads((root / B.name / "auto.json").read_text())["version"] == "q8_0"

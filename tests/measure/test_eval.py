@@ -6,8 +6,7 @@ from __future__ import annotations
 import json
 import math
 import re
-import subprocess
-import sys
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,9 @@ import pytest
 
 from localllm import evaluate as ev
 from localllm.errors import InvalidArgumentError
+from tests.helpers import cli
+
+_cli = partial(cli, timeout=600)  # an evaluation
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -41,7 +43,7 @@ def tiny_hf(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A tiny random Llama checkpoint (real SmolLM2 tokenizer) and its F32 GGUF."""
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
-    from convert_fixtures import build_checkpoint
+    from tests.convert_fixtures import build_checkpoint
 
     from localllm.converter import convert
 
@@ -236,9 +238,7 @@ def test_kv_cache_types_apply_to_the_model_only(default_model_path: Path, own_ca
 
 
 def test_bad_kv_settings_are_one_line_errors(tmp_path: Path) -> None:
-    import os
-
-    env = {**os.environ, "LOCALLLM_HOME": str(tmp_path / "home")}
+    env = {"LOCALLLM_HOME": str(tmp_path / "home")}
     for args, msg in ((["--cache-type-v", "q4_0", "--flash-attn", "off"], "needs flash attention"),
                       (["--cache-type-k", "q3_k"], "cache_type_k must be one of"),
                       (["--flash-attn", "maybe"], "--flash-attn")):
@@ -250,16 +250,9 @@ def test_bad_kv_settings_are_one_line_errors(tmp_path: Path) -> None:
         ev.evaluate("smollm2-135m", cache_type_v="q8_0", flash_attn="off")
 
 
-def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "localllm", *args], capture_output=True, text=True, timeout=600,
-                          env=env)
-
-
 def test_cli_eval_json_and_errors(tiny_hf: tuple[Path, Path], tmp_path: Path) -> None:
-    import os
-
     _, gguf = tiny_hf
-    env = {**os.environ, "LOCALLLM_HOME": str(tmp_path / "home")}
+    env = {"LOCALLLM_HOME": str(tmp_path / "home")}
     short = tmp_path / "short.txt"
     short.write_text(SHORT)
     p = _cli("eval", str(gguf), "--ref", str(gguf), "--ctx", "64", "--text", str(short), "--json", "-q", env=env)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from serverutil import live_server
+from tests.serverutil import live_server
 
 anthropic = pytest.importorskip("anthropic")
 openai = pytest.importorskip("openai")

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from serverutil import get, live_server, post, wait_for
+from tests.serverutil import get, live_server, post, wait_for
 
 openai = pytest.importorskip("openai")
 Q = [{"role": "user", "content": "Name a fruit."}]

@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from conftest import default_quant, turn_end_cut
 from localllm import Model
-from serverutil import get, live_server, post, request, stream_lines, wait_for
+from tests.helpers import default_quant, free_port, metric, turn_end_cut
+from tests.serverutil import get, live_server, post, request, stream_lines, wait_for
 
 openai = pytest.importorskip("openai")
 
@@ -173,28 +173,20 @@ def test_prompt_longer_than_context_is_400(client):
     assert e.value.body["code"] == "context_length_exceeded"
 
 
-def _metric(server, name: str) -> float:
-    """The value of one sample line of /metrics (0 when absent)."""
-    for line in get(server.url + "/metrics").text.splitlines():
-        if line.startswith(name + " "):  # ``name`` includes its labels, as /metrics writes them
-            return float(line.rsplit(" ", 1)[-1])
-    return 0.0
-
-
 def test_metrics_count_what_happened(server, client):
     """After requests with known token counts, the counters moved by exactly those counts."""
     names = ("localllm_generated_tokens_total", "localllm_prompt_tokens_total",
              'localllm_requests_total{endpoint="api.completions",status="200"}',
              'localllm_requests_total{endpoint="api.completions",status="400"}',
              "localllm_time_to_first_token_seconds_count")
-    before = {n: _metric(server, n) for n in names}
+    before = {n: metric(server.url, n, default=0.0) for n in names}  # a labelled counter is absent until counted
     usage = []
     for prompt, n in (("Hi", 3), ("Count: 1, 2,", 5), ("The sea", 7)):
         r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=n, extra_body={"ignore_eos": True})
         assert r.usage.completion_tokens == n
         usage.append(r.usage)
     post(server.api + "/completions", json={"prompt": "x", "max_tokens": 0})  # one 400
-    after = {n: _metric(server, n) for n in names}
+    after = {n: metric(server.url, n) for n in names}
     assert after[names[0]] - before[names[0]] == 3 + 5 + 7
     assert after[names[1]] - before[names[1]] == sum(u.prompt_tokens for u in usage)
     assert after[names[2]] - before[names[2]] == 3
@@ -242,14 +234,8 @@ PROMPTS = ["The capital of France is", "1, 2, 3, 4,", "My favourite colour is", 
 
 def _multi_sequence_steps(server) -> float:
     """Decode steps so far that held two or more sequences (from the per-step histogram)."""
-    text = get(server.url + "/metrics").text
-    count = one = 0.0
-    for line in text.splitlines():
-        if line.startswith("localllm_batch_sequences_count"):
-            count = float(line.split()[-1])
-        elif line.startswith('localllm_batch_sequences_bucket{le="1.0"}'):
-            one = float(line.split()[-1])
-    return count - one
+    return (metric(server.url, "localllm_batch_sequences_count")
+            - metric(server.url, 'localllm_batch_sequences_bucket{le="1.0"}'))
 
 
 def test_eight_concurrent_clients_match_alone(client, server):
@@ -409,13 +395,10 @@ def test_the_real_server_process(default_model_path, tmp_path):
     """`localllm serve` as users start it (waitress, its own process), end to end, then Ctrl-C."""
     import os
     import signal
-    import socket
     import subprocess
     import sys
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     log = open(tmp_path / "serve.log", "w+")
     proc = subprocess.Popen([sys.executable, "-m", "localllm", "serve", "--model-path", str(default_model_path),
                              "--port", str(port), "--parallel", "2", "--ctx", "512"], stdout=log, stderr=log,

@@ -26,12 +26,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from reliability_doc import Cases
-from serverutil import get, post, wait_for
+
+from tests.helpers import ROOT, free_port, metric
+from tests.reliability_doc import Cases
+from tests.serverutil import get, post, wait_for
 
 psutil = pytest.importorskip("psutil")
 
-ROOT = Path(__file__).resolve().parent.parent
 CTX = 256
 CASES = Cases("server-faults", "tests/test_server_faults.py", "Servers under load, faults and abuse", (
     "`localllm serve` (waitress, `--parallel 2 --max-queue 6 --ctx 256`) runs as its own process on loopback, "
@@ -92,15 +93,9 @@ class Server:
         assert self.proc.poll() is None, f"the server died (rc {self.proc.returncode}):\n{self.log.read_text()[-3000:]}"
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def serve(model_path: Path, tmp: Path, *args: str) -> Iterator[Server]:
-    port = _port()
+    port = free_port()
     log = tmp / f"serve-{port}.log"
     with open(log, "w") as f:
         proc = subprocess.Popen([sys.executable, "-m", "localllm", "serve", "--model-path", str(model_path),
@@ -269,13 +264,6 @@ def _reset(c: http.client.HTTPConnection, r: http.client.HTTPResponse) -> None:
     c.raw.close()  # type: ignore[attr-defined]
 
 
-def _metric(s: Server, name: str) -> float:
-    for line in get(s.url + "/metrics").text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise AssertionError(f"no {name} in /metrics")
-
-
 def _busy(s: Server) -> int:
     return get(s.url + "/health").json()["slots_processing"]
 
@@ -283,7 +271,7 @@ def _busy(s: Server) -> int:
 @covers("disconnect")
 def test_clients_that_vanish_mid_stream_free_their_slots(server: Server) -> None:
     ref = reference(server)
-    generated = _metric(server, "localllm_generated_tokens_total")
+    generated = metric(server.url, "localllm_generated_tokens_total")
     conns = []
     for _ in range(2):
         c = _conn(server.url)
@@ -298,7 +286,7 @@ def test_clients_that_vanish_mid_stream_free_their_slots(server: Server) -> None
     for c, r in conns:
         _reset(c, r)
     assert wait_for(lambda: _busy(server) == 0, timeout=30), CASES.what("disconnect")
-    assert _metric(server, "localllm_generated_tokens_total") - generated < 120, CASES.what("disconnect")
+    assert metric(server.url, "localllm_generated_tokens_total") - generated < 120, CASES.what("disconnect")
     server.alive()
     st, _, c = call(server.url, "/v1/chat/completions", chat_body())
     assert st == 200 and answer(c) == ref["chat"]

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from serverutil import get, live_server, wait_for
+from tests.serverutil import get, live_server, wait_for
 
 CHROMIUM = "/usr/bin/chromium"
 pytestmark = [pytest.mark.browser,
@@ -142,7 +142,7 @@ def test_a_user_message_with_html_is_shown_as_text(page):
 
 
 def test_model_picker_and_token_count_match_the_server(page, server):
-    from serverutil import post
+    from tests.serverutil import post
 
     ids = [m["id"] for m in get(server.api + "/models").json()["data"]]
     assert page.locator("#models option").evaluate_all("os => os.map(o => o.value)") == ids

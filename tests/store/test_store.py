@@ -16,8 +16,7 @@ from click.testing import CliRunner
 
 from localllm import hub, store
 from localllm.errors import InvalidArgumentError, InvalidModelFileError, ModelIntegrityError, ModelNotFoundError
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import ROOT
 
 
 @pytest.fixture()

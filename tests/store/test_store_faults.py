@@ -24,11 +24,11 @@ import time
 from pathlib import Path
 
 import pytest
-from reliability_doc import Cases
 
 from localllm import store
+from tests.helpers import ROOT
+from tests.reliability_doc import Cases
 
-ROOT = Path(__file__).resolve().parent.parent
 KILLS = 6
 CASES = Cases("store-faults", "tests/test_store_faults.py", "Files: kills, full disks, two writers", (
     "Each door runs as its own process on the default model (a ~140 MB GGUF); after each fault the store must be "

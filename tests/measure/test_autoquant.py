@@ -1,0 +1,72 @@
+"""``convert --quant auto`` (localllm/autoquant.py): the fastest candidate within the KL budget,
+the most precise when none is, the table recorded in the store manifest."""
+
+from __future__ import annotations
+
+import json
+import os
+from functools import partial
+from pathlib import Path
+
+import pytest
+
+from localllm.autoquant import CANDIDATES
+from tests.helpers import cli
+
+_cli = partial(cli, timeout=900)  # a conversion that measures every candidate: minutes on 2 cores
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from tests.convert_fixtures import build_checkpoint
+
+    return build_checkpoint("llama", tmp_path_factory.mktemp("autoq") / "tiny")
+
+
+def test_quant_auto_with_an_impossible_budget_keeps_the_most_precise(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """--max-kl 0: no quant is exact, so the candidate with the smallest measured KL is kept, and
+    the output says why; the table goes into the store manifest."""
+    env = {"LOCALLLM_HOME": str(tmp_path / "home")}
+    p = _cli("convert", str(tiny_checkpoint), "--name", "tiny", "--quant", "auto", "--max-kl", "0", "-q", env=env)
+    assert p.returncode == 0, p.stderr
+    vdirs = list((tmp_path / "home" / "models" / "tiny").iterdir())
+    assert len(vdirs) == 1
+    m = json.loads((vdirs[0] / "manifest.json").read_text())
+    choice = m["quant_choice"]
+    rows = {r["quant"]: r for r in choice["rows"]}
+    assert list(rows) == list(CANDIDATES)
+    assert all(r["kl_mean"] > 0 for r in rows.values())
+    best = min(rows.values(), key=lambda r: r["kl_mean"])["quant"]
+    assert choice["quant"] == best and vdirs[0].name == best.lower() and m["quant"] == best
+    assert "no candidate is within the KL budget 0" in p.stdout
+    assert f"chose {best}" in p.stdout
+    # the table printed is the table recorded, with the CPU it was measured on
+    assert choice["cpu"]["flags"] and choice["source"] == "measured"
+    for q, r in rows.items():
+        assert any(line.split()[:1] == [q] and f"{r['kl_mean']:.5f}" in line for line in p.stdout.splitlines())
+    # nothing left behind but the chosen entry
+    assert not [f for f in (tmp_path / "home" / "models").rglob("*") if ".localllm-auto" in str(f)]
+
+
+def test_quant_auto_picks_the_fastest_within_budget_to_a_file(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out.gguf"
+    p = _cli("convert", str(tiny_checkpoint), "-o", str(out), "--quant", "auto", "--max-kl", "10", "-q")
+    assert p.returncode == 0, p.stderr
+    table = [ln.split() for ln in p.stdout.splitlines() if ln.strip().split()[:1] and ln.split()[0] in CANDIDATES]
+    assert len(table) == len(CANDIDATES)
+    turn = {r[0]: float(r[7]) for r in table}
+    chosen = next(r[0] for r in table if "<-" in r)
+    assert turn[chosen] == min(turn.values())  # every candidate is within a budget of 10 nats
+    from localllm import validate
+
+    assert validate.read_header(out).quant == chosen
+    assert sorted(os.listdir(tmp_path)) == ["out.gguf"]   # no work folder left
+
+
+def test_max_kl_without_auto_is_refused(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    p = _cli("convert", str(tiny_checkpoint), "-o", str(tmp_path / "x.gguf"), "--quant", "Q8_0", "--max-kl", "0.1")
+    assert p.returncode == 1 and "--max-kl needs --quant auto" in p.stderr
+    assert not (tmp_path / "x.gguf").exists()
+
