@@ -6,7 +6,7 @@ against transformers' fp32 logits and the top-1 agreement.
 
     python benchmarks/quant_accuracy.py [--arch llama]
 
-tests/test_convert_archs.py asserts bounds about 2.5 x these figures.
+tests/convert/test_convert_archs.py asserts bounds about 2.5 x these figures.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ position keeps the reference's tokens with log-probability above
 ``LOGP_FLOOR`` (-16 nats; the rest carry under 1e-7 each), their
 log-probabilities quantized to 16 bits over that range, and the KL sums over
 those tokens, with the model's log-probabilities rounded to the same grid (so
-a model against itself gives exactly 0). tests/test_eval.py checks the result
+a model against itself gives exactly 0). tests/measure/test_eval.py checks the result
 against the full KL computed in numpy.
 
 Example:

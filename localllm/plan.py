@@ -342,6 +342,8 @@ def make_plan(path: str | os.PathLike[str] | Header, *, n_ctx: int | None = None
     n_ctx = n_ctx or default_context(trained)  # planning past the trained length is allowed (a what-if)
     cpu = _this_cpu()
     ram = ram_available if ram_available is not None else hardware.memory()["available"]
+    # a smaller context or quant that fits would be loaded as auto loads what fits: read where huge pages exist
+    fit_mmap = (not hardware.weights_in_memory()) if mmap is None else mmap
     if mmap is None:  # what loading does: read where huge pages back the weights and the model fits
         mmap = weights_mapped(h, n_ctx, n_seq=n_seq, ram=ram, cpu=cpu, cache_type_k=cache_type_k,
                               cache_type_v=cache_type_v)
@@ -384,10 +386,12 @@ def make_plan(path: str | os.PathLike[str] | Header, *, n_ctx: int | None = None
                 parameters=h.parameters, mmap=mmap)
     if not fits:
         reasons.append(f"needs {ram_need / 2**20:.0f} MiB of RAM but {ram / 2**20:.0f} MiB is available")
-        plan.max_ctx_that_fits = _largest_ctx(h, ram, gpu_layers, n_ubatch, cpu, trained or n_ctx, kv)
+        plan.max_ctx_that_fits = _largest_ctx(h, ram, gpu_layers, n_ubatch, cpu, trained or n_ctx,
+                                              {**kv, "mmap": fit_mmap})
         if plan.max_ctx_that_fits:
             reasons.append(f"a context of {plan.max_ctx_that_fits} tokens would fit")
-        plan.alternatives = _other_quants(h, est, ram, n_ctx, cpu)
+        fit_est = est if fit_mmap == mmap else estimate(h, n_ctx, n_ubatch=n_ubatch, cpu=cpu, **{**kv, "mmap": fit_mmap})
+        plan.alternatives = _other_quants(h, fit_est, ram, n_ctx, cpu)
         if plan.alternatives:
             reasons.append("smaller quants that would fit at this context: "
                            + ", ".join(a["quant"] for a in plan.alternatives))

@@ -12,10 +12,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
-from test_plan import measure  # noqa: E402  (the same measurement the test makes)
+from tests.checks.test_plan import measure  # noqa: E402  (the same measurement the test makes)
 
 from localllm import plan, resolve  # noqa: E402
 

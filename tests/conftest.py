@@ -23,16 +23,16 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.fixture(scope="session")
 def default_model_path() -> Path:
-    from localllm import store
+    from localllm import store, resolve
 
-    return store.resolve("smollm2-135m")
+    return resolve.resolve("smollm2-135m")
 
 
 @pytest.fixture(scope="session")
 def gemma_path() -> Path:
-    from localllm import store
+    from localllm import store, resolve
 
-    return store.resolve("gemma3-270m")
+    return resolve.resolve("gemma3-270m")
 
 
 @pytest.fixture(scope="session")

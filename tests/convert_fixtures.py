@@ -85,9 +85,9 @@ def _from_gguf(name: str, ref: str) -> Path:
         return out
     from transformers import AutoTokenizer
 
-    from localllm import store
+    from localllm import store, resolve
 
-    p = store.resolve(ref)
+    p = resolve.resolve(ref)
     tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
     tmp_out = out.with_name(name + ".tmp")
     shutil.rmtree(tmp_out, ignore_errors=True)

@@ -8,6 +8,7 @@ import ctypes
 
 import numpy as np
 
+from localllm.formats import KV_TYPES
 from localllm.errors import RuntimeFailure
 from localllm.runtime._lib import _LOG_ERROR, C, _backend, _explain_load_failure
 
@@ -16,9 +17,8 @@ if TYPE_CHECKING:  # annotations only
 
 # --------------------------------------------------------------------------- context
 
-# KV cache element types llama.cpp's CPU backend takes (ggml_type ids, ggml.h)
-KV_CACHE_TYPES = {"f32": 0, "f16": 1, "bf16": 30, "q8_0": 8, "q5_1": 7, "q5_0": 6, "q4_1": 3, "q4_0": 2,
-                  "iq4_nl": 20}
+# KV cache element types llama.cpp's CPU backend takes: name → ggml_type id (the table is formats.KV_TYPES)
+KV_CACHE_TYPES = {name: t.ggml_type for name, t in KV_TYPES.items()}
 
 # llama_get_logits_ith returning the address as an int: the row's numpy view is then looked up,
 # not rebuilt. Rebuilding it (np.ctypeslib.as_array) costs ~35 us per token right after a decode,

@@ -50,9 +50,9 @@ def measure(path: Path, n_ctx: int, mmap: bool = True) -> int:
 
 @pytest.fixture(scope="module")
 def q4_0_path() -> Path:
-    from localllm import store
+    from localllm import store, resolve
 
-    return store.resolve("smollm2-135m:q4_0")
+    return resolve.resolve("smollm2-135m:q4_0")
 
 
 @pytest.mark.parametrize("mmap", [True, False], ids=["mapped", "read"])

@@ -211,12 +211,12 @@ def test_vocabulary_written_once(tiny: Path, tmp_path: Path, monkeypatch: pytest
 # ---------------------------------------------------------------- --name, hub
 
 def test_name_adds_to_store(tiny: Path, tmp_path: Path) -> None:
-    from localllm import store, validate
+    from localllm import store, validate, resolve
 
     home = tmp_path / "home"
     r = _cli("convert", str(tiny), "--name", "tinyconv", "--quant", "Q8_0", "-q", env={"LOCALLLM_HOME": str(home)})
     assert r.returncode == 0, r.stderr
-    path = store.resolve("tinyconv:q8_0", models_dir=home / "models")
+    path = resolve.resolve("tinyconv:q8_0", models_dir=home / "models")
     manifest = json.loads((path.parent / store.MANIFEST).read_text())
     assert manifest["source"]["converted_from"] == str(tiny)
     assert manifest["arch"] == "qwen2" and f"wrote {path}" in r.stdout
@@ -273,8 +273,15 @@ def test_hub_download_patterns(tiny: Path, tmp_path: Path, monkeypatch: pytest.M
     assert len(calls) == 2 and "pytorch_model*.bin" in calls[1]["patterns"]
 
 
-def test_the_cli_offers_every_quant_the_writer_knows() -> None:
-    from localllm.cli.convert import _QUANTS
-    from localllm.converter.writer import QUANTS
+def test_one_quant_table_matches_llama_cpp_and_the_cli() -> None:
+    """formats.QUANTS' file types are gguf's LlamaFileType (an independent copy of llama.h), and `convert --quant`
+    offers exactly the quants marked for it, plus auto."""
+    import gguf
 
-    assert _QUANTS == list(QUANTS)
+    from localllm.cli.convert import command
+    from localllm.formats import CONVERT_QUANTS, QUANTS
+
+    for name, q in QUANTS.items():
+        assert gguf.LlamaFileType(q.ftype).name.removeprefix("MOSTLY_").removeprefix("ALL_") == name
+    choices = next(p for p in command.params if p.name == "quant").type.choices
+    assert list(choices) == [*CONVERT_QUANTS, "auto"]

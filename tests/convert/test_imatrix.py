@@ -16,10 +16,10 @@ from tests.convert_fixtures import hf_from_gguf  # noqa: E402
 
 
 def test_imatrix_lowers_q4_k_m_kl_on_held_out_text(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from localllm import store
+    from localllm import store, resolve
 
     monkeypatch.setenv("LOCALLLM_HOME", str(tmp_path / "home"))   # the reference cache of this test only
-    hf = hf_from_gguf(store.resolve("smollm2-135m:q4_1"), tmp_path / "hf")
+    hf = hf_from_gguf(resolve.resolve("smollm2-135m:q4_1"), tmp_path / "hf")
     ref = tmp_path / "f32.gguf"
     assert convert(hf, ref, quant="F32").imatrix == "not used: F32 is written directly"
     plain = convert(hf, tmp_path / "plain.gguf", quant="Q4_K_M", imatrix=False)

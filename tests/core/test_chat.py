@@ -28,10 +28,10 @@ def test_chat_stream_and_system_prompt(model: Model) -> None:
 
 def test_template_is_sandboxed(model: Model, monkeypatch: pytest.MonkeyPatch) -> None:
     evil = "{{ messages.__class__.__mro__[1].__subclasses__() }}"
-    monkeypatch.setattr(model._engine.prompter, "template", evil)
+    monkeypatch.setattr(model.engine.prompter, "template", evil)
     with pytest.raises(TemplateError):
         model.chat([{"role": "user", "content": "hi"}], max_tokens=1)
-    monkeypatch.setattr(model._engine.prompter, "template", "{{ raise_exception('no system role') }}")
+    monkeypatch.setattr(model.engine.prompter, "template", "{{ raise_exception('no system role') }}")
     with pytest.raises(TemplateError, match="no system role"):
         model.chat([{"role": "user", "content": "hi"}], max_tokens=1)
 

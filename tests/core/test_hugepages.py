@@ -72,14 +72,14 @@ def _repack_mib(lines: list[str]) -> float:
 
 _LOAD = """
 import json, sys
-from localllm import store
+from localllm import store, resolve
 from localllm.runtime import LlamaModel
 from localllm.runtime._lib import _backend
 sys.path.insert(0, sys.argv[1])
 from test_hugepages import _hg_huge_kib, _repack_mib
 sink = _backend()
 before, mark = _hg_huge_kib(), sink.mark()
-m = LlamaModel(store.resolve("smollm2-135m:q4_0"))  # Q4_0 is repacked on x86 and ARM
+m = LlamaModel(resolve.resolve("smollm2-135m:q4_0"))  # Q4_0 is repacked on x86 and ARM
 gained = (sum(_hg_huge_kib().values()) - sum(before.values())) / 1024
 print(json.dumps({"repack": _repack_mib(sink.since(mark)), "gained": gained, "marked": m.hugepage_bytes}))
 """
@@ -111,12 +111,12 @@ def test_repacked_weights_sit_in_huge_pages(on: bool) -> None:
 
 _LOAD_MODEL = """
 import json, sys
-from localllm import Model, store
+from localllm import Model, store, resolve
 from localllm.runtime._lib import _backend
 sys.path.insert(0, sys.argv[1])
 from test_hugepages import _buffer_mib, _hg_huge_kib
 sink = _backend()
-path = str(store.resolve("smollm2-135m:q8_0"))  # not repacked: every weight is in the CPU buffer
+path = str(resolve.resolve("smollm2-135m:q8_0"))  # not repacked: every weight is in the CPU buffer
 before, mark = _hg_huge_kib(), sink.mark()
 m = Model(path, n_ctx=256, prompt_cache=False, mmap=json.loads(sys.argv[2]))
 gained = (sum(_hg_huge_kib().values()) - sum(before.values())) / 1024
@@ -221,7 +221,7 @@ def test_filled_runs_joins_neighbours_and_skips_what_was_full_or_is_not() -> Non
 
 _RELOAD = """
 import json, os, sys
-from localllm import Model, store
+from localllm import Model, store, resolve
 from localllm.runtime._lib import _backend
 sys.path.insert(0, sys.argv[1])
 from test_hugepages import _buffer_mib, _hg_huge_kib
@@ -230,17 +230,17 @@ for ref in ("smollm2-135m:q8_0", "smollm2-135m:bf16"):  # what hugepages_bench d
     models = []
     for mmap, env in ((False, "1"), (False, "0"), (True, "1")):
         os.environ["LOCALLLM_HUGEPAGES"] = env
-        models.append(Model(store.resolve(ref), n_ctx=1024, prompt_cache=False, mmap=mmap))
+        models.append(Model(resolve.resolve(ref), n_ctx=1024, prompt_cache=False, mmap=mmap))
     for m in models:
         m.complete("1, 2, 3,", max_tokens=8, temperature=0)
     for m in models:
         m.close()
 os.environ["LOCALLLM_HUGEPAGES"] = "1"
 mark = sink.mark()
-m = Model(store.resolve("smollm2-135m:q4_0"), n_ctx=1024, prompt_cache=False, mmap=False)
+m = Model(resolve.resolve("smollm2-135m:q4_0"), n_ctx=1024, prompt_cache=False, mmap=False)
 log = sink.since(mark)
 print(json.dumps({"buffers": _buffer_mib(log, "CPU") + _buffer_mib(log, "CPU_REPACK"),
-                  "marked": m._engine.llama.hugepage_bytes / 2**20, "huge": sum(_hg_huge_kib().values()) / 1024}))
+                  "marked": m.engine.llama.hugepage_bytes / 2**20, "huge": sum(_hg_huge_kib().values()) / 1024}))
 """
 
 

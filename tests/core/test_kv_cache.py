@@ -41,7 +41,21 @@ def test_bad_cache_settings_are_clear_errors(default_model_path: Path) -> None:
         ModelSettings(model=default_model_path, flash_attn="maybe")
 
 
-def test_the_cli_offers_the_planners_cache_types() -> None:
-    from localllm.cli.options import CACHE_TYPES
+def test_one_table_of_cache_types_for_the_cli_the_planner_and_llama_cpp() -> None:
+    """formats.KV_TYPES is the one table: its ggml ids are gguf's (an independent copy of ggml.h), its bytes
+    per element are gguf's block sizes, and every door offers exactly its names."""
+    import gguf
 
-    assert sorted(CACHE_TYPES) == sorted(plan.CACHE_TYPES) == sorted(runtime.KV_CACHE_TYPES)
+    from localllm.cli import _register, cli
+    from localllm.formats import CACHE_TYPES, KV_TYPES
+
+    for name, t in KV_TYPES.items():
+        q = gguf.GGMLQuantizationType(t.ggml_type)
+        assert q.name.lower() == name
+        block, size = gguf.GGML_QUANT_SIZES[q]
+        assert t.bytes == size / block and t.quantized == (block > 1)
+    assert runtime.KV_CACHE_TYPES == {n: t.ggml_type for n, t in KV_TYPES.items()}
+    _register()
+    offered = {(c, p.name): list(p.type.choices) for c in ("run", "serve", "plan") for p in cli.commands[c].params
+               if p.name in ("cache_type_k", "cache_type_v")}
+    assert len(offered) == 6 and all(v == list(CACHE_TYPES) for v in offered.values()), offered

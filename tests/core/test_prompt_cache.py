@@ -42,8 +42,8 @@ def reference(default_model_path: Path) -> dict[str, object]:
     with Model(default_model_path, n_ctx=1024, prompt_cache=False) as m:
         a = m.chat_complete(_msgs("What is rule 3?"), **GREEDY)
         b = m.chat_complete(_msgs("What is rule 9?"), **GREEDY)
-        ids = m._chat_ids(_msgs("What is rule 3?"))
-        eog = set(m._engine.llama.eog_tokens())
+        ids = m.chat_tokens(_msgs("What is rule 3?"))
+        eog = set(m.engine.llama.eog_tokens())
     assert a.cached_tokens == 0 and len(ids) == a.prompt_tokens
     # a prefix is reused up to the end of a finished turn (after its <|im_end|>) at least MIN_CHUNK
     # tokens after the previous one: here the system prompt's, since the question is shorter
@@ -120,9 +120,9 @@ def _tiny_state(tiny_gguf: Path) -> bytes:
 
 def _other_models_entry(tmp: Path) -> bytes:
     """The entry file smollm2-135m:q4_0 writes for the same prompt (same KV layout, other weights)."""
-    from localllm import Model, store
+    from localllm import Model, store, resolve
 
-    with Model(store.resolve("smollm2-135m:q4_0"), n_ctx=1024, prompt_cache=tmp) as m:
+    with Model(resolve.resolve("smollm2-135m:q4_0"), n_ctx=1024, prompt_cache=tmp) as m:
         m.chat_complete(_msgs("What is rule 3?"), **GREEDY)
     (f,) = _entries(tmp)
     return f.read_bytes()
@@ -135,7 +135,7 @@ def test_foreign_damaged_or_unreadable_files_are_refused_and_rebuilt(tmp_path: P
     d = tmp_path / "cache"
     with Model(default_model_path, n_ctx=1024, prompt_cache=d) as m:
         m.chat_complete(_msgs("What is rule 3?"), **GREEDY)
-        pc = m._engine.scheduler.prompt_cache
+        pc = m.engine.scheduler.prompt_cache
         pc.flush()  # states are written on a thread of their own
         (entry,) = _entries(d)
         good = entry.read_bytes()
@@ -232,9 +232,9 @@ def test_every_reused_prefix_gives_the_numbers_of_a_fresh_decode(tmp_path: Path,
     restart, a long raw prompt) gives bit for bit the log-probabilities of decoding the whole
     prompt from scratch. (Decoding the prefix in other pieces changes them: flash attention and
     Q4_0's repacked gemm round differently with the number of rows; that flipped a greedy answer.)"""
-    from localllm import Model, store
+    from localllm import Model, store, resolve
 
-    path = store.resolve(name)
+    path = resolve.resolve(name)
     sys_msg = {"role": "system", "content": SYSTEM + " " + NOTES}
     turn1 = [sys_msg, {"role": "user", "content": "Where is the spoon?"}]
     raw = NOTES + " " + NOTES  # over 512 tokens: reused up to the cut at 512

@@ -73,7 +73,7 @@ def test_best_of_keeps_the_best_mean_logprob(model: Model, ref: Reference) -> No
     msgs = [{"role": "user", "content": "Name one animal, in one word."}]
     kw = dict(max_tokens=24, temperature=1.3, seed=5, logprobs=True)
     every = model.chat_complete(msgs, n=5, **kw).choices
-    prompt = model._chat_ids(msgs)
+    prompt = model.chat_tokens(msgs)
     scores = []
     for c in every:
         lps = [lp.logprob for lp in c.logprobs]

@@ -19,8 +19,8 @@ def test_kv_cache_prefix_is_reused_and_output_unchanged(model: Model, default_mo
     second = model.chat_complete(history, max_tokens=8, temperature=0)
     # reused up to the end of the last finished turn at least MIN_CHUNK tokens long (here the system
     # prompt); the short question and the answer, generated one token at a time, are read again
-    (im_end,) = model._engine.llama.tokenize("<|im_end|>", add_special=False, parse_special=True)
-    assert second.cached_tokens == turn_end_cut(model._chat_ids(history[:1]), im_end) > 0
+    (im_end,) = model.engine.llama.tokenize("<|im_end|>", add_special=False, parse_special=True)
+    assert second.cached_tokens == turn_end_cut(model.chat_tokens(history[:1]), im_end) > 0
     with Model(default_model_path, n_ctx=1024) as fresh:
         assert fresh.chat(history, max_tokens=8, temperature=0) == second.text
 
@@ -39,6 +39,6 @@ def test_an_interrupt_while_a_request_starts_frees_its_slot(default_model_path: 
             mp.setattr(Scheduler, "_start_unit", interrupted)
             with pytest.raises(KeyboardInterrupt):
                 m.chat([{"role": "user", "content": "Hi"}], max_tokens=4)
-        assert not any(sl.busy for sl in m._engine.scheduler.slots)
+        assert not any(sl.busy for sl in m.engine.scheduler.slots)
         assert m.complete("1, 2, 3,", max_tokens=4, temperature=0).text.startswith(" 4")
 

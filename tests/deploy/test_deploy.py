@@ -227,11 +227,11 @@ def test_the_models_volume_is_mounted_at_the_store(target: str) -> None:
 def test_memory_request_covers_localllm_plan(target: str) -> None:
     """The memory request holds what `localllm plan` says the configured model needs for
     --parallel slots of --ctx tokens (the KV cache holds CTX x PARALLEL tokens)."""
-    from localllm import plan, store
+    from localllm import plan, store, resolve
 
     env = env_values(render(target))
     try:
-        path = store.resolve(env["LOCALLLM_MODEL"])
+        path = resolve.resolve(env["LOCALLLM_MODEL"])
     except Exception as e:  # noqa: BLE001 - no model here: nothing to size against
         pytest.skip(f"{env['LOCALLLM_MODEL']} is not available here: {e}")
     ctx = int(env["LOCALLLM_CTX"]) * int(env["LOCALLLM_PARALLEL"])

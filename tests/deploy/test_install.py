@@ -117,9 +117,9 @@ for r in core + serve:
 
 @pytest.mark.slow
 def test_wheel_installs_and_serves(tmp_path: Path) -> None:
-    from localllm import store
+    from localllm import store, resolve
 
-    model_path = store.resolve("smollm2-135m")
+    model_path = resolve.resolve("smollm2-135m")
 
     # 1. build the wheel from a copy of the checkout
     src = _copy_source(tmp_path / "src")

@@ -57,10 +57,10 @@ def _env() -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def fuzz(tmp_path_factory: pytest.TempPathFactory) -> Fuzz:
-    from localllm import store
+    from localllm import store, resolve
 
     tiny = write_tiny_llama(tmp_path_factory.mktemp("fuzz-src") / "tiny.gguf")
-    smol = store.resolve("smollm2-135m:q4_1")
+    smol = resolve.resolve("smollm2-135m:q4_1")
     sources = {"tiny": tiny, "smol": smol}
     tiny_jobs = gf.mutations(gf.layout(tiny), "tiny") + gf.template_mutations("tiny")
     smol_jobs = gf.mutations(gf.layout(smol), "smol", full=False)

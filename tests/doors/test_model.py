@@ -119,7 +119,7 @@ def test_gemma3_runs(gemma_path: Path) -> None:
         text = m.render_chat([{"role": "user", "content": "hi"}])
         assert text == "<bos><start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\n"
         # the template writes <bos> itself: it must not be doubled
-        ids = m._chat_ids([{"role": "user", "content": "hi"}])
+        ids = m.chat_tokens([{"role": "user", "content": "hi"}])
         assert ids[0] == m.info.bos_token and ids[1] != m.info.bos_token
 
 

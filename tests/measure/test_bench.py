@@ -22,9 +22,9 @@ _cli = partial(cli, timeout=900)  # a bench run takes minutes on 2 cores
 
 
 def test_bench_json_keys_and_consistent_figures(default_model_path: Path, tmp_path: Path) -> None:
-    from localllm import store
+    from localllm import store, resolve
 
-    q4 = store.resolve("smollm2-135m:q4_0")
+    q4 = resolve.resolve("smollm2-135m:q4_0")
     png = tmp_path / "speed.png"
     p = _cli("bench", str(default_model_path), str(q4), "--reps", "2", "--prompt-tokens", "64",
              "--gen-tokens", "8", "--depth", "16", "--json", "-q", "--plot", str(png))

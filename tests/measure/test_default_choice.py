@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from localllm import catalog, store
+from localllm import catalog, store, resolve
 
 B = catalog.BUILTIN[catalog.DEFAULT_MODEL]
 
@@ -44,7 +44,7 @@ def test_first_use_takes_the_table_row_and_remembers_it(tmp_path: Path) -> None:
         pytest.skip(f"the table has no row for this CPU's feature set {key!r} (first use measures instead)")
     root = tmp_path / "models"
     notes: list[str] = []
-    path = store.resolve(None, models_dir=root, notes=notes)
+    path = resolve.resolve(None, models_dir=root, notes=notes)
     assert path.parent.name == entry["quant"].lower()
     assert len(notes) == 1 and f"from the table measured on {key} CPUs" in notes[0]
     m = json.loads((path.parent / "manifest.json").read_text())
@@ -52,23 +52,23 @@ def test_first_use_takes_the_table_row_and_remembers_it(tmp_path: Path) -> None:
     assert m["quant"] == entry["quant"]
     # the next resolve finds it without a note, by name too
     again: list[str] = []
-    assert store.resolve(B.name, models_dir=root, notes=again) == path and again == []
+    assert resolve.resolve(B.name, models_dir=root, notes=again) == path and again == []
     # a store moved to a CPU of another feature set chooses again
     (root / B.name / "auto.json").write_text(json.dumps({"version": "q4_1", "feature_set": "elsewhere"}))
     moved: list[str] = []
-    assert store.resolve(None, models_dir=root, notes=moved) == path and len(moved) == 1
+    assert resolve.resolve(None, models_dir=root, notes=moved) == path and len(moved) == 1
     # an explicit version is exactly that version
-    assert store.resolve(f"{B.name}:q4_1", models_dir=root).parent.name == "q4_1"
+    assert resolve.resolve(f"{B.name}:q4_1", models_dir=root).parent.name == "q4_1"
 
 
 def test_first_use_measures_when_the_table_lacks_this_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """No row for this CPU: the candidates are really measured here (two of them, to keep the suite short)."""
     monkeypatch.setattr(catalog, "quant_table", lambda: {})
-    monkeypatch.setattr(catalog, "auto_candidates", lambda b: ["Q8_0", "Q4_0"])
+    monkeypatch.setattr(resolve, "auto_candidates", lambda b: ["Q8_0", "Q4_0"])
     monkeypatch.setenv("LOCALLLM_HOME", str(tmp_path / "home"))
     root = tmp_path / "models"
     notes: list[str] = []
-    path = store.resolve(None, models_dir=root, notes=notes)
+    path = resolve.resolve(None, models_dir=root, notes=notes)
     assert len(notes) == 1 and "measured on this CPU" in notes[0]
     choice = json.loads((path.parent / "manifest.json").read_text())["quant_choice"]
     rows = {r["quant"]: r for r in choice["rows"]}

@@ -115,9 +115,9 @@ def _full_logits(path: Path, windows: list[list[int]]) -> np.ndarray:
 
 
 def test_kl_and_top1_equal_a_full_numpy_computation(default_model_path: Path, own_cache: Path) -> None:
-    from localllm import runtime, store
+    from localllm import runtime, store, resolve
 
-    q8, q4 = store.resolve("smollm2-135m:q8_0"), store.resolve("smollm2-135m:q4_0")
+    q8, q4 = resolve.resolve("smollm2-135m:q8_0"), resolve.resolve("smollm2-135m:q4_0")
     m = runtime.LlamaModel(q8)
     tokens = m.tokenize(ev.default_text(), add_special=True, parse_special=False)[:4 * 128]
     bos = m.bos if m.add_bos else None
@@ -194,13 +194,13 @@ def test_short_text_and_bad_context_are_refused(tiny_hf: tuple[Path, Path]) -> N
 def test_q8_0_is_closer_than_q4_0_to_the_f32_reference(default_model_path: Path, tmp_path: Path,
                                                        own_cache: Path) -> None:
     """The real default model: an F32 reference made from the shipped file (its exact weights)."""
-    from localllm import runtime, store
+    from localllm import runtime, store, resolve
 
     ref = tmp_path / "smollm2-f32.gguf"
-    runtime.quantize(store.resolve("smollm2-135m:q4_1"), ref, 0, allow_requantize=True)
+    runtime.quantize(resolve.resolve("smollm2-135m:q4_1"), ref, 0, allow_requantize=True)
     text = ev.default_text()[:4000]
-    q8 = ev.evaluate(store.resolve("smollm2-135m:q8_0"), reference=ref, text=text, n_ctx=256)
-    q4 = ev.evaluate(store.resolve("smollm2-135m:q4_0"), reference=ref, text=text, n_ctx=256)
+    q8 = ev.evaluate(resolve.resolve("smollm2-135m:q8_0"), reference=ref, text=text, n_ctx=256)
+    q4 = ev.evaluate(resolve.resolve("smollm2-135m:q4_0"), reference=ref, text=text, n_ctx=256)
     assert q8.reference_cached is False and q4.reference_cached is True
     assert 0 < q8.kl_mean < q4.kl_mean / 5, (q8.kl_mean, q4.kl_mean)
     assert q8.top1_agreement > q4.top1_agreement

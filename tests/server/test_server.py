@@ -81,8 +81,8 @@ def test_second_turn_reuses_kv(client, default_model_path):
     # up to the last finished turn of 16+ tokens (the default system prompt); the short question
     # and the answer (decoded one token at a time) are read again, so the numbers equal a fresh run's
     with Model(default_model_path, n_ctx=256, prompt_cache=False) as m:
-        (im_end,) = m._engine.llama.tokenize("<|im_end|>", add_special=False, parse_special=True)
-        want = turn_end_cut(m._chat_ids(msgs[:1]), im_end)
+        (im_end,) = m.engine.llama.tokenize("<|im_end|>", add_special=False, parse_special=True)
+        want = turn_end_cut(m.chat_tokens(msgs[:1]), im_end)
         fresh = m.chat_complete(msgs, max_tokens=6, temperature=0).text
     assert b.usage.prompt_tokens_details.cached_tokens == want > 0
     assert b.choices[0].message.content == fresh

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from localllm import hub, store
+from localllm import hub, store, resolve
 from localllm.errors import InvalidArgumentError, InvalidModelFileError, ModelIntegrityError, ModelNotFoundError
 from tests.helpers import ROOT
 
@@ -42,7 +42,7 @@ def test_import_writes_manifest(tiny_gguf: Path, root: Path) -> None:
     assert m["size"] == tiny_gguf.stat().st_size
     assert m["sha256"] == store.sha256_file(tiny_gguf)
     assert m["source"] == {"path": str(tiny_gguf.resolve())}
-    assert store.resolve("tiny", models_dir=root) == root / "tiny" / "f32" / "tiny-f32.gguf"
+    assert resolve.resolve("tiny", models_dir=root) == root / "tiny" / "f32" / "tiny-f32.gguf"
     assert not list(root.glob(".tmp-*"))
 
 
@@ -64,7 +64,7 @@ def test_import_move_never_loses_the_file(tmp_path: Path, tiny_gguf: Path, root:
     assert store.find("mine:f32", root) is None
     store.import_file(src, "mine", root=root, move=True)
     assert not src.exists()
-    assert store.resolve("mine", models_dir=root).read_bytes() == tiny_gguf.read_bytes()
+    assert resolve.resolve("mine", models_dir=root).read_bytes() == tiny_gguf.read_bytes()
 
 
 def test_import_refuses_invalid_file_and_duplicates(tmp_path: Path, tiny_gguf: Path, root: Path) -> None:
@@ -87,14 +87,14 @@ def test_resolve_fails_on_damaged_model_and_suggests_verify(tiny_gguf: Path, roo
     data[-1] ^= 0xFF  # same size, last byte flipped: the quick hash sees it
     f.write_bytes(bytes(data))
     with pytest.raises(ModelIntegrityError, match="damaged") as ei:
-        store.resolve("tiny:v1", models_dir=root)
+        resolve.resolve("tiny:v1", models_dir=root)
     assert "localllm models verify tiny:v1" in ei.value.hint
     res = store.verify("tiny:v1", root)
     assert res[0]["ok"] is False and "sha256" in res[0]["problem"]
     with open(f, "ab") as fh:  # a size change is caught without hashing
         fh.write(b"x")
     with pytest.raises(ModelIntegrityError, match="size"):
-        store.resolve("tiny", models_dir=root)
+        resolve.resolve("tiny", models_dir=root)
 
 
 def test_model_refuses_damaged_store_entry(tiny_gguf: Path, root: Path) -> None:
@@ -112,9 +112,9 @@ def test_list_show_default_rm(tiny_gguf: Path, root: Path) -> None:
     store.import_file(tiny_gguf, "tiny", "v2", root=root)
     refs = [e["ref"] for e in store.list_models(root)]
     assert refs == ["tiny:v2", "tiny:v1"]  # newest first
-    assert store.resolve("tiny", models_dir=root).parent.name == "v2"
-    store.set_default("tiny:v1", root)
-    assert store.resolve(None, models_dir=root).parent.name == "v1"
+    assert resolve.resolve("tiny", models_dir=root).parent.name == "v2"
+    resolve.set_default("tiny:v1", root)
+    assert resolve.resolve(None, models_dir=root).parent.name == "v1"
     assert [e["ref"] for e in store.list_models(root) if e["default"]] == ["tiny:v1"]
     assert store.show("tiny:v1", root)["default"] is True
     assert store.remove("tiny:v1", root) == ["tiny:v1"]
@@ -212,7 +212,7 @@ def test_pick_file() -> None:
 _IMPORTER = textwrap.dedent("""
     import sys, time, shutil
     from pathlib import Path
-    from localllm import store
+    from localllm import store, resolve
     src, root, name, version, slow = sys.argv[1], Path(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5] == "1"
     def produce(tmp):
         data = Path(src).read_bytes()
@@ -252,7 +252,7 @@ def test_kill_mid_import_leaves_nothing_half_written(tiny_gguf: Path, root: Path
     assert store.list_models(root) == []
     assert not (root / "tiny" / "v1").exists()
     with pytest.raises(ModelNotFoundError):
-        store.resolve("tiny:v1", models_dir=root)
+        resolve.resolve("tiny:v1", models_dir=root)
     # the lock died with the process; the next import succeeds and sweeps the leftover temp dir
     store.import_file(tiny_gguf, "tiny", "v1", root=root)
     assert store.verify("tiny:v1", root)[0]["ok"]

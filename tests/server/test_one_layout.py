@@ -1,0 +1,41 @@
+"""A pool (``serve --all-models``) and a single ``serve`` of the same model under the same settings plan and
+load the same layout: the weights mapped or read into memory by the one auto rule (plan.weights_mapped, through
+ModelSettings.plan), with the whole context of every sequence counted. Before, the pool's estimate read the
+weights wherever huge pages exist while loading mapped a model that would not fit held in RAM."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+
+def test_pool_and_single_serve_plan_and_load_one_layout(default_model_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from localllm import hardware, plan, validate
+    from localllm.loader import ModelSettings
+    from localllm.server import ServerSettings, create_app, shutdown
+    from localllm.server.pool import ModelPool
+
+    base = ModelSettings(n_ctx=512, n_seq=2, prompt_cache=False)
+    h = validate.read_header(default_model_path)
+    held = plan.estimate(h, 1024, n_seq=2, mmap=False).ram_bytes   # read into memory, both sequences
+    real = hardware.memory()
+    # RAM enough to hold it, then too little: mapped exactly when it would not fit (and huge pages exist)
+    for available, mapped in ((held * 4, not hardware.weights_in_memory()), (held // 2, True)):
+        monkeypatch.setattr(hardware, "memory", lambda available=available: {**real, "available": available})
+        settings = dataclasses.replace(base, model=str(default_model_path))
+        planned_single = settings.plan(h)                       # what `localllm plan` shows for these settings
+        pool = ModelPool(base, max_memory=1 << 40)
+        planned_pool = pool.plan(default_model_path)
+        app = create_app(ServerSettings(model=settings, load_async=False))
+        try:
+            single = app.extensions["localllm"].engine.info
+            pooled = pool.get(str(default_model_path)).info
+            assert (planned_single.mmap, planned_pool.mmap, single.mmap, pooled.mmap) == (mapped,) * 4, available
+            assert planned_pool.ram_bytes == planned_single.ram_bytes
+            assert planned_pool.n_ctx == planned_single.n_ctx == 1024   # 2 sequences × 512
+        finally:
+            pool.close()
+            shutdown(app)
