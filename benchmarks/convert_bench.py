@@ -101,10 +101,10 @@ def build_real(name: str) -> Path:
     sys.path.insert(0, str(TESTS))
     import convert_fixtures as cf
 
-    from localllm import store
+    from localllm import store, resolve
 
     ref, dtype, tok_kind = REAL[name]
-    src = store.resolve(ref)
+    src = resolve.resolve(ref)
     tmp = root.with_name(name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model = transformers.AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name,

@@ -62,7 +62,7 @@ def main() -> int:
     ap.add_argument("--dry-run", action="store_true", help="print, do not write the table")
     args = ap.parse_args()
 
-    from localllm import autoquant, catalog, runtime
+    from localllm import autoquant, catalog, runtime, resolve
 
     b = catalog.BUILTIN[args.name]
     max_kl = autoquant.DEFAULT_MAX_KL if args.max_kl is None else args.max_kl
@@ -75,7 +75,7 @@ def main() -> int:
         runtime.quantize(shipped, dequant, 0, allow_requantize=True)
         gap = logits_gap(dequant, ref)
         print(f"reference check: NMSE of the transformers-built F32 against llama.cpp's dequantization: {gap:.2e}")
-        decision, _ = autoquant.choose(ref, work, max_kl=max_kl, candidates=catalog.auto_candidates(b),
+        decision, _ = autoquant.choose(ref, work, max_kl=max_kl, candidates=resolve.auto_candidates(b),
                                        reps=3, progress=lambda d, t, w: print(f"  [{d}/{t}] {w}", file=sys.stderr))
     for line in decision.lines():
         print(line)

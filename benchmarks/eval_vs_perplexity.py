@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from native import build  # noqa: E402
+from native import build, repack_flags  # noqa: E402
 
 
 def ours(model: Path, ref: Path, ctx: int, threads: int) -> tuple[dict, float]:
@@ -37,9 +37,9 @@ def theirs(tool: Path, model: Path, ref: Path, text: Path, ctx: int, threads: in
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp) / "base.kld"
         t0 = time.perf_counter()
-        subprocess.run([str(tool), "-m", str(ref), "-f", str(text), "-c", str(ctx), "-t", str(threads),
+        subprocess.run([str(tool), *repack_flags("llama-perplexity"), "-m", str(ref), "-f", str(text), "-c", str(ctx), "-t", str(threads),
                         "--kl-divergence-base", str(base)], capture_output=True, text=True, check=True)
-        p = subprocess.run([str(tool), "-m", str(model), "-c", str(ctx), "-t", str(threads),
+        p = subprocess.run([str(tool), *repack_flags("llama-perplexity"), "-m", str(model), "-c", str(ctx), "-t", str(threads),
                             "--kl-divergence-base", str(base), "--kl-divergence"], capture_output=True, text=True,
                            check=True)
         seconds = time.perf_counter() - t0
@@ -66,11 +66,11 @@ def main() -> int:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
 
-    from localllm import store
+    from localllm import store, resolve
     from localllm.evaluate import default_text
 
     tool = build("llama-perplexity")["llama-perplexity"]
-    model, ref = store.resolve(args.model), store.resolve(args.ref)
+    model, ref = resolve.resolve(args.model), resolve.resolve(args.ref)
     with tempfile.TemporaryDirectory() as tmp:
         text = Path(tmp) / "eval.txt"
         text.write_text(default_text(), encoding="utf-8")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from native import build  # noqa: E402
+from native import build, repack_flags  # noqa: E402
 
 MODELS = ["smollm2-135m:q8_0", "smollm2-135m:bf16", "smollm2-135m:q4_0", "smollm2-135m:q4_1", "gemma3-270m"]
 PROMPT = ", ".join(str(i) for i in range(1, 41)) + ","  # every model here keeps counting: no early EOS
@@ -31,13 +31,15 @@ PROMPT = ", ".join(str(i) for i in range(1, 41)) + ","  # every model here keeps
 
 def native_tg(bench: Path, path: Path, threads: int, n: int, depth: int) -> float:
     """llama-bench's decode speed after ``depth`` tokens of context (our prompt's length)."""
-    out = subprocess.run([str(bench), "-m", str(path), "-t", str(threads), "-p", "0", "-n", str(n), "-d", str(depth),
+    out = subprocess.run([str(bench), *repack_flags("llama-bench"), "-m", str(path), "-t", str(threads), "-p", "0",
+                          "-n", str(n), "-d", str(depth),
                           "-r", "1", "-o", "json"], capture_output=True, text=True, check=True).stdout
     return float(json.loads(out)[0]["avg_ts"])
 
 
 def native_pp(bench: Path, path: Path, threads: int, n: int) -> float:
-    out = subprocess.run([str(bench), "-m", str(path), "-t", str(threads), "-p", str(n), "-n", "0", "-r", "1",
+    out = subprocess.run([str(bench), *repack_flags("llama-bench"), "-m", str(path), "-t", str(threads), "-p", str(n),
+                          "-n", "0", "-r", "1",
                           "-o", "json"], capture_output=True, text=True, check=True).stdout
     return float(json.loads(out)[0]["avg_ts"])
 
@@ -77,7 +79,7 @@ def main() -> None:
     ap.add_argument("--row", action="store_true", help=argparse.SUPPRESS)  # one model, in this process
     a = ap.parse_args()
 
-    from localllm import Model, store
+    from localllm import Model, store, resolve
 
     bench = build("llama-bench")["llama-bench"]
     if not a.row:
@@ -96,7 +98,7 @@ def main() -> None:
                                           "rows": rows}, indent=2))
         return
     for ref in a.models:
-        path = store.resolve(ref)
+        path = resolve.resolve(ref)
         with Model(path, n_ctx=1024, n_threads=a.threads, prompt_cache=False) as m:
             ours_tg(m, 16)  # warm up (page in the weights)
             depth = len(m.tokenize(PROMPT))

@@ -28,9 +28,9 @@ def main() -> int:
     ap.add_argument("--ctx", type=int, default=512)
     args = ap.parse_args()
 
-    from localllm import catalog, runtime
+    from localllm import catalog, runtime, resolve
     from localllm.converter.imatrix import calibration_text, collect
-    from localllm.converter.writer import QUANTS
+    from localllm.formats import QUANTS
     from localllm.evaluate import default_text, evaluate
 
     held = default_text()
@@ -43,8 +43,8 @@ def main() -> int:
         print(f"| quant | KL without | KL with | ratio | top-1 without | top-1 with |\n|---|---|---|---|---|---|")
         for q in args.quants:
             plain, guided = work / f"{q}.gguf", work / f"{q}-imatrix.gguf"
-            runtime.quantize(ref, plain, int(QUANTS[q][0]))
-            runtime.quantize(ref, guided, int(QUANTS[q][0]), imatrix=imat)
+            runtime.quantize(ref, plain, QUANTS[q].ftype)
+            runtime.quantize(ref, guided, QUANTS[q].ftype, imatrix=imat)
             a = evaluate(plain, reference=ref, text=held, text_name="eval", n_ctx=args.ctx)
             g = evaluate(guided, reference=ref, text=held, text_name="eval", n_ctx=args.ctx)
             print(f"| {q} | {a.kl_mean:.5f} ± {a.kl_error:.5f} | {g.kl_mean:.5f} ± {g.kl_error:.5f} | "

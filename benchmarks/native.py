@@ -4,6 +4,7 @@ sdist. Everything goes into a cache directory, never into git.
 
 Usage:
     python benchmarks/native.py llama-bench llama-server     # prints the binaries' paths
+    python benchmarks/native.py --source                     # only fetches the source (./test does)
 """
 
 from __future__ import annotations
@@ -22,6 +23,16 @@ def cache_dir() -> Path:
     base = os.environ.get("LOCALLLM_BENCH_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "localllm-bench")
     return Path(base)
+
+
+def repack_flags(tool: str) -> list[str]:
+    """Flags that put a native tool's weights in the same buffers as our runtime's: no extra buffer
+    types where the build has AMX (their matmul crashes on prompt batches; runtime._lib.extra_buffers_usable)."""
+    from localllm import runtime
+
+    if runtime.extra_buffers_usable():
+        return []
+    return ["--repack", "0"] if tool == "llama-bench" else ["--no-repack"]
 
 
 def source_dir() -> Path:
@@ -56,5 +67,8 @@ def build(*targets: str) -> dict[str, Path]:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:] == ["--source"]:  # only the source (./test fetches it for the tokenizer anchor tests)
+        print(source_dir())
+        sys.exit(0)
     for name, path in build(*(sys.argv[1:] or ["llama-bench"])).items():
         print(f"{name}: {path}")

@@ -87,15 +87,15 @@ def _stream_ttft(port: int, question: str) -> float:
 def run_llama_server(model: str | None, question: str) -> dict[str, float]:
     """A fresh llama-server: the question (nothing cached), then another one (the system prompt in memory)."""
     sys.path.insert(0, str(ROOT))
-    from native import build
+    from native import build, repack_flags
     from serve_bench import free_port, wait_healthy
 
-    from localllm import store
+    from localllm import store, resolve
 
     exe = build("llama-server")["llama-server"]
     port = free_port()
-    cmd = [str(exe), "-m", str(store.resolve(model or "smollm2-135m")), "-t", "2", "-tb", "2", "-np", "1",
-           "-c", "2048", "--host", "127.0.0.1", "--port", str(port), "--no-webui"]
+    cmd = [str(exe), "-m", str(resolve.resolve(model or "smollm2-135m")), "-t", "2", "-tb", "2", "-np", "1",
+           "-c", "2048", "--host", "127.0.0.1", "--port", str(port), "--no-webui", *repack_flags("llama-server")]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_healthy(f"http://127.0.0.1:{port}", proc)

@@ -29,7 +29,7 @@ def main() -> None:
     from convert_fixtures import build_checkpoint, gguf_logits, hf_logits, nmse
 
     from localllm.converter import convert
-    from localllm.converter.writer import QUANTS
+    from localllm.formats import CONVERT_QUANTS
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", default="llama")
@@ -40,7 +40,7 @@ def main() -> None:
         ref = hf_logits(root, ids)
         print(f"| type ({a.arch}) | matrix types written | logit NMSE vs transformers | top-1 agreement |")
         print("|---|---|---|---|")
-        for q in QUANTS:
+        for q in CONVERT_QUANTS:
             res = convert(root, Path(tmp) / f"{q}.gguf", quant=q)
             mats = [t for t in gguf.GGUFReader(str(res.path)).tensors if len(t.shape) >= 2 and min(t.shape[:2]) > 1]
             types = ", ".join(f"{k} {v}" for k, v in Counter(t.tensor_type.name for t in mats).most_common())

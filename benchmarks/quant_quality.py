@@ -21,9 +21,9 @@ TEXTS = ["The quick brown fox jumps over the lazy dog. " * 3,
 
 
 def all_logits(ref: str) -> list[np.ndarray]:
-    from localllm import runtime, store
+    from localllm import runtime, store, resolve
 
-    m = runtime.LlamaModel(store.resolve(ref))
+    m = runtime.LlamaModel(resolve.resolve(ref))
     out = []
     try:
         for text in TEXTS:

@@ -81,11 +81,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="*", default=["smollm2-135m", "smollm2-135m:q4_0", "gemma3-270m"])
     a = ap.parse_args()
-    from localllm import runtime, store
+    from localllm import runtime, store, resolve
 
     toks = [int(x) for x in np.random.default_rng(0).integers(100, 30000, 824)]
     for name in a.models:
-        m = runtime.LlamaModel(store.resolve(name))
+        m = runtime.LlamaModel(resolve.resolve(name))
         for fa_name, fa in (("auto", None), ("off", False)):
             print(f"{name}, flash attention {fa_name}")
             print("  prompt pieces vs one piece: " + "; ".join(prompt_pieces(runtime, m, fa, toks[:300])))

@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from native import build  # noqa: E402  (llama.cpp's tools from the pinned sdist, in a cache dir)
+from native import build, repack_flags  # noqa: E402  (llama.cpp's tools from the pinned sdist, in a cache dir)
 
 WORDS = ("apple river stone cloud music paper light window garden silver yellow mountain ocean story "
          "engine forest bridge candle mirror rocket").split()
@@ -134,14 +134,14 @@ def main() -> None:
     args = ap.parse_args()
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from localllm import store
+    from localllm import store, resolve
 
-    gguf = store.resolve(args.model)
+    gguf = resolve.resolve(args.model)
     exe = build("llama-server")["llama-server"]
     servers = {
         "llama-server": [str(exe), "-m", str(gguf), "-t", str(args.threads), "-tb", str(args.threads),
                          "-np", str(args.parallel), "-c", str(args.ctx * args.parallel), "--host", "127.0.0.1",
-                         "--no-webui"],
+                         "--no-webui", *repack_flags("llama-server")],
         "localllm serve": [sys.executable, "-m", "localllm", "serve", "--model-path", str(gguf),
                            "--threads", str(args.threads), "--parallel", str(args.parallel),
                            "--ctx", str(args.ctx), "--host", "127.0.0.1"] + ([] if args.repack else ["--no-repack"]),

@@ -14,10 +14,26 @@ class Reference:
 
     def __init__(self, path: Path, n_ctx: int) -> None:
         import llama_cpp
+        import llama_cpp.llama_cpp as C
 
-        # flash attention on, as llama.cpp's "auto" chooses on a CPU (our runtime's setting)
-        self.llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=512, n_ubatch=512, n_threads=2,
-                                   logits_all=True, flash_attn=True, verbose=False)
+        from localllm import runtime
+
+        # the weights in the same buffers as our runtime's: without extra buffer types where the build
+        # has AMX, whose buffers crash on batches of 2+ tokens (runtime._lib.extra_buffers_usable);
+        # Llama() has no such option, so its default parameters are amended while it loads
+        defaults = C.llama_model_default_params
+
+        def params() -> C.llama_model_params:
+            p = defaults()
+            p.use_extra_bufts = p.use_extra_bufts and runtime.extra_buffers_usable()
+            return p
+
+        C.llama_model_default_params = params
+        try:  # flash attention on, as llama.cpp's "auto" chooses on a CPU (our runtime's setting)
+            self.llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=512, n_ubatch=512, n_threads=2,
+                                       logits_all=True, flash_attn=True, verbose=False)
+        finally:
+            C.llama_model_default_params = defaults
 
     def logits(self, tokens: list[int]) -> np.ndarray:
         """Last-position logits, decoding the prefix shared with the previous call only once."""

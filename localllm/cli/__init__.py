@@ -29,7 +29,9 @@ def cli() -> None:
     """
 
 
-def _register() -> None:
+def register_commands() -> None:
+    """Add every command to the ``cli`` group (the entry point does it first; tests that walk
+    the commands call it too). Each command module imports only when present."""
     from localllm.cli import doctor, run
 
     for mod in (run, doctor):
@@ -58,7 +60,7 @@ def _fail(message: str, hint: str | None, code: int) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point (console script and ``python -m localllm``)."""
-    _register()
+    register_commands()
     try:
         rv = cli.main(args=argv, prog_name="localllm", standalone_mode=False)
         sys.exit(rv if isinstance(rv, int) else 0)

@@ -174,4 +174,4 @@ def default_cmd(ref: str, as_json: bool, models_dir: str | None) -> None:
 
 
 commands = [group]
-command = group  # cli._register evaluates `mod.command` even when `commands` exists
+command = group  # cli.register_commands evaluates `mod.command` even when `commands` exists

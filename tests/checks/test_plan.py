@@ -139,9 +139,9 @@ def test_oom_retry_with_fewer_layers() -> None:
 def test_plan_cli_json_and_table(default_model_path: Path) -> None:
     from click.testing import CliRunner
 
-    from localllm.cli import _register, cli
+    from localllm.cli import cli, register_commands
 
-    _register()
+    register_commands()
     r = CliRunner().invoke(cli, ["plan", str(default_model_path), "--ctx", "1024", "--json"],
                            catch_exceptions=False)
     assert r.exit_code == 0
@@ -161,11 +161,11 @@ def test_plan_table_says_how_the_weights_are_held(default_model_path: Path) -> N
     """--mmap counts the mapped file, --no-mmap the tensors alone; the GGUF header gives both sizes."""
     from click.testing import CliRunner
 
-    from localllm.cli import _register, cli
+    from localllm.cli import cli, register_commands
     from localllm.cli.options import human_bytes
     from localllm.validate import read_header
 
-    _register()
+    register_commands()
     h = read_header(default_model_path)
     tensors = sum(t.nbytes for t in h.tensors)
     rows = {}

@@ -46,7 +46,7 @@ def test_one_table_of_cache_types_for_the_cli_the_planner_and_llama_cpp() -> Non
     per element are gguf's block sizes, and every door offers exactly its names."""
     import gguf
 
-    from localllm.cli import _register, cli
+    from localllm.cli import cli, register_commands
     from localllm.formats import CACHE_TYPES, KV_TYPES
 
     for name, t in KV_TYPES.items():
@@ -55,7 +55,7 @@ def test_one_table_of_cache_types_for_the_cli_the_planner_and_llama_cpp() -> Non
         block, size = gguf.GGML_QUANT_SIZES[q]
         assert t.bytes == size / block and t.quantized == (block > 1)
     assert runtime.KV_CACHE_TYPES == {n: t.ggml_type for n, t in KV_TYPES.items()}
-    _register()
+    register_commands()
     offered = {(c, p.name): list(p.type.choices) for c in ("run", "serve", "plan") for p in cli.commands[c].params
                if p.name in ("cache_type_k", "cache_type_v")}
     assert len(offered) == 6 and all(v == list(CACHE_TYPES) for v in offered.values()), offered

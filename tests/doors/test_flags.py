@@ -279,7 +279,7 @@ def test_every_run_flag_arrives(monkeypatch: pytest.MonkeyPatch, spies, tiny_ggu
 def test_gpu_memory_reaches_every_door(monkeypatch: pytest.MonkeyPatch, spies, tiny_gguf: Path) -> None:
     """``Model(gpu_memory=...)`` and ``plan --gpu-memory`` (run and serve: the tables above) reach placement."""
     from localllm import Model, plan
-    from localllm.cli import _register, cli
+    from localllm.cli import cli, register_commands
 
     with Model(tiny_gguf, n_ctx=64, gpu_memory="2GiB", prompt_cache=False) as m:
         assert m.info.gpu_memory == 2 << 30
@@ -287,7 +287,7 @@ def test_gpu_memory_reaches_every_door(monkeypatch: pytest.MonkeyPatch, spies, t
     seen = []
     make_plan = plan.make_plan
     monkeypatch.setattr(plan, "make_plan", lambda *a, **kw: seen.append(kw.get("gpu_memory")) or make_plan(*a, **kw))
-    _register()
+    register_commands()
     r = CliRunner().invoke(cli, ["plan", str(tiny_gguf), "--gpu-memory", "512MB", "--json"], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     assert seen == [512 * 10**6]
@@ -298,7 +298,7 @@ def test_mmap_reaches_every_door(monkeypatch: pytest.MonkeyPatch, spies, tiny_gg
     """``Model(mmap=...)``, ``plan --mmap/--no-mmap`` and the --all-models pool's plan (run and serve: the
     tables above); without it each door asks hardware.weights_in_memory."""
     from localllm import Model, hardware, plan
-    from localllm.cli import _register, cli
+    from localllm.cli import cli, register_commands
     from localllm.loader import ModelSettings
     from localllm.server.pool import ModelPool
 
@@ -310,7 +310,7 @@ def test_mmap_reaches_every_door(monkeypatch: pytest.MonkeyPatch, spies, tiny_gg
     seen = []
     make_plan = plan.make_plan
     monkeypatch.setattr(plan, "make_plan", lambda *a, **kw: seen.append(kw.get("mmap")) or make_plan(*a, **kw))
-    _register()
+    register_commands()
     flag = "--mmap" if mmap else "--no-mmap"
     r = CliRunner().invoke(cli, ["plan", str(tiny_gguf), flag, "--json"], catch_exceptions=False)
     assert r.exit_code == 0, r.output
@@ -353,10 +353,10 @@ def test_bad_mmap_is_refused(tiny_gguf: Path) -> None:
 @pytest.mark.parametrize("bad", ["-1", "-2GiB", "lots", "2 parsecs", ""])
 def test_bad_gpu_memory_is_a_one_line_error(bad: str, tiny_gguf: Path) -> None:
     from localllm import Model
-    from localllm.cli import _register, cli
+    from localllm.cli import cli, register_commands
     from localllm.errors import InvalidArgumentError
 
-    _register()
+    register_commands()
     for cmd in (["plan", str(tiny_gguf)], ["run", str(tiny_gguf), "hi"], ["serve", str(tiny_gguf)]):
         r = CliRunner().invoke(cli, [*cmd, "--gpu-memory", bad])
         assert r.exit_code == 2 and "gpu memory must be a size" in r.output, (cmd, r.output)

@@ -16,7 +16,7 @@ def _size_options() -> list[tuple[str, click.Parameter]]:
     from localllm import cli
     from localllm.cli.options import ByteSize, GpuMemory
 
-    cli._register()
+    cli.register_commands()
     out = []
 
     def walk(cmd: click.Command, path: str) -> None:

@@ -39,3 +39,26 @@ def test_pool_and_single_serve_plan_and_load_one_layout(default_model_path: Path
         finally:
             pool.close()
             shutdown(app)
+
+
+def test_serve_resolves_reads_and_places_once(default_model_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`serve` checks the model before it starts (a bad name fails at once) and loads it in the background
+    from that same preparation: the name is resolved, the header read and the layers placed once each."""
+    from localllm import placement, resolve, validate
+    from localllm.server import ServerSettings, create_app, shutdown
+
+    calls = {"resolve": 0, "read_header": 0, "explain": 0}
+    for mod, name in ((resolve, "resolve"), (validate, "read_header"), (placement, "explain")):
+        real = getattr(mod, name)
+
+        def counted(*a, _real=real, _name=name, **kw):
+            calls[_name] += 1
+            return _real(*a, **kw)
+
+        monkeypatch.setattr(mod, name, counted)
+    app = create_app(ServerSettings.create(model="smollm2-135m", ctx=512, prompt_cache=False, load_async=False))
+    try:
+        assert app.extensions["localllm"].engine.info.path == str(default_model_path)
+        assert calls == {"resolve": 1, "read_header": 1, "explain": 1}, calls
+    finally:
+        shutdown(app)

@@ -25,9 +25,9 @@ def root(tmp_path: Path) -> Path:
 
 
 def cli(*args: str) -> tuple[int, str]:
-    from localllm.cli import _register, cli as group
+    from localllm.cli import cli as group, register_commands
 
-    _register()
+    register_commands()
     r = CliRunner().invoke(group, list(args), catch_exceptions=False, standalone_mode=False)
     return (r.return_value if isinstance(r.return_value, int) else r.exit_code), r.output
 
