@@ -78,13 +78,13 @@ def measure(ref: str, rounds: int, n: int, gap_us: float, loop: ctypes.CDLL) -> 
     from localllm import Model, runtime
 
     m = Model(ref, n_ctx=1024, n_threads=2, prompt_cache=False)
-    sched = m._engine.scheduler  # the context Model.stream decodes with (benchmark only)
-    ctx = sched.ctx
+    eng = m.engine
+    ctx = eng.scheduler.ctx  # the context Model.stream decodes with (a benchmark of the core's loop)
     ids = m.tokenize(PROMPT)
     batch = runtime.Batch(len(ids))
 
     def prefill() -> int:
-        sched.forget()
+        eng.forget()
         ctx.clear()
         batch.clear()
         for i, t in enumerate(ids):
@@ -108,7 +108,7 @@ def measure(ref: str, rounds: int, n: int, gap_us: float, loop: ctypes.CDLL) -> 
         return n / (time.perf_counter() - t0)
 
     def stream() -> float:
-        sched.forget()
+        eng.forget()
         for _ in m.stream(PROMPT, max_tokens=n, temperature=0):
             pass
         return m.last.generation_tokens_per_s

@@ -61,7 +61,7 @@ def main() -> None:
     ap.add_argument("--row", action="store_true", help=argparse.SUPPRESS)  # one model, in this process
     a = ap.parse_args()
 
-    from localllm import hardware, store
+    from localllm import hardware, resolve
 
     if not a.row:
         print(f"THP mode: {hardware.thp_mode()}")
@@ -74,9 +74,9 @@ def main() -> None:
                            stderr=subprocess.DEVNULL)
         return
     for ref in a.models:
-        path = store.resolve(ref)
+        path = resolve.resolve(ref)
         models = {name: _load(path, mmap, huge, a.threads) for name, mmap, huge in CONFIGS}
-        marked = {name: m._engine.llama.hugepage_bytes / 2**20 for name, m in models.items()}
+        marked = {name: m.engine.hugepage_bytes / 2**20 for name, m in models.items()}
         tg: dict[str, list[float]] = {name: [] for name in models}
         ttft: dict[str, list[float]] = {name: [] for name in models}
         for m in models.values():

@@ -46,7 +46,7 @@ def child(model: str, task: str, tokens: int, speculate: str) -> dict:
         t0 = time.perf_counter()
         r = m.chat_complete(msgs, temperature=0, max_tokens=tokens, ignore_eos=True)
         gen_s = time.perf_counter() - t0 - r.time_to_first_token_s
-        st = m._engine.scheduler.stats
+        st = m.engine.stats
         prompt = m.render_chat(msgs)
     return {"tps": (r.completion_tokens - 1) / gen_s, "tokens": r.tokens, "drafted": st["drafted_tokens"],
             "accepted": st["accepted_tokens"], "prompt": prompt}
@@ -65,10 +65,10 @@ def run_lookup(model: str, prompt: str, tokens: int) -> dict:
     sys.path.insert(0, str(ROOT))
     from native import build
 
-    from localllm import store
+    from localllm import resolve
 
     exe = build("llama-lookup")["llama-lookup"]
-    out = subprocess.run([str(exe), "-m", str(store.resolve(model)), "-p", prompt, "-n", str(tokens), "-t", "2",
+    out = subprocess.run([str(exe), "-m", str(resolve.resolve(model)), "-p", prompt, "-n", str(tokens), "-t", "2",
                           "-c", "4096", "--temp", "0", "--spec-draft-n-max", "12", "--ignore-eos"],
                          capture_output=True, text=True, timeout=1200)
     log = out.stdout + out.stderr

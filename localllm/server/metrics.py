@@ -48,12 +48,6 @@ class Metrics:
         self.busy_slots.set_function(lambda: status().busy_slots)
         self.slots.set_function(lambda: status().n_slots)
 
-    def bind(self, queue_depth: Callable[[], float], busy: Callable[[], float], slots: int) -> None:
-        """The same gauges from separate readers; :meth:`watch` takes an engine's ``status``."""
-        self.queue_depth.set_function(queue_depth)
-        self.busy_slots.set_function(busy)
-        self.slots.set(slots)
-
     def on_step(self, info: dict) -> None:
         """Called by the scheduler after every decode step."""
         if info.get("sequences"):
