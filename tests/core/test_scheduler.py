@@ -39,6 +39,6 @@ def test_an_interrupt_while_a_request_starts_frees_its_slot(default_model_path: 
             mp.setattr(Scheduler, "_start_unit", interrupted)
             with pytest.raises(KeyboardInterrupt):
                 m.chat([{"role": "user", "content": "Hi"}], max_tokens=4)
-        assert not any(sl.busy for sl in m.engine.scheduler.slots)
+        assert m.engine.status().busy_slots == 0
         assert m.complete("1, 2, 3,", max_tokens=4, temperature=0).text.startswith(" 4")
 

@@ -26,7 +26,7 @@ def test_drafts_are_taken_and_every_kept_token_is_greedy(default_model_path: Pat
         assert m.info.speculate == "on"
         ids = m.chat_tokens(COPY)
         r = m.chat_complete(COPY, temperature=0, max_tokens=96)
-        st = m.engine.scheduler.stats
+        st = m.engine.stats
     assert r.completion_tokens == 96
     # the answer copies the code: a good part of it came from accepted drafts
     assert st["accepted_tokens"] >= 32 and st["drafted_tokens"] >= st["accepted_tokens"]
@@ -44,11 +44,11 @@ def test_no_drafts_when_they_cannot_apply(default_model_path: Path) -> None:
     with Model(default_model_path, n_ctx=2048, prompt_cache=False) as m:  # off by default
         assert m.info.speculate == "off"
         m.chat_complete(COPY, temperature=0, max_tokens=16)
-        assert m.engine.scheduler.stats["drafted_tokens"] == 0
+        assert m.engine.stats["drafted_tokens"] == 0
     with Model(default_model_path, n_ctx=2048, speculate="on", prompt_cache=False) as m:
         m.chat_complete(COPY, temperature=0.7, max_tokens=16, seed=1)       # sampled
         m.chat_complete(COPY, temperature=0, max_tokens=16, n=2, seed=1)   # several choices
-        assert m.engine.scheduler.stats["drafted_tokens"] == 0
+        assert m.engine.stats["drafted_tokens"] == 0
 
 
 @pytest.mark.parametrize("bad", ["auto", "yes", True])
