@@ -1,0 +1,1 @@
+"""The generation core: scheduler, sampling, beams, chat templates, loader, prompt and KV caches, tools, huge pages, GPU, AMX."""

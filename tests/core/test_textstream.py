@@ -1,3 +1,5 @@
+"""Streaming text out of token pieces: UTF-8 split across tokens, stop strings held back until decided."""
+
 from localllm.textstream import TextStream
 
 

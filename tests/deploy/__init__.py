@@ -1,0 +1,1 @@
+"""Deployment: the container image, Kubernetes manifests, installing the package, ./run's bootstrap."""

@@ -1,0 +1,1 @@
+"""The model store on disk: import, verify, remove, defaults, and its behaviour under faults."""
