@@ -78,10 +78,15 @@ def test_doctor_lists_the_device_and_offload(doctor: dict) -> None:
     assert "GPU offload  yes: " in text and gpu["description"] in text and f"{gpu['name']} ({gpu['type']})" in text
 
 
-def test_partial_offload_greedy_matches_cpu(doctor: dict, default_model_path: Path, tmp_path: Path) -> None:
+def test_partial_offload_greedy_matches_cpu(doctor: dict, tmp_path: Path) -> None:
+    # Q8_0, the model NMSE_BOUND was measured on: the default model's version depends on the CPU (Q6_K on the
+    # AMX Xeon VM, where the bound's 1e-2 was exceeded once, 1.1e-2, with the same tokens)
+    from localllm import resolve
+
+    path = resolve.resolve("smollm2-135m:q8_0")
     runs = {}
     for n in (0, PARTIAL):
-        r = _py(str(TESTS / "gpu_probe.py"), "greedy", str(default_model_path), str(n), str(N_TOKENS),
+        r = _py(str(TESTS / "gpu_probe.py"), "greedy", str(path), str(n), str(N_TOKENS),
                 str(tmp_path / f"{n}.npy"))
         assert r.returncode == 0, r.stderr[-2000:]
         runs[n] = json.loads(r.stdout)
