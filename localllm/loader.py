@@ -168,12 +168,12 @@ class ModelInfo:
 class Prepared:
     """Everything decided before llama.cpp sees the file."""
 
+    settings: ModelSettings                          # what it was prepared for
     path: Path
     header: Header
     gpu_layers: int
     reason: str
     notes: list[str] = field(default_factory=list)   # e.g. the version chosen for this CPU on first use
-    settings: ModelSettings | None = None            # what it was prepared for
 
 
 @dataclass
@@ -221,7 +221,7 @@ def prepare(s: ModelSettings, notes: list[str] | None = None) -> Prepared:
     n_ctx = s.n_ctx * s.n_seq if s.n_ctx else None
     gpu_layers, reason = placement.explain(header, s.n_gpu_layers, n_ctx, gpu_memory=s.gpu_memory,  # type: ignore[arg-type]
                                            cache_types=(s.cache_type_k, s.cache_type_v))
-    return Prepared(path, header, gpu_layers, reason, list(notes or []), s)
+    return Prepared(s, path, header, gpu_layers, reason, list(notes or []))
 
 
 def load(s: ModelSettings, progress: Callable[[str], None] | None = None,
@@ -235,7 +235,7 @@ def load(s: ModelSettings, progress: Callable[[str], None] | None = None,
     from localllm.plan import context_size, layer_split
     from localllm.prompting import Prompter
 
-    if prepared is not None and prepared.settings is not None and prepared.settings != s:
+    if prepared is not None and prepared.settings != s:
         raise ValueError("load(): `prepared` was made for other settings")  # a bug in the caller, not the user's
     prep = prepared or prepare(s)
     if progress:

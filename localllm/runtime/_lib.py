@@ -185,7 +185,8 @@ def extra_buffers_usable() -> bool:
     Not where the build has AMX, unless ``LOCALLLM_AMX=1``: ggml puts the AMX buffer type first, so it
     takes Q4_0, Q4_1, Q8_0 and the K-quants, and its matmul crashes the process (SIGSEGV in
     ggml_backend_amx_mul_mat) on every batch of 2 tokens or more on the AMX Xeon dev VM
-    (tests/core/test_runtime_amx.py reproduces it; llama.cpp issue 20824 is open). The extra
+    (llama.cpp issue 20824 is open; tests/core/test_runtime_amx.py decodes a prompt batch in a child
+    process, which died with signal 11 before this rule). The extra
     buffer types are one switch, so the repacked layouts go with it: a crash-free load instead."""
     from localllm import settings
 

@@ -94,24 +94,31 @@ class ModelPool:
                 if e is not None:
                     e.last_used = self.clock()
                     return e.engine
-            need = self._estimate(path)
+            prep = self._prepare(path)
+            need = self._estimate(prep)
             self._make_room(ref, need)
-            eng = self._load(path)
+            eng = self._load(prep)
             with self._lock:
                 self.loaded[ref] = _Entry(eng, need, self.clock())
             log.info("model %s loaded (%.0f MiB planned; %.0f of %.0f MiB in use)", ref, need / 2**20,
                      self.used() / 2**20, self.max_memory / 2**20)
             return eng
 
-    def plan(self, path: Any) -> Any:
+    def _prepare(self, path: Any) -> Any:
+        """``path`` with the pool's settings, its header read and layers placed once (loader.prepare):
+        the plan and the load below both take it."""
+        from localllm import loader
+
+        return loader.prepare(dataclasses.replace(self.base, model=str(path)))
+
+    def plan(self, path: Any, prepared: Any = None) -> Any:
         """The plan of loading ``path`` with the pool's settings: ModelSettings.plan, the same layout
         (mapped or read, the whole context of every sequence) that ``serve`` of one model plans and loads."""
-        from localllm import validate
+        prep = prepared or self._prepare(path)
+        return prep.settings.plan(prep.header)
 
-        return dataclasses.replace(self.base, model=str(path)).plan(validate.read_header(path))
-
-    def _estimate(self, path: Any) -> int:
-        p = self.plan(path)
+    def _estimate(self, prepared: Any) -> int:
+        p = self.plan(prepared.path, prepared)
         return int(p.ram_bytes or p.total_bytes)
 
     def _make_room(self, ref: str, need: int) -> None:
@@ -135,11 +142,11 @@ class ModelPool:
             log.info("unloading %s to make room for %s", victim, ref)
             entry.engine.close()
 
-    def _load(self, path: Any) -> Any:
+    def _load(self, prepared: Any) -> Any:
         from localllm.core.engine import Engine
 
-        s = dataclasses.replace(self.base, model=str(path))
-        eng = Engine(s, threaded=True, max_queue=self.max_queue, on_step=self.on_step)
+        eng = Engine(prepared.settings, threaded=True, max_queue=self.max_queue, on_step=self.on_step,
+                     prepared=prepared)
         for note in eng.notes:
             log.warning("%s", note)
         return eng

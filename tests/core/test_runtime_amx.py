@@ -44,8 +44,12 @@ def test_a_prompt_batch_decodes_with_repack_asked_for(default_model_path: Path) 
 def test_extra_buffers_follow_the_build_and_the_opt_in(monkeypatch: pytest.MonkeyPatch) -> None:
     from localllm import runtime
 
+    from localllm import hardware
+
     monkeypatch.delenv("LOCALLLM_AMX", raising=False)
     assert runtime.extra_buffers_usable() is (not runtime.amx_compiled())
+    # a build with AMX kernels runs only on a CPU with AMX (the kernel's own flags, read independently)
+    assert not runtime.amx_compiled() or hardware.cpu()["flags"].get("amx_int8")
     assert runtime.amx_compiled() is ("AMX_INT8 = 1" in runtime.system_info())
     monkeypatch.setenv("LOCALLLM_AMX", "1")
     assert runtime.extra_buffers_usable() is True

@@ -317,7 +317,7 @@ def test_mmap_reaches_every_door(monkeypatch: pytest.MonkeyPatch, spies, tiny_gg
     assert seen == [mmap] and json.loads(r.output)["mmap"] is mmap
     r = CliRunner().invoke(cli, ["plan", str(tiny_gguf), "--json"], catch_exceptions=False)
     assert seen[-1] is None and json.loads(r.output)["mmap"] is not mmap  # auto: make_plan decides
-    ModelPool(ModelSettings(n_ctx=64, mmap=mmap), max_memory=1 << 30)._estimate(tiny_gguf)
+    ModelPool(ModelSettings(n_ctx=64, mmap=mmap), max_memory=1 << 30).plan(tiny_gguf)
     assert seen[-1] is mmap
 
 

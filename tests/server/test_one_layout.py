@@ -62,3 +62,20 @@ def test_serve_resolves_reads_and_places_once(default_model_path: Path, monkeypa
         assert calls == {"resolve": 1, "read_header": 1, "explain": 1}, calls
     finally:
         shutdown(app)
+
+
+def test_the_pool_reads_and_places_once_per_load(default_model_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pool plans a model (to make room) and loads it from one preparation: one header read."""
+    from localllm import validate
+    from localllm.loader import ModelSettings
+    from localllm.server.pool import ModelPool
+
+    reads = []
+    real = validate.read_header
+    monkeypatch.setattr(validate, "read_header", lambda *a, **kw: reads.append(a) or real(*a, **kw))
+    pool = ModelPool(ModelSettings(n_ctx=512, prompt_cache=False), max_memory=1 << 40)
+    try:
+        assert pool.get(str(default_model_path)).info.path == str(default_model_path)
+        assert len(reads) == 1, reads
+    finally:
+        pool.close()

@@ -33,7 +33,12 @@ def _answer(eng, text: str, n: int = 4) -> str:
 @pytest.fixture()
 def sizes(default_model_path: Path, gemma_path: Path) -> dict[str, int]:
     probe = ModelPool(ModelSettings(n_ctx=512), max_memory=1 << 40)
-    return {SMOL: probe._estimate(probe.resolve(SMOL)[1]), GEMMA: probe._estimate(probe.resolve(GEMMA)[1])}
+
+    def need(name: str) -> int:  # what the pool budgets for a model: its plan's RAM (ModelPool.plan, public)
+        p = probe.plan(probe.resolve(name)[1])
+        return int(p.ram_bytes or p.total_bytes)
+
+    return {SMOL: need(SMOL), GEMMA: need(GEMMA)}
 
 
 def test_two_models_alternate_within_the_budget_and_rss_agrees(sizes: dict[str, int]) -> None:
