@@ -159,6 +159,10 @@ class ModelInfo:
     speculate: str = "off"  # prompt lookup drafts for greedy answers: on or off
     layer_split: str = ""   # which layers are where (plan.layer_split)
     mmap: bool = True       # weights mapped from the file; False: read into memory (huge pages)
+    # what clients may ask of it, in Ollama's words ("completion", "tools", "embedding", "insert" (FIM),
+    # "thinking"); every model completes text, calls tools (taught by the template or a generic prompt)
+    # and embeds (mean pooling)
+    capabilities: tuple[str, ...] = ("completion", "tools", "embedding")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -117,3 +117,43 @@ def stream_lines(url: str, body: dict, headers: dict | None = None) -> Iterator[
     finally:
         resp.close()
         conn.close()
+
+
+@contextlib.contextmanager
+def serve_process(*args: str, timeout: float = 120) -> Iterator[Live]:
+    """``localllm serve ARGS --port <free>`` as a user starts it (a subprocess), ready when /health
+    says ok; stopped with SIGTERM (its graceful drain) at the end. ``Live.app`` is the process."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT, free_port
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "LOCALLLM_DEBUG"}
+    proc = subprocess.Popen([sys.executable, "-m", "localllm", "serve", *args, "--port", str(port)], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        if proc.poll() is not None:
+            raise RuntimeError(f"localllm serve exited {proc.returncode}: {proc.stdout.read()}")
+        try:
+            return get(url + "/health", timeout=2).status_code == 200
+        except OSError:
+            return False
+
+    try:
+        if not wait_for(ready, timeout=timeout, interval=0.2):
+            raise RuntimeError(f"localllm serve {' '.join(args)} was not ready in {timeout:g} s")
+        yield Live(url, proc)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        proc.stdout.close()

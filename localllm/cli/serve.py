@@ -53,7 +53,10 @@ def _is_loopback(host: str) -> bool:
                    "The least recently used idle model is unloaded to make room.")
 @click.option("--keep-alive", type=click.FloatRange(min=0, min_open=True), default=None,
               help="With --all-models: unload a model idle for this many seconds.")
-@click.option("--alias", "model_alias", default=None, help="The model id clients see (default NAME:VERSION).")
+@click.option("--alias", "aliases", multiple=True, metavar="NAME | PATTERN=MODEL",
+              help="NAME: the model id clients see (default NAME:VERSION). PATTERN=MODEL (repeatable): requests "
+                   "for a model matching the glob PATTERN go to MODEL, e.g. 'claude-*=smollm2-135m' for "
+                   "Claude Code; without --all-models MODEL must be the served model.")
 @click.option("--insecure", is_flag=True, help="Allow binding a non-loopback address without --api-key.")
 @click.option("--server", "server_kind", type=click.Choice(["auto", "waitress", "werkzeug"]), default="auto",
               show_default=True, help="HTTP server (waitress when installed).")
@@ -61,7 +64,7 @@ def _is_loopback(host: str) -> bool:
 def command(model: str | None, model_path: str | None, host: str, port: int, api_key: str | None,
             parallel: int, max_queue: int, cors_origins: tuple[str, ...], max_body_bytes: int, repack: bool, insecure: bool,
             drain_timeout: float, all_models: bool, max_memory: int | None, keep_alive: float | None,
-            model_alias: str | None, server_kind: str, n_ctx: int | None, n_threads: int | None, gpu_layers: int | str,
+            aliases: tuple[str, ...], server_kind: str, n_ctx: int | None, n_threads: int | None, gpu_layers: int | str,
             gpu_memory: int | None, models_dir: str | None, cache_type_k: str, cache_type_v: str, flash_attn: str,
             prompt_cache: bool, speculate: str, mmap: bool | None) -> None:
     """Serve MODEL (a name or .gguf path; the default model if omitted) on http://HOST:PORT.
@@ -82,16 +85,31 @@ def command(model: str | None, model_path: str | None, host: str, port: int, api
                                    "pass --api-key KEY, or --insecure if you really mean it")
         click.echo(f"warning: serving on {host} WITHOUT an API key: anyone who can reach this port "
                    "can use the model", err=True)
+    model_alias, model_map = _aliases(aliases)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cfg = ServerSettings(model=model_settings(model_path or model, n_ctx, n_threads, gpu_layers,
                                               cache_type_k, cache_type_v, flash_attn, prompt_cache, mmap,
                                               repack=repack, n_seq=parallel, gpu_memory=gpu_memory,
                                               speculate=speculate),
                          models_dir=models_dir, host=host, port=port, api_key=api_key, max_queue=max_queue, cors_origins=cors_origins,
-                         max_body_bytes=max_body_bytes, model_alias=model_alias, drain_timeout=drain_timeout,
+                         max_body_bytes=max_body_bytes, model_alias=model_alias, model_map=model_map,
+                         drain_timeout=drain_timeout,
                          all_models=all_models, max_memory=max_memory, keep_alive=keep_alive)
     app = create_app(cfg)
     serve_app(app, cfg, server_kind, parallel, max_queue)
+
+
+def _aliases(values: tuple[str, ...]) -> tuple[str | None, tuple[tuple[str, str], ...]]:
+    """--alias values → (the model id clients see, the PATTERN=MODEL map)."""
+    ids = [v for v in values if "=" not in v]
+    if len(ids) > 1:
+        raise click.UsageError(f"--alias NAME names the served model once (got {', '.join(ids)}); "
+                               "use PATTERN=MODEL to map other names")
+    pairs = [tuple(v.split("=", 1)) for v in values if "=" in v]
+    for pattern, target in pairs:
+        if not pattern.strip() or not target.strip():
+            raise click.UsageError(f"--alias {pattern}={target}: give PATTERN=MODEL, both non-empty")
+    return (ids[0] if ids else None), tuple((p.strip(), t.strip()) for p, t in pairs)
 
 
 def _exit_if_the_load_fails(app: Flask) -> None:

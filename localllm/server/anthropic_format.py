@@ -9,6 +9,7 @@ Example:
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -71,8 +72,22 @@ def messages(body: Mapping[str, Any]) -> tuple[list[dict[str, Any]], str | None]
         if not isinstance(m, Mapping) or m.get("role") not in ("user", "assistant"):
             raise _bad(f"messages.{i}.role", "must be 'user' or 'assistant'")
         out += _blocks(m, i)
-    system = body.get("system")
-    return out, None if system is None else _text(system, "system")
+    return out, _system(body.get("system"))
+
+
+# Claude Code's first system block: ``x-anthropic-billing-header: cc_version=...; cch=<hash>;``, a
+# telemetry line whose hash changes on every request. Kept, it would end every prompt's shared
+# prefix a few tokens in, and no turn could reuse the cache; it means nothing to the model.
+_BILLING = re.compile(r"^x-anthropic-billing-header:[^\n]*\n?", re.IGNORECASE)
+
+
+def _system(system: Any) -> str | None:
+    """The ``system`` field as text: blocks joined, the per-request billing header dropped."""
+    if system is None:
+        return None
+    if isinstance(system, list) and all(isinstance(b, Mapping) for b in system):
+        system = [b for b in system if not (isinstance(b.get("text"), str) and _BILLING.match(b["text"]))]
+    return _BILLING.sub("", _text(system, "system"))
 
 
 def tool_spec(body: Mapping[str, Any]) -> ToolSpec | None:
@@ -146,9 +161,19 @@ def message(mid: str, model: str, c: Choice, req: Request, tools: tuple[ToolSpec
     out = {"id": mid, "type": "message", "role": "assistant", "model": model, "content": blocks,
            "stop_reason": "tool_use" if used else stop_reason(c.finish_reason, c.stop_sequence),
            "stop_sequence": c.stop_sequence,
-           "usage": {"input_tokens": len(req.prompt), "output_tokens": req.completion_tokens}}
+           "usage": usage(req)}
     if err:
         out["localllm"] = {"tool_call_error": err}
+    return out
+
+
+def usage(req: Request, *, output: bool = True) -> dict[str, Any]:
+    """Anthropic's usage: ``input_tokens`` are those not read from the prompt cache, which
+    ``cache_read_input_tokens`` counts (the sum is the prompt). The cache keeps every prompt by
+    itself, so nothing is reported as written for a ``cache_control`` breakpoint."""
+    n, cached = len(req.prompt), min(req.cached_tokens, len(req.prompt))
+    out = {"input_tokens": n - cached, "cache_creation_input_tokens": 0, "cache_read_input_tokens": cached,
+           "output_tokens": req.completion_tokens if output else 0}
     return out
 
 
@@ -156,7 +181,7 @@ def tool_events(mid: str, model: str, c: Choice, req: Request, tools: tuple[Tool
     """A whole answer with tools as Anthropic's stream events (a call is known only at the end)."""
     msg = message(mid, model, c, req, tools)
     head = {**msg, "content": [], "stop_reason": None, "stop_sequence": None,
-            "usage": {"input_tokens": len(req.prompt), "output_tokens": 0}}
+            "usage": usage(req, output=False)}
     head.pop("localllm", None)
     out = [event("message_start", {"message": head})]
     for k, b in enumerate(msg["content"]):
@@ -169,7 +194,7 @@ def tool_events(mid: str, model: str, c: Choice, req: Request, tools: tuple[Tool
                                                                         "partial_json": json.dumps(b["input"])}})]
         out.append(event("content_block_stop", {"index": k}))
     delta = {"delta": {"stop_reason": msg["stop_reason"], "stop_sequence": msg["stop_sequence"]},
-             "usage": {"output_tokens": req.completion_tokens}}
+             "usage": usage(req)}
     if "localllm" in msg:
         delta["localllm"] = msg["localllm"]
     return out + [event("message_delta", delta), event("message_stop", {})]
@@ -182,7 +207,7 @@ def event(kind: str, data: dict[str, Any]) -> str:
 
 def start_events(mid: str, model: str, req: Request) -> list[str]:
     msg = {"id": mid, "type": "message", "role": "assistant", "model": model, "content": [], "stop_reason": None,
-           "stop_sequence": None, "usage": {"input_tokens": len(req.prompt), "output_tokens": 0}}
+           "stop_sequence": None, "usage": usage(req, output=False)}
     return [event("message_start", {"message": msg}),
             event("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}}),
             event("ping", {})]
@@ -196,7 +221,7 @@ def end_events(finish: str | None, stop_sequence: str | None, req: Request) -> l
     return [event("content_block_stop", {"index": 0}),
             event("message_delta", {"delta": {"stop_reason": stop_reason(finish, stop_sequence),
                                               "stop_sequence": stop_sequence},
-                                    "usage": {"output_tokens": req.completion_tokens}}),
+                                    "usage": usage(req)}),
             event("message_stop", {})]
 
 

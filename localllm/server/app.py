@@ -16,6 +16,7 @@ import dataclasses
 import hmac
 import json
 import logging
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -51,6 +52,9 @@ class ServerSettings:
     cors_origins: tuple[str, ...] = ()
     max_body_bytes: int = 4 << 20
     model_alias: str | None = None
+    # (pattern, model): a request naming a model that matches the glob pattern is served by model
+    # (``serve --alias 'claude-*-haiku-*=NAME'``: clients such as Claude Code ask for their own names)
+    model_map: tuple[tuple[str, str], ...] = ()
     load_async: bool = True  # /health answers 503 while the model loads
     drain_timeout: float = 20.0  # SIGTERM: how long requests in flight may take to finish
     all_models: bool = False  # serve every model in the store, each loaded on first use (localllm.server.pool)
@@ -68,6 +72,9 @@ class ServerSettings:
                 mkw[name] = kw.pop(k)
         if "cors_origins" in kw:
             kw["cors_origins"] = tuple(kw["cors_origins"])
+        if "model_map" in kw:
+            kw["model_map"] = tuple((str(p), str(m)) for p, m in dict(kw["model_map"]).items()) \
+                if isinstance(kw["model_map"], dict) else tuple(tuple(x) for x in kw["model_map"])
         return cls(model=kw.pop("model", None) or ModelSettings(**mkw), **kw)
 
 
@@ -142,8 +149,19 @@ class State:
             self.pool.start_reaper()
         return eng
 
+    def mapped(self, name: str | None) -> str | None:
+        """A request's ``model`` after ``--alias PATTERN=MODEL`` (the first pattern that matches)."""
+        import fnmatch
+
+        if name and name not in self.aliases:
+            for pattern, target in self.cfg.model_map:
+                if fnmatch.fnmatchcase(name, pattern):
+                    return target
+        return name
+
     def need_engine(self, name: str | None = None) -> Any:
         """The engine for a request's ``model`` (with --all-models: loaded on first use)."""
+        name = self.mapped(name)
         if self.engine is None:
             if self.load_error is not None:
                 raise ServiceUnavailableError(f"the model failed to load: {self.load_error}")
@@ -233,6 +251,21 @@ def _install_hooks(app: Flask, cfg: ServerSettings, state: State) -> None:
         return error_response(LocalLLMError(f"internal error: {type(e).__name__}"))
 
 
+def _merge_slashes(app: Flask) -> None:
+    """``/v1//models`` is ``/v1/models``: clients that join a base URL ending in ``/`` with a path
+    starting with one (Open WebUI, some editors) send a double slash. Werkzeug would answer a
+    redirect, which a POST client does not follow, so the path is cleaned before routing."""
+    inner = app.wsgi_app
+
+    def merged(environ: Any, start_response: Any) -> Any:
+        path = environ.get("PATH_INFO", "")
+        if "//" in path:
+            environ["PATH_INFO"] = re.sub(r"/{2,}", "/", path)
+        return inner(environ, start_response)
+
+    app.wsgi_app = merged  # type: ignore[method-assign]
+
+
 def _count_inflight(app: Flask, state: State) -> None:
     """Count each request from its arrival until the server closes its response (a stream's last chunk)."""
     from werkzeug.wsgi import ClosingIterator
@@ -270,7 +303,23 @@ def _prepare(cfg: ServerSettings) -> Any:
     for note in notes:
         log.warning("%s", note)
     settings = dataclasses.replace(cfg.model, model=path)
+    for pattern, target in cfg.model_map:
+        _check_mapping(pattern, target, path if not cfg.all_models else None, cfg.models_dir)
     return None if cfg.all_models else loader.prepare(settings)
+
+
+def _check_mapping(pattern: str, target: str, served: Path | None, models_dir: str | None) -> None:
+    """``--alias PATTERN=MODEL`` must name a model this server can serve: with one model, that model."""
+    from localllm import resolve
+
+    if not pattern or not target:
+        raise InvalidArgumentError(f"--alias {pattern}={target}: give PATTERN=MODEL, both non-empty",
+                                   param="alias")
+    path = resolve.resolve(target, models_dir=models_dir)
+    if served is not None and Path(path).resolve() != Path(served).resolve():
+        raise InvalidArgumentError(f"--alias {pattern}={target}: this server serves {served.name} only",
+                                   param="alias", hint=f"map the pattern to the served model, or serve "
+                                                       f"--all-models to reach {target}")
 
 
 def create_app(cfg: ServerSettings | None = None) -> Flask:
@@ -292,6 +341,7 @@ def create_app(cfg: ServerSettings | None = None) -> Flask:
     app.extensions["localllm"] = state
     _install_hooks(app, cfg, state)
     _count_inflight(app, state)
+    _merge_slashes(app)
     app.register_blueprint(api)
     if cfg.load_async:
         threading.Thread(target=state.load, name="localllm-load", daemon=True).start()

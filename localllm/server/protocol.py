@@ -45,26 +45,44 @@ def get_str(body: Mapping[str, Any], key: str) -> str | None:
     return v
 
 
+def _schema(v: Any, where: str) -> Any:
+    if not isinstance(v, (Mapping, bool)):
+        raise _bad("response_format", f"{where} must be a JSON schema object")
+    return v
+
+
 def _json_schema(body: Mapping[str, Any]) -> Any:
-    """``response_format`` → a JSON schema (True: any JSON object), or None."""
+    """``response_format`` → a JSON schema (``{"type": "object"}``: any JSON object), or None.
+
+    Accepted where clients put it: OpenAI's ``{"type": "json_schema", "json_schema": {"name",
+    "schema", "strict"}}``; the schema one level up, ``{"type": "json_schema", "schema": {...}}``
+    and ``{"type": "json_object", "schema": {...}}`` (llama-server's and vLLM's shapes); and a
+    top-level ``json_schema`` field beside ``response_format`` (llama-server's extension).
+
+    Example:
+        >>> _json_schema({"response_format": {"type": "json_schema", "schema": {"type": "array"}}})
+        {'type': 'array'}
+    """
     rf = body.get("response_format")
+    top = body.get("json_schema")
     if rf is None:
-        return None
+        return None if top is None else _schema(top, "json_schema")
+    if top is not None:
+        raise _bad("json_schema", "cannot be combined with response_format")
     if not isinstance(rf, Mapping) or not isinstance(rf.get("type"), str):
         raise _bad("response_format", "must be an object with a 'type'")
     kind = rf["type"]
     if kind == "text":
         return None
     if kind == "json_object":
-        return {"type": "object"}
+        return _schema(rf["schema"], "schema") if rf.get("schema") is not None else {"type": "object"}
     if kind == "json_schema":
         js = rf.get("json_schema")
+        if js is None and rf.get("schema") is not None:
+            return _schema(rf["schema"], "schema")
         if not isinstance(js, Mapping):
             raise _bad("response_format", "json_schema must be an object with a 'schema'")
-        schema = js.get("schema", {"type": "object"})
-        if not isinstance(schema, (Mapping, bool)):
-            raise _bad("response_format", "json_schema.schema must be a JSON schema object")
-        return schema
+        return _schema(js.get("schema", {"type": "object"}), "json_schema.schema")
     raise _bad("response_format", "type must be 'text', 'json_object' or 'json_schema'")
 
 

@@ -53,7 +53,7 @@ def _body() -> dict[str, Any]:
 
 def _engine_for(body: dict[str, Any]) -> Any:
     st = _state()
-    name = protocol.get_str(body, "model")
+    name = st.mapped(protocol.get_str(body, "model"))
     eng = st.need_engine(name)
     if st.pool is None and name and name not in st.aliases:
         raise ModelNotFoundError(f"model {name!r} is not served here (this server runs {st.model_id!r})",
@@ -102,11 +102,18 @@ def metrics() -> Response:
     return Response(data, mimetype=ctype.split(";")[0], headers={"Content-Type": ctype})
 
 
+def _card(model_id: str, info: Any) -> dict[str, Any]:
+    """A model as ``/v1/models`` lists it, with its context window under the names clients read
+    (OpenRouter's ``context_length``, vLLM's ``max_model_len``, LM Studio's ``max_context_length``)
+    and its capabilities, so aider, litellm and Open WebUI do not have to guess."""
+    return {"id": model_id, "object": "model", "created": _state().created, "owned_by": "localllm",
+            "context_length": info.context, "max_model_len": info.context, "max_context_length": info.context,
+            "capabilities": list(info.capabilities), "meta": info.to_dict()}
+
+
 def _model_card() -> dict[str, Any]:
     st = _state()
-    eng = st.need_engine()
-    return {"id": st.model_id, "object": "model", "created": st.created, "owned_by": "localllm",
-            "meta": eng.info.to_dict()}
+    return _card(st.model_id, st.need_engine().info)
 
 
 def _pool_cards() -> list[dict[str, Any]]:
@@ -115,10 +122,11 @@ def _pool_cards() -> list[dict[str, Any]]:
     st.need_engine()  # 503 while the server starts
     cards = []
     for e in st.pool.catalog():
-        card = {"id": e["id"], "object": "model", "created": st.created, "owned_by": "localllm", "loaded": e["loaded"]}
         entry = st.pool.loaded.get(e["id"]) if e["loaded"] else None
+        card = {"id": e["id"], "object": "model", "created": st.created, "owned_by": "localllm"}
         if entry is not None:
-            card["meta"] = entry.engine.info.to_dict()
+            card = _card(e["id"], entry.engine.info)
+        card["loaded"] = e["loaded"]
         cards.append(card)
     return cards
 
@@ -133,6 +141,7 @@ def models() -> Response:
 @api.get("/v1/models/<path:name>")
 def model(name: str) -> Response:
     st = _state()
+    name = st.mapped(name) or name
     if st.pool is not None:
         found = [c for c in _pool_cards() if name in (c["id"], c["id"].split(":")[0])]
         if not found:
@@ -188,8 +197,11 @@ def anthropic_messages() -> Response:
                 choice = collect(req.events(disconnected=disconnected), 1)[0]
                 yield from af.tool_events(mid, model_id, choice, req, tools)
                 return
-            yield from af.start_events(mid, model_id, req)
+            started = False
             for ev in req.events(disconnected=disconnected):
+                if not started:  # after the prompt is admitted: its usage says how much the cache held
+                    started = True
+                    yield from af.start_events(mid, model_id, req)
                 if ev.kind == "text" and ev.text:
                     yield af.delta_event(ev.text)
                 elif ev.kind == "done":
