@@ -85,9 +85,11 @@ def _system(system: Any) -> str | None:
     """The ``system`` field as text: blocks joined, the per-request billing header dropped."""
     if system is None:
         return None
+    if isinstance(system, str):  # the header as a first line of its own
+        return _BILLING.sub("", system) if "\n" in system else system
     if isinstance(system, list) and all(isinstance(b, Mapping) for b in system):
         system = [b for b in system if not (isinstance(b.get("text"), str) and _BILLING.match(b["text"]))]
-    return _BILLING.sub("", _text(system, "system"))
+    return _text(system, "system")
 
 
 def tool_spec(body: Mapping[str, Any]) -> ToolSpec | None:

@@ -113,7 +113,8 @@ def _card(model_id: str, info: Any) -> dict[str, Any]:
 
 def _model_card() -> dict[str, Any]:
     st = _state()
-    return _card(st.model_id, st.need_engine().info)
+    info = st.need_engine().info  # 503 while the model loads
+    return _card(st.model_id, info)
 
 
 def _pool_cards() -> list[dict[str, Any]]:

@@ -14,5 +14,5 @@ CTX = 2048
 @pytest.fixture(scope="session")
 def served(default_model_path):
     with serve_process("smollm2-135m", "--parallel", "2", "--ctx", str(CTX), "--api-key", KEY,
-                       "--alias", "claude-*-haiku*=smollm2-135m", "--alias", "claude-sonnet-*=smollm2-135m") as live:
+                       "--alias", "claude-*haiku*=smollm2-135m", "--alias", "claude-sonnet-*=smollm2-135m") as live:
         yield live

@@ -107,7 +107,8 @@ SERVE_CHECKS = {
     "max_body_bytes": lambda g, s, p: g["big_body"] == 413,
     "repack": lambda g, s, p: s["model"][-1]["use_extra_bufts"] is False and g["engine"].info.repack is False,
     "mmap": lambda g, s, p: s["model"][-1]["use_mmap"] is True and g["engine"].info.mmap is True,
-    "model_alias": lambda g, s, p: g["models"].get_json()["data"][0]["id"] == "my-model",
+    "aliases": lambda g, s, p: (g["models"].get_json()["data"][0]["id"] == "my-model"
+                                and g["cfg"].model_map == (("gpt-*", "smollm2-135m"),)),
     "server_kind": lambda g, s, p: g["server_kind"] == "werkzeug",
     "n_ctx": lambda g, s, p: (g["engine"].info.context == 384
                               and any(c.get("n_ctx") == 384 * 3 for c in s["context"])),
@@ -145,7 +146,7 @@ def test_every_serve_flag_arrives(monkeypatch: pytest.MonkeyPatch, spies, defaul
     g = _serve(monkeypatch, [
         "--model-path", str(default_model_path), "--host", "0.0.0.0", "--insecure", "--port", "9999",
         "--api-key", "k3y", "--parallel", "3", "--max-queue", "5", "--cors-origin", "http://app.example",
-        "--max-body", "2048", "--no-repack", "--alias", "my-model", "--server", "werkzeug", "--ctx", "384",
+        "--max-body", "2048", "--no-repack", "--alias", "my-model", "--alias", "gpt-*=smollm2-135m", "--server", "werkzeug", "--ctx", "384",
         "--threads", "1", "--gpu-layers", "20", "--gpu-memory", "3GiB", "--cache-type-k", "q8_0", "--cache-type-v", "q4_0", "--drain-timeout", "7.5",
         "--flash-attn", "on", "--no-prompt-cache", "--speculate", "on", "--mmap"])
     assert g["error"] is None, g["error"]

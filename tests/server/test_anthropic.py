@@ -34,7 +34,9 @@ def test_message_equals_the_openai_door(server, client):
     o = openai.OpenAI(base_url=server.api, api_key="k3y", max_retries=0).chat.completions.create(
         model=MODEL, max_tokens=12, temperature=0, messages=[{"role": "system", "content": "Be brief."}, *MSGS])
     assert r.content[0].text == o.choices[0].message.content
-    assert r.usage.input_tokens == o.usage.prompt_tokens and r.usage.output_tokens == o.usage.completion_tokens
+    # Anthropic counts the prompt as input_tokens (not cached) + cache_read_input_tokens
+    assert r.usage.input_tokens + r.usage.cache_read_input_tokens == o.usage.prompt_tokens
+    assert r.usage.output_tokens == o.usage.completion_tokens
     # sampling options arrive: top_k=1 is greedy whatever the temperature
     k1 = client.messages.create(model=MODEL, max_tokens=12, system="Be brief.", messages=MSGS,
                                 extra_body={"temperature": 1.0, "top_k": 1})
@@ -59,7 +61,7 @@ def test_stop_sequences_and_streaming(client):
 def test_count_tokens(client):
     n = client.messages.count_tokens(model=MODEL, system="Be brief.", messages=MSGS).input_tokens
     r = client.messages.create(model=MODEL, max_tokens=1, system="Be brief.", messages=MSGS)
-    assert n == r.usage.input_tokens > 5
+    assert n == r.usage.input_tokens + r.usage.cache_read_input_tokens > 5
 
 
 def test_errors_in_anthropics_shape(server, client):
@@ -106,6 +108,6 @@ def test_two_turn_tool_exchange(client, stream):
     assert r.stop_reason in ("end_turn", "max_tokens") and r.content[0].type == "text" and r.content[0].text
     # count_tokens counts what the request is rendered to: the tool result, and the tools when they may be called
     n = client.messages.count_tokens(model=MODEL, messages=turn2, tools=[WEATHER], tool_choice={"type": "none"})
-    assert n.input_tokens == r.usage.input_tokens
+    assert n.input_tokens == r.usage.input_tokens + r.usage.cache_read_input_tokens
     with_tools = client.messages.count_tokens(model=MODEL, messages=turn2, tools=[WEATHER]).input_tokens
     assert with_tools > n.input_tokens + 50   # the tool's description and schema
