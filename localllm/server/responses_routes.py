@@ -86,7 +86,8 @@ def create() -> Response:
             "user": body.get("user")}
     st = _state()
     head = fmt.Head(fmt.new_id("resp"), int(time.time()), st.served_id(eng), echo)
-    turn = _Turn(head, convo, _store() if store else None, (spec, eng.tool_family) if spec is not None and spec.active else None)
+    calls = (spec, eng.tool_family) if spec is not None and spec.active else None
+    turn = _Turn(head, convo, _store() if store else None, calls)
     eng.submit(req)
     disconnected: Callable[[], bool] | None = request.environ.get("waitress.client_disconnected")
     metrics = st.metrics
