@@ -105,6 +105,8 @@ def test_previous_response_id_continues_the_conversation(client, model):
              {"role": "user", "content": "What is my name?"}]
     r3 = client.responses.create(model=model, input=items, max_output_tokens=20, temperature=0)
     assert (r3.output_text, r3.usage.input_tokens) == (r2.output_text, r2.usage.input_tokens)
+    # the continuation reuses the first turn's prompt cache, and says so
+    assert 0 < r2.usage.input_tokens_details.cached_tokens < r2.usage.input_tokens
     # a third turn on r2 grows again by r2's answer and the new question
     r4 = client.responses.create(model=model, previous_response_id=r2.id, input="And my colour?",
                                  max_output_tokens=5, temperature=0)
@@ -207,6 +209,25 @@ def test_a_forced_function_call_round_trip(client, model, stream):
     r3 = client.responses.create(model=model, input=items, tools=[WEATHER], tool_choice="none",
                                  max_output_tokens=20, temperature=0)
     assert (r3.output_text, r3.usage.input_tokens) == (r2.output_text, r2.usage.input_tokens)
+
+
+def test_call_items_join_the_assistant_turn_they_follow(client, model):
+    """An assistant message and the function_call items after it are one assistant turn (text and
+    tool_calls), as chat completions renders it: the same prompt tokens."""
+    calls = [{"type": "function_call", "call_id": f"call_{k}", "name": "get_weather",
+              "arguments": json.dumps({"city": city})} for k, city in enumerate(["Paris", "Rome"])]
+    outs = [{"type": "function_call_output", "call_id": c["call_id"], "output": f'{{"temperature": {t}}}'}
+            for c, t in zip(calls, (18, 24))]
+    items = [{"role": "user", "content": "Weather in Paris and Rome?"},
+             {"role": "assistant", "content": "Let me check."}, *calls, *outs]
+    r = client.responses.create(model=model, input=items, tools=[WEATHER], tool_choice="none",
+                                max_output_tokens=12, temperature=0)
+    turn = {"role": "assistant", "content": "Let me check.", "tool_calls": [
+        {"id": c["call_id"], "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
+        for c in calls]}
+    tools = [{"role": "tool", "tool_call_id": o["call_id"], "content": o["output"]} for o in outs]
+    c = _chat(client, model, [items[0], turn, *tools], tools=[CHAT_WEATHER], tool_choice="none", max_tokens=12)
+    assert r.usage.input_tokens == c.usage.prompt_tokens and r.output_text == c.choices[0].message.content
 
 
 BAD = [({"input": 5}, "input"), ({"input": []}, "input"), ({"input": None}, "input"),
