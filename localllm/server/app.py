@@ -30,6 +30,7 @@ from localllm.errors import (AuthenticationError, InvalidArgumentError, LocalLLM
                              NotFoundError, PayloadTooLargeError, QueueFullError, ServiceUnavailableError)
 from localllm.loader import ModelSettings
 from localllm.server.metrics import Metrics
+from localllm.server.responses_store import ResponseStore
 
 log = logging.getLogger("localllm.server")
 PUBLIC = ("/", "/health", "/favicon.ico")
@@ -60,6 +61,8 @@ class ServerSettings:
     all_models: bool = False  # serve every model in the store, each loaded on first use (localllm.server.pool)
     max_memory: int | None = None  # the pool's budget in bytes (default: 80 % of the RAM available at start)
     keep_alive: float | None = None  # the pool unloads a model idle for this many seconds
+    responses_max_stored: int = 256  # /v1/responses kept for previous_response_id (the oldest goes first)
+    responses_max_age: float = 3600.0  # ... and for at most this many seconds
 
     @classmethod
     def create(cls, **kw: Any) -> ServerSettings:
@@ -96,6 +99,7 @@ class State:
         self.idle = threading.Condition()
         self.inflight = 0  # requests whose response is not closed yet (a stream until its end)
         self.pool: Any = None  # a ModelPool with --all-models
+        self.responses = ResponseStore(cfg.responses_max_stored, cfg.responses_max_age)
 
     def enter(self) -> None:
         with self.idle:
@@ -200,7 +204,7 @@ def _install_hooks(app: Flask, cfg: ServerSettings, state: State) -> None:
         if origin and ("*" in cfg.cors_origins or origin in cfg.cors_origins):
             resp.headers["Access-Control-Allow-Origin"] = "*" if "*" in cfg.cors_origins else origin
             resp.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type"
-            resp.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
+            resp.headers["Access-Control-Allow-Methods"] = "GET, POST, DELETE, OPTIONS"
             resp.headers["Vary"] = "Origin"
         return resp
 
@@ -329,6 +333,7 @@ def create_app(cfg: ServerSettings | None = None) -> Flask:
     Example:
         >>> app = create_app(ServerSettings.create(model="smollm2-135m", parallel=2))  # doctest: +SKIP
     """
+    from localllm.server.responses_routes import responses_api
     from localllm.server.routes import api
 
     cfg = cfg or ServerSettings()
@@ -343,6 +348,7 @@ def create_app(cfg: ServerSettings | None = None) -> Flask:
     _count_inflight(app, state)
     _merge_slashes(app)
     app.register_blueprint(api)
+    app.register_blueprint(responses_api)
     if cfg.load_async:
         threading.Thread(target=state.load, name="localllm-load", daemon=True).start()
     else:
