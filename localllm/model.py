@@ -394,6 +394,31 @@ class Model:
         """Like :meth:`chat`, yielding text pieces. ``model.last`` holds the timings afterwards."""
         return self._stream(messages, True, system, dict(sampling), 512)
 
+    # ------------------------------------------------------------------ code completion
+    def infill_tokens(self, prefix: str, suffix: str, *, extra: Sequence[dict[str, str]] | None = None,
+                      prompt: str = "", max_tokens: int | None = 256, spm: bool = False) -> list[int]:
+        """The fill-in-the-middle prompt :meth:`infill` reads, as token ids (llama-server's ``/infill``
+        layout with this model's FIM tokens; see :mod:`localllm.core.fim`)."""
+        self._check_open()
+        return self._engine.infill_ids(prefix, suffix, prompt=prompt, extra=extra, max_tokens=max_tokens, spm=spm)
+
+    def infill(self, prefix: str, suffix: str, *, extra: Sequence[dict[str, str]] | None = None,
+               prompt: str = "", spm: bool = False, **sampling: Unpack[SamplingKwargs]) -> str:
+        """Code completion: the text that goes between ``prefix`` and ``suffix``, written with the
+        model's FIM tokens (a coder model: Qwen2.5-Coder, CodeLlama, StarCoder2, ...; another one
+        raises InvalidArgumentError). ``extra``: other files (``[{"filename", "text"}]``);
+        ``prompt``: text the answer starts with; ``spm``: suffix-prefix-middle order.
+        ``model.last`` holds the :class:`Completion`.
+
+        Example:
+            >>> m.infill("def add(a, b):\n    return ", "\n\nprint(add(1, 2))\n", max_tokens=8, temperature=0)
+            ...                                                    # doctest: +SKIP
+            'a + b'
+        """
+        ids = self.infill_tokens(prefix, suffix, extra=extra, prompt=prompt,
+                                 max_tokens=sampling.get("max_tokens", 256), spm=spm)
+        return self._complete(ids, False, None, dict(sampling), 256).text
+
     # ------------------------------------------------------------------ embeddings
     def embed(self, texts: str | Sequence[str]) -> list[list[float]]:
         """L2-normalised mean-pooled embeddings, one per text.

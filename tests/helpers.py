@@ -6,7 +6,8 @@
 - :func:`metric`: one sample of a server's ``/metrics`` (a missing one fails the test);
 - :func:`default_quant`, :func:`turn_end_cut`: what the default model's version is, and how
   much of a chat prompt a later prompt reuses;
-- :func:`write_tiny_llama`: tiny GGUF files made by the tests themselves (random weights, real format).
+- :func:`write_tiny_llama`: tiny GGUF files made by the tests themselves (random weights, real format);
+  :func:`copy_gguf`: a real model with metadata changed (FIM tokens added).
 
 The other helper modules sit beside this one: ``serverutil`` (a live in-process server and
 plain HTTP), ``convert_fixtures`` (tiny HF checkpoints), ``llama_reference`` (llama-cpp-python's
@@ -153,3 +154,23 @@ def write_tiny_llama(path: Path, *, arch: str = "llama", n_embd: int = 64, n_lay
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def copy_gguf(src: Path, dst: Path, ints: dict[str, int]) -> Path:
+    """``src`` with the unsigned-int metadata ``ints`` added or replaced (weights copied as they are):
+    e.g. FIM token ids on a model that has none."""
+    import logging
+
+    import gguf
+    from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metadata
+
+    logging.getLogger("gguf-new-metadata").setLevel(logging.WARNING)
+    reader = gguf.GGUFReader(str(src), "r")
+    arch = reader.get_field(gguf.Keys.General.ARCHITECTURE).contents()
+    writer = gguf.GGUFWriter(str(dst), arch=arch, endianess=reader.endianess)
+    align = reader.get_field(gguf.Keys.General.ALIGNMENT)
+    if align is not None:
+        writer.data_alignment = align.contents()
+    new = {k: MetadataDetails(gguf.GGUFValueType.UINT32, v) for k, v in ints.items()}
+    copy_with_new_metadata(reader, writer, new, [])
+    return dst

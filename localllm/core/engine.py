@@ -19,6 +19,7 @@ from typing import Any
 from localllm import chat as chatmod
 from localllm import loader
 from localllm import tools as toolsmod
+from localllm.core import fim as fimmod
 from localllm.core.prompt_cache import open_cache
 from localllm.core.request import Event, Request
 from localllm.core.scheduler import Scheduler
@@ -117,6 +118,19 @@ class Engine:
     def tool_family(self) -> str:
         """The call syntax of this model's chat template (hermes, llama3, mistral or generic)."""
         return toolsmod.family_of(self.prompter.template)
+
+    def infill_ids(self, prefix: str, suffix: str, *, prompt: str = "", extra: Any = None,
+                   max_tokens: int | None = None, spm: bool = False) -> list[int]:
+        """A fill-in-the-middle prompt (code completion) with this model's FIM tokens, cut to its
+        context as llama-server cuts it (:mod:`localllm.core.fim`); ``extra``: other files of the
+        project (``[{"filename", "text"}]``). A model without FIM tokens: InvalidArgumentError."""
+        return fimmod.infill_ids(self.prompter, prefix, suffix, prompt=prompt, extra=fimmod.extra_files(extra),
+                                 n_ctx=self.info.context, max_tokens=max_tokens, spm=spm)
+
+    @property
+    def has_fim(self) -> bool:
+        """Whether the vocabulary has the prefix, suffix and middle tokens code completion needs."""
+        return all(self.llama.fim[k] >= 0 for k in ("pre", "suf", "mid"))
 
     def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = True) -> list[int]:
         """Text → ids with the model's own tokenizer (the embedded HF one when present).

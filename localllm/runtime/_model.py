@@ -15,6 +15,7 @@ from localllm.runtime._lib import _LOG_ERROR, C, _backend, _explain_load_failure
 
 # --------------------------------------------------------------------------- model
 
+FIM_NAMES = ("pre", "suf", "mid", "pad", "rep", "sep")  # llama_vocab_fim_<name>: prefix, suffix, middle, ...
 _LOAD_MODE_AUTO, _LOAD_MODE_NONE = -1, 0  # enum llama_load_mode: AUTO maps the file, NONE reads it into memory
 
 class LlamaModel:
@@ -66,6 +67,11 @@ class LlamaModel:
         self.eos = int(C.llama_vocab_eos(self._vocab))
         self.add_bos = bool(C.llama_vocab_get_add_bos(self._vocab))
         self.add_eos = bool(C.llama_vocab_get_add_eos(self._vocab))
+        self.add_sep = bool(C.llama_vocab_get_add_sep(self._vocab))
+        self.sep = int(C.llama_vocab_sep(self._vocab))
+        # fill-in-the-middle tokens as llama.cpp found them (GGUF keys tokenizer.ggml.fim_*_token_id,
+        # else token texts such as <|fim_prefix|>, <fim_prefix>, <PRE>, <｜fim▁begin｜>); -1 where absent
+        self.fim = {name: int(getattr(C, f"llama_vocab_fim_{name}")(self._vocab)) for name in FIM_NAMES}
         self._piece_buf = ctypes.create_string_buffer(256)
         self._eog = np.zeros(self.n_vocab, dtype=bool)
         for t in range(self.n_vocab):

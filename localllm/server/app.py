@@ -280,6 +280,7 @@ def create_app(cfg: ServerSettings | None = None) -> Flask:
     Example:
         >>> app = create_app(ServerSettings.create(model="smollm2-135m", parallel=2))  # doctest: +SKIP
     """
+    from localllm.server.infill import code
     from localllm.server.routes import api
 
     cfg = cfg or ServerSettings()
@@ -293,6 +294,7 @@ def create_app(cfg: ServerSettings | None = None) -> Flask:
     _install_hooks(app, cfg, state)
     _count_inflight(app, state)
     app.register_blueprint(api)
+    app.register_blueprint(code)
     if cfg.load_async:
         threading.Thread(target=state.load, name="localllm-load", daemon=True).start()
     else:

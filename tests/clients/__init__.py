@@ -1,0 +1,1 @@
+"""Editor and client integrations against a live server: code completion (FIM), rerank."""
