@@ -411,8 +411,7 @@ class Model:
         ``model.last`` holds the :class:`Completion`.
 
         Example:
-            >>> m.infill("def add(a, b):\n    return ", "\n\nprint(add(1, 2))\n", max_tokens=8, temperature=0)
-            ...                                                    # doctest: +SKIP
+            >>> m.infill("def add(a, b): return ", " # the sum", max_tokens=8, temperature=0)  # doctest: +SKIP
             'a + b'
         """
         ids = self.infill_tokens(prefix, suffix, extra=extra, prompt=prompt,
