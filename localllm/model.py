@@ -436,5 +436,30 @@ class Model:
         finally:
             self._lock.release()
 
+    def rerank(self, query: str, documents: str | Sequence[str], *, top_n: int | None = None) -> list[tuple[int, float]]:
+        """``(index, relevance score)`` of each document, best first (at most ``top_n``), with a
+        reranker GGUF (bge-reranker, Qwen3-Reranker, ...; another model raises InvalidArgumentError).
+
+        Example:
+            >>> m.rerank("what is a cat?", ["a cat is an animal", "rust is a language"])   # doctest: +SKIP
+            [(0, 3.1), (1, -7.9)]
+        """
+        from localllm.rerank import ranked
+
+        if isinstance(documents, str):
+            documents = [documents]
+        if not isinstance(query, str):
+            raise InvalidArgumentError("query must be a string", param="query")
+        if not isinstance(documents, Sequence) or not documents or not all(isinstance(d, str) for d in documents):
+            raise InvalidArgumentError("documents must be a string or a non-empty list of strings", param="documents")
+        if top_n is not None and (isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 1):
+            raise InvalidArgumentError("top_n must be a positive integer", param="top_n")
+        self._enter()
+        try:
+            scores = self._engine.rerank(query, list(documents))[0]
+        finally:
+            self._lock.release()
+        return [(i, scores[i]) for i in ranked(scores, top_n)]
+
     def __repr__(self) -> str:
         return f"Model({self.info.name!r}, arch={self.info.arch}, quant={self.info.quant}, n_ctx={self.info.context})"

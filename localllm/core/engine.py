@@ -72,6 +72,7 @@ class Engine:
         self._threaded, self._max_queue, self._on_step = threaded, max_queue, on_step
         self._emb_lock = threading.Lock()
         self._embedder: Any = None
+        self._reranker: Any = None
         try:
             self.scheduler = self._scheduler(settings.n_seq)
         except BaseException:
@@ -210,10 +211,23 @@ class Engine:
                                           n_threads=self.info.threads)
             return self._embedder.embed(texts)
 
+    def rerank(self, query: str, documents: list[str]) -> tuple[list[float], int]:
+        """Each document's relevance to ``query`` (a reranker GGUF's scores, :mod:`localllm.rerank`)
+        and the token count; another model: InvalidArgumentError. In the caller's thread, on a
+        context of its own."""
+        with self._emb_lock:
+            if self._reranker is None:
+                from localllm.rerank import Reranker
+
+                self._reranker = Reranker(self.llama, self.prompter, n_ctx=min(self.info.context, 2048),
+                                          n_threads=self.info.threads)
+            return self._reranker.scores(query, documents)
+
     def close(self) -> None:
         self.scheduler.close()
         with self._emb_lock:
-            if self._embedder is not None:
-                self._embedder.close()
-                self._embedder = None
+            for helper in (self._embedder, self._reranker):
+                if helper is not None:
+                    helper.close()
+            self._embedder = self._reranker = None
         self.loaded.close()
