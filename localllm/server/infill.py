@@ -1,6 +1,7 @@
-"""Code completion in llama-server's ``/infill`` shape (editors' FIM clients: llama.vim, llama.vscode,
-Continue's llama.cpp provider): ``input_prefix``, ``input_suffix``, ``input_extra`` files and
-``prompt`` in; ``content`` out, whole or streamed. The prompt is built by :mod:`localllm.core.fim`.
+"""Code completion: llama-server's ``/infill`` (llama.vim, llama.vscode): ``input_prefix``,
+``input_suffix``, ``input_extra`` files and ``prompt`` in, ``content`` out, whole or streamed; and
+Mistral's (Codestral's) ``/v1/fim/completions`` (Continue's "mistral" provider): ``prompt`` and
+``suffix`` in, a chat completion out. The prompt is built by :mod:`localllm.core.fim`.
 
 Example:
     >>> app.register_blueprint(code)                            # doctest: +SKIP
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -18,7 +20,8 @@ from flask import Blueprint, Response, request
 from localllm.core.request import Choice, Request, collect
 from localllm.errors import InvalidArgumentError, LocalLLMError
 import localllm.server.protocol as protocol
-from localllm.server.routes import _account, _body, _engine_for, _json, _state, _stream
+import localllm.server.openai_format as fmt
+from localllm.server.routes import _account, _body, _engine_for, _generate, _json, _state, _stream
 
 code = Blueprint("code", __name__)
 
@@ -96,6 +99,42 @@ def infill() -> Response:
             yield _sse(_final(req, c, model_id, "", eng))
         except LocalLLMError as e:  # headers are gone: report in the stream, as llama-server does
             yield _sse(e.to_dict())
+        finally:
+            req.cancel()
+            _account(metrics, req)
+
+    return _stream(events(), None)
+
+
+@code.post("/v1/fim/completions")
+def fim_completions() -> Response:
+    """Mistral's FIM API: ``{"model", "prompt", "suffix"?, "max_tokens"?, "stream"?, sampling...}`` → a chat
+    completion (``choices[0].message.content``; streamed: ``delta.content`` in every chunk, as Mistral's)."""
+    body = _body()
+    eng = _engine_for(body)
+    params = protocol.sampling(body, default_max_tokens=None, chat=True)
+    stream, usage = protocol.stream_flags(body, params)
+    ids = eng.infill_ids(_required(body, "prompt"), protocol.get_str(body, "suffix") or "",
+                         max_tokens=params.max_tokens)
+    req = Request(ids, params, stream=stream)
+    if not stream or params.n > 1:
+        return _generate(eng, req, usage, chat=True)
+    st = _state()
+    metrics, model_id, rid, created = st.metrics, st.served_id(eng), "cmpl-" + uuid.uuid4().hex[:24], int(time.time())
+    eng.submit(req)
+    disconnected: Callable[[], bool] | None = request.environ.get("waitress.client_disconnected")
+
+    def events() -> Iterator[str]:
+        try:
+            yield fmt.sse(fmt.chunk(rid, created, model_id, True, 0, "", None, role=True, usage=usage))
+            for ev in req.events(disconnected=disconnected):
+                if ev.kind in ("text", "done") and (ev.text or ev.kind == "done"):
+                    yield fmt.sse(fmt.chunk(rid, created, model_id, True, 0, ev.text, ev.finish_reason, usage=usage))
+            if usage:
+                yield fmt.sse(fmt.usage_chunk(rid, created, model_id, True, req))
+            yield "data: [DONE]\n\n"
+        except LocalLLMError as e:
+            yield fmt.sse(e.to_dict())
         finally:
             req.cancel()
             _account(metrics, req)

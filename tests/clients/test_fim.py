@@ -99,6 +99,20 @@ def test_openai_suffix_is_the_same_prompt(server):
     assert r.choices[0].text == greedy(server, ref, 12)
 
 
+def test_mistral_fim_endpoint_as_continue_reads_it(server):
+    """Continue's "mistral" provider: POST {apiBase}fim/completions, every chunk's choices[0].delta.content
+    appended (a chunk without one would add "undefined")."""
+    body = {"model": "smollm2-fim", "prompt": PREFIX, "suffix": SUFFIX, "max_tokens": 12, "temperature": 0}
+    want = greedy(server, reference(server, PREFIX, SUFFIX), 12)
+    r = post(server.api + "/fim/completions", json=body)
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == want, r.text
+    with stream_lines(server.api + "/fim/completions", {**body, "stream": True}) as lines:
+        data = [x[6:] for x in lines if x.startswith("data: ")]
+    assert data[-1] == "[DONE]"
+    deltas = [json.loads(x)["choices"][0]["delta"]["content"] for x in data[:-1]]
+    assert all(isinstance(d, str) for d in deltas) and "".join(deltas) == want
+
+
 def test_prefix_and_suffix_are_cut_as_llama_server_cuts_them(server):
     prefix = "".join(f"x{i} = {i}\n" for i in range(300))
     suffix = "".join(f"y{i} = {i}\n" for i in range(300))
