@@ -394,6 +394,30 @@ class Model:
         """Like :meth:`chat`, yielding text pieces. ``model.last`` holds the timings afterwards."""
         return self._stream(messages, True, system, dict(sampling), 512)
 
+    # ------------------------------------------------------------------ code completion
+    def infill_tokens(self, prefix: str, suffix: str, *, extra: Sequence[dict[str, str]] | None = None,
+                      prompt: str = "", max_tokens: int | None = 256, spm: bool = False) -> list[int]:
+        """The fill-in-the-middle prompt :meth:`infill` reads, as token ids (llama-server's ``/infill``
+        layout with this model's FIM tokens; see :mod:`localllm.core.fim`)."""
+        self._check_open()
+        return self._engine.infill_ids(prefix, suffix, prompt=prompt, extra=extra, max_tokens=max_tokens, spm=spm)
+
+    def infill(self, prefix: str, suffix: str, *, extra: Sequence[dict[str, str]] | None = None,
+               prompt: str = "", spm: bool = False, **sampling: Unpack[SamplingKwargs]) -> str:
+        """Code completion: the text that goes between ``prefix`` and ``suffix``, written with the
+        model's FIM tokens (a coder model: Qwen2.5-Coder, CodeLlama, StarCoder2, ...; another one
+        raises InvalidArgumentError). ``extra``: other files (``[{"filename", "text"}]``);
+        ``prompt``: text the answer starts with; ``spm``: suffix-prefix-middle order.
+        ``model.last`` holds the :class:`Completion`.
+
+        Example:
+            >>> m.infill("def add(a, b): return ", " # the sum", max_tokens=8, temperature=0)  # doctest: +SKIP
+            'a + b'
+        """
+        ids = self.infill_tokens(prefix, suffix, extra=extra, prompt=prompt,
+                                 max_tokens=sampling.get("max_tokens", 256), spm=spm)
+        return self._complete(ids, False, None, dict(sampling), 256).text
+
     # ------------------------------------------------------------------ embeddings
     def embed(self, texts: str | Sequence[str]) -> list[list[float]]:
         """L2-normalised mean-pooled embeddings, one per text.
@@ -411,6 +435,31 @@ class Model:
             return self._engine.embed(list(texts))[0]
         finally:
             self._lock.release()
+
+    def rerank(self, query: str, documents: str | Sequence[str], *, top_n: int | None = None) -> list[tuple[int, float]]:
+        """``(index, relevance score)`` of each document, best first (at most ``top_n``), with a
+        reranker GGUF (bge-reranker, Qwen3-Reranker, ...; another model raises InvalidArgumentError).
+
+        Example:
+            >>> m.rerank("what is a cat?", ["a cat is an animal", "rust is a language"])   # doctest: +SKIP
+            [(0, 3.1), (1, -7.9)]
+        """
+        from localllm.rerank import ranked
+
+        if isinstance(documents, str):
+            documents = [documents]
+        if not isinstance(query, str):
+            raise InvalidArgumentError("query must be a string", param="query")
+        if not isinstance(documents, Sequence) or not documents or not all(isinstance(d, str) for d in documents):
+            raise InvalidArgumentError("documents must be a string or a non-empty list of strings", param="documents")
+        if top_n is not None and (isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 1):
+            raise InvalidArgumentError("top_n must be a positive integer", param="top_n")
+        self._enter()
+        try:
+            scores = self._engine.rerank(query, list(documents))[0]
+        finally:
+            self._lock.release()
+        return [(i, scores[i]) for i in ranked(scores, top_n)]
 
     def __repr__(self) -> str:
         return f"Model({self.info.name!r}, arch={self.info.arch}, quant={self.info.quant}, n_ctx={self.info.context})"

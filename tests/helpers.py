@@ -6,7 +6,8 @@
 - :func:`metric`: one sample of a server's ``/metrics`` (a missing one fails the test);
 - :func:`default_quant`, :func:`turn_end_cut`: what the default model's version is, and how
   much of a chat prompt a later prompt reuses;
-- :func:`write_tiny_llama`: tiny GGUF files made by the tests themselves (random weights, real format).
+- :func:`write_tiny_llama`: tiny GGUF files made by the tests themselves (random weights, real format);
+  :func:`copy_gguf`: a real model with metadata changed (FIM tokens added).
 
 The other helper modules sit beside this one: ``serverutil`` (a live in-process server and
 plain HTTP), ``convert_fixtures`` (tiny HF checkpoints), ``llama_reference`` (llama-cpp-python's
@@ -153,3 +154,89 @@ def write_tiny_llama(path: Path, *, arch: str = "llama", n_embd: int = 64, n_lay
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def copy_gguf(src: Path, dst: Path, ints: dict[str, int]) -> Path:
+    """``src`` with the unsigned-int metadata ``ints`` added or replaced (weights copied as they are):
+    e.g. FIM token ids on a model that has none."""
+    import logging
+
+    import gguf
+    from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metadata
+
+    logging.getLogger("gguf-new-metadata").setLevel(logging.WARNING)
+    reader = gguf.GGUFReader(str(src), "r")
+    arch = reader.get_field(gguf.Keys.General.ARCHITECTURE).contents()
+    writer = gguf.GGUFWriter(str(dst), arch=arch, endianess=reader.endianess)
+    align = reader.get_field(gguf.Keys.General.ALIGNMENT)
+    if align is not None:
+        writer.data_alignment = align.contents()
+    new = {k: MetadataDetails(gguf.GGUFValueType.UINT32, v) for k, v in ints.items()}
+    copy_with_new_metadata(reader, writer, new, [])
+    return dst
+
+
+def tiny_bert_reranker_weights(n_vocab: int, n_embd: int = 32, n_layer: int = 2, n_ff: int = 64,
+                               ctx: int = 128, seed: int = 0, scale: float = 0.5) -> dict:
+    """Random weights of a tiny BERT cross-encoder (numpy shapes: rows out, columns in)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+
+    def t(*shape: int, s: float = scale) -> np.ndarray:
+        return (rng.standard_normal(shape) * s / np.sqrt(shape[-1])).astype(np.float32)
+
+    w = {"token_embd.weight": t(n_vocab, n_embd, s=3.0), "token_types.weight": t(2, n_embd, s=3.0),
+         "position_embd.weight": t(ctx, n_embd, s=3.0),
+         "token_embd_norm.weight": 1 + t(n_embd, s=0.1), "token_embd_norm.bias": t(n_embd, s=0.1)}
+    for i in range(n_layer):
+        for name, rows, cols in (("attn_q", n_embd, n_embd), ("attn_k", n_embd, n_embd), ("attn_v", n_embd, n_embd),
+                                 ("attn_output", n_embd, n_embd), ("ffn_up", n_ff, n_embd),
+                                 ("ffn_down", n_embd, n_ff)):
+            w[f"blk.{i}.{name}.weight"] = t(rows, cols, s=3.0)
+            w[f"blk.{i}.{name}.bias"] = t(rows, s=0.1)
+        for name in ("attn_output_norm", "layer_output_norm"):
+            w[f"blk.{i}.{name}.weight"] = 1 + t(n_embd, s=0.1)
+            w[f"blk.{i}.{name}.bias"] = t(n_embd, s=0.1)
+    w["cls.weight"], w["cls.bias"] = t(n_embd, n_embd, s=3.0), t(n_embd, s=0.1)
+    w["cls.output.weight"], w["cls.output.bias"] = t(1, n_embd, s=3.0), t(1, s=0.1)
+    return w
+
+
+def write_tiny_bert_reranker(path: Path, *, n_head: int = 4, ctx: int = 128, seed: int = 0) -> tuple[Path, dict]:
+    """A 2-layer BERT cross-encoder (bge-reranker's layout: ``cls`` + ``cls.output`` head, pooling RANK)
+    with the SentencePiece-style vocab of :func:`write_tiny_llama`; returns the path and the weights."""
+    import gguf
+
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)] + ["▁" + x for x in WORDS]
+    w = tiny_bert_reranker_weights(len(tokens), ctx=ctx, seed=seed)
+    n_embd, n_layer = w["token_embd.weight"].shape[1], sum(k.endswith("ffn_up.weight") for k in w)
+    g = gguf.GGUFWriter(str(path), "bert")
+    g.add_name("tiny-reranker")
+    g.add_context_length(ctx)
+    g.add_embedding_length(n_embd)
+    g.add_block_count(n_layer)
+    g.add_feed_forward_length(w["blk.0.ffn_up.weight"].shape[0])
+    g.add_head_count(n_head)
+    g.add_layer_norm_eps(1e-12)
+    g.add_causal_attention(False)
+    g.add_pooling_type(gguf.PoolingType.RANK)
+    g.add_classifier_output_labels(["LABEL_0"])
+    g.add_file_type(gguf.LlamaFileType.ALL_F32)
+    g.add_tokenizer_model("llama")
+    g.add_token_list(tokens)
+    g.add_token_scores([0.0] * 259 + [-float(i) for i in range(len(WORDS))])
+    g.add_token_types([2, 3, 3] + [6] * 256 + [1] * len(WORDS))
+    g.add_token_type_count(2)
+    g.add_bos_token_id(1)
+    g.add_eos_token_id(2)
+    g.add_unk_token_id(0)
+    g.add_add_bos_token(True)
+    g.add_add_eos_token(True)
+    for name, arr in w.items():
+        g.add_tensor(name, arr)
+    g.write_header_to_file()
+    g.write_kv_data_to_file()
+    g.write_tensors_to_file()
+    g.close()
+    return path, w

@@ -19,6 +19,7 @@ from typing import Any
 from localllm import chat as chatmod
 from localllm import loader
 from localllm import tools as toolsmod
+from localllm.core import fim as fimmod
 from localllm.core.prompt_cache import open_cache
 from localllm.core.request import Event, Request
 from localllm.core.scheduler import Scheduler
@@ -71,6 +72,7 @@ class Engine:
         self._threaded, self._max_queue, self._on_step = threaded, max_queue, on_step
         self._emb_lock = threading.Lock()
         self._embedder: Any = None
+        self._reranker: Any = None
         try:
             self.scheduler = self._scheduler(settings.n_seq)
         except BaseException:
@@ -117,6 +119,19 @@ class Engine:
     def tool_family(self) -> str:
         """The call syntax of this model's chat template (hermes, llama3, mistral or generic)."""
         return toolsmod.family_of(self.prompter.template)
+
+    def infill_ids(self, prefix: str, suffix: str, *, prompt: str = "", extra: Any = None,
+                   max_tokens: int | None = None, spm: bool = False) -> list[int]:
+        """A fill-in-the-middle prompt (code completion) with this model's FIM tokens, cut to its
+        context as llama-server cuts it (:mod:`localllm.core.fim`); ``extra``: other files of the
+        project (``[{"filename", "text"}]``). A model without FIM tokens: InvalidArgumentError."""
+        return fimmod.infill_ids(self.prompter, prefix, suffix, prompt=prompt, extra=fimmod.extra_files(extra),
+                                 n_ctx=self.info.context, max_tokens=max_tokens, spm=spm)
+
+    @property
+    def has_fim(self) -> bool:
+        """Whether the vocabulary has the prefix, suffix and middle tokens code completion needs."""
+        return all(self.llama.fim[k] >= 0 for k in ("pre", "suf", "mid"))
 
     def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = True) -> list[int]:
         """Text → ids with the model's own tokenizer (the embedded HF one when present).
@@ -196,10 +211,23 @@ class Engine:
                                           n_threads=self.info.threads)
             return self._embedder.embed(texts)
 
+    def rerank(self, query: str, documents: list[str]) -> tuple[list[float], int]:
+        """Each document's relevance to ``query`` (a reranker GGUF's scores, :mod:`localllm.rerank`)
+        and the token count; another model: InvalidArgumentError. In the caller's thread, on a
+        context of its own."""
+        with self._emb_lock:
+            if self._reranker is None:
+                from localllm.rerank import Reranker
+
+                self._reranker = Reranker(self.llama, self.prompter, n_ctx=min(self.info.context, 2048),
+                                          n_threads=self.info.threads)
+            return self._reranker.scores(query, documents)
+
     def close(self) -> None:
         self.scheduler.close()
         with self._emb_lock:
-            if self._embedder is not None:
-                self._embedder.close()
-                self._embedder = None
+            for helper in (self._embedder, self._reranker):
+                if helper is not None:
+                    helper.close()
+            self._embedder = self._reranker = None
         self.loaded.close()

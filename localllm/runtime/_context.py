@@ -36,7 +36,7 @@ class Context:
     """
 
     def __init__(self, model: LlamaModel, *, n_ctx: int, n_threads: int, n_batch: int | None = None,
-                 n_ubatch: int = 512, n_seq_max: int = 1, embeddings: bool = False,
+                 n_ubatch: int = 512, n_seq_max: int = 1, embeddings: bool = False, pooling: str = "mean",
                  kv_unified: bool = True, flash_attn: bool | None = None,
                  cache_type_k: str = "f16", cache_type_v: str = "f16") -> None:
         sink = _backend()
@@ -51,8 +51,8 @@ class Context:
         p.embeddings = embeddings
         p.kv_unified = kv_unified
         p.no_perf = True
-        if embeddings:
-            p.pooling_type = C.LLAMA_POOLING_TYPE_MEAN
+        if embeddings:  # "rank": a classifier head's scores (a reranker), one row per sequence
+            p.pooling_type = C.LLAMA_POOLING_TYPE_RANK if pooling == "rank" else C.LLAMA_POOLING_TYPE_MEAN
         if flash_attn is not None:
             p.flash_attn_type = C.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else C.LLAMA_FLASH_ATTN_TYPE_DISABLED
         p.type_k = KV_CACHE_TYPES[cache_type_k]
@@ -105,6 +105,13 @@ class Context:
         if not ptr:
             raise RuntimeFailure("no pooled embedding for this sequence")
         return np.ctypeslib.as_array(ptr, shape=(self.model.n_embd,)).copy()
+
+    def scores(self, seq_id: int) -> np.ndarray:
+        """The classifier's outputs for sequence ``seq_id`` (pooling "rank"; a reranker's first is its score)."""
+        ptr = C.llama_get_embeddings_seq(self.ptr, seq_id)
+        if not ptr:
+            raise RuntimeFailure("no scores for this sequence")
+        return np.ctypeslib.as_array(ptr, shape=(max(self.model.n_cls_out, 1),)).copy()
 
     # -- KV cache by sequence
     @property

@@ -15,6 +15,7 @@ from localllm.runtime._lib import _LOG_ERROR, C, _backend, _explain_load_failure
 
 # --------------------------------------------------------------------------- model
 
+FIM_NAMES = ("pre", "suf", "mid", "pad", "rep", "sep")  # llama_vocab_fim_<name>: prefix, suffix, middle, ...
 _LOAD_MODE_AUTO, _LOAD_MODE_NONE = -1, 0  # enum llama_load_mode: AUTO maps the file, NONE reads it into memory
 
 class LlamaModel:
@@ -66,6 +67,12 @@ class LlamaModel:
         self.eos = int(C.llama_vocab_eos(self._vocab))
         self.add_bos = bool(C.llama_vocab_get_add_bos(self._vocab))
         self.add_eos = bool(C.llama_vocab_get_add_eos(self._vocab))
+        self.add_sep = bool(C.llama_vocab_get_add_sep(self._vocab))
+        self.sep = int(C.llama_vocab_sep(self._vocab))
+        # fill-in-the-middle tokens as llama.cpp found them (GGUF keys tokenizer.ggml.fim_*_token_id,
+        # else token texts such as <|fim_prefix|>, <fim_prefix>, <PRE>, <｜fim▁begin｜>); -1 where absent
+        self.fim = {name: int(getattr(C, f"llama_vocab_fim_{name}")(self._vocab)) for name in FIM_NAMES}
+        self.n_cls_out = int(C.llama_model_n_cls_out(ptr))  # classifier outputs (meaningful for classifiers only)
         self._piece_buf = ctypes.create_string_buffer(256)
         self._eog = np.zeros(self.n_vocab, dtype=bool)
         for t in range(self.n_vocab):
@@ -90,9 +97,17 @@ class LlamaModel:
             out[key] = buf.value.decode("utf-8", "replace") if v >= 0 else ""
         return out
 
-    def chat_template(self) -> str | None:
-        tmpl = C.llama_model_chat_template(self.ptr, None)
+    def chat_template(self, name: str | None = None) -> str | None:
+        """The GGUF's chat template (``name``: a named one, e.g. "rerank"), or None."""
+        tmpl = C.llama_model_chat_template(self.ptr, name.encode() if name else None)
         return tmpl.decode("utf-8", "replace") if tmpl else None
+
+    @property
+    def is_reranker(self) -> bool:
+        """Whether the GGUF says its pooling is RANK (a cross-encoder with a classifier head:
+        bge-reranker, Qwen3-Reranker, ...)."""
+        meta = self.meta()
+        return meta.get(f"{meta.get('general.architecture', '')}.pooling_type") == str(int(C.LLAMA_POOLING_TYPE_RANK))
 
     @property
     def ptr(self):

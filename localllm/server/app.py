@@ -334,6 +334,8 @@ def create_app(cfg: ServerSettings | None = None) -> Flask:
         >>> app = create_app(ServerSettings.create(model="smollm2-135m", parallel=2))  # doctest: +SKIP
     """
     from localllm.server.responses_routes import responses_api
+    from localllm.server.infill import code
+    from localllm.server.rerank import ranking
     from localllm.server.routes import api
 
     cfg = cfg or ServerSettings()
@@ -349,6 +351,8 @@ def create_app(cfg: ServerSettings | None = None) -> Flask:
     _merge_slashes(app)
     app.register_blueprint(api)
     app.register_blueprint(responses_api)
+    app.register_blueprint(code)
+    app.register_blueprint(ranking)
     if cfg.load_async:
         threading.Thread(target=state.load, name="localllm-load", daemon=True).start()
     else:

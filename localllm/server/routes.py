@@ -277,7 +277,13 @@ def completions() -> Response:
     stream, usage = protocol.stream_flags(body, params)
     if protocol.get_bool(body, "echo", False):
         raise InvalidArgumentError("echo is not supported", param="echo")
-    prompt = eng.text_ids(protocol.completion_prompt(body))
+    text, suffix = protocol.completion_prompt(body), protocol.get_str(body, "suffix")
+    if suffix is not None and (suffix or eng.has_fim):  # code completion: the model's FIM tokens
+        if not isinstance(text, str):
+            raise InvalidArgumentError("suffix needs a text prompt (the code before the cursor)", param="suffix")
+        prompt = eng.infill_ids(text, suffix, max_tokens=params.max_tokens)
+    else:
+        prompt = eng.text_ids(text)
     return _generate(eng, Request(prompt, params, stream=stream), usage, chat=False)
 
 

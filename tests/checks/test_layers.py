@@ -19,7 +19,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("base", ["errors", "settings", "formats", "progress", "hardware", "catalog", "hftok", "textstream"]),
     ("runtime", ["runtime*"]),
     ("checks", ["validate", "plan", "placement", "store", "doctor"]),
-    ("core", ["chat", "prompting", "tools", "sampling", "embeddings", "loader", "core*"]),
+    ("core", ["chat", "prompting", "tools", "sampling", "embeddings", "rerank", "loader", "core*"]),
     ("measure", ["bench", "evaluate", "autoquant", "converter*", "archs*"]),
     ("resolve", ["resolve", "hub"]),
     ("doors", ["model", "server*", "cli*", "__main__"]),
