@@ -131,7 +131,7 @@ class Engine:
     @property
     def has_fim(self) -> bool:
         """Whether the vocabulary has the prefix, suffix and middle tokens code completion needs."""
-        return all(self.llama.fim[k] >= 0 for k in ("pre", "suf", "mid"))
+        return "insert" in self.info.capabilities
 
     def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = True) -> list[int]:
         """Text → ids with the model's own tokenizer (the embedded HF one when present).
