@@ -6,7 +6,9 @@
 - :func:`metric`: one sample of a server's ``/metrics`` (a missing one fails the test);
 - :func:`default_quant`, :func:`turn_end_cut`: what the default model's version is, and how
   much of a chat prompt a later prompt reuses;
-- :func:`write_tiny_llama`: tiny GGUF files made by the tests themselves (random weights, real format).
+- :func:`write_tiny_llama`: tiny GGUF files made by the tests themselves (random weights, real format);
+- :func:`with_template`: a copy of a GGUF with another chat template (``QWEN3_STYLE``: a reasoning
+  model's template, ``<think>`` opened by the generation prompt and Qwen3's ``enable_thinking`` switch).
 
 The other helper modules sit beside this one: ``serverutil`` (a live in-process server and
 plain HTTP), ``convert_fixtures`` (tiny HF checkpoints), ``llama_reference`` (llama-cpp-python's
@@ -153,3 +155,28 @@ def write_tiny_llama(path: Path, *, arch: str = "llama", n_embd: int = 64, n_lay
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+# A Qwen3-Thinking-style template on ChatML tokens: the generation prompt opens <think>, earlier
+# answers lose their reasoning, and enable_thinking=false writes the empty think block instead.
+QWEN3_STYLE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- if message['role'] == 'assistant' %}{{- (message['content'] or '').split('</think>')[-1].lstrip('\\n') }}"
+    "{%- else %}{{- message['content'] or '' }}{%- endif %}"
+    "{{- '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}"
+    "{%- else %}{{- '<think>\\n' }}{%- endif %}{%- endif %}"
+)
+# the same without the switch (thinking is off only by forcing the close marker)
+QWEN3_NO_SWITCH = QWEN3_STYLE.replace("enable_thinking is defined and enable_thinking is false", "false")
+
+
+def with_template(src: Path, dst: Path, template: str) -> Path:
+    """A copy of the GGUF ``src`` at ``dst`` whose ``tokenizer.chat_template`` is ``template``
+    (gguf's own gguf_new_metadata script)."""
+    subprocess.run([sys.executable, "-m", "gguf.scripts.gguf_new_metadata", str(src), str(dst),
+                    "--chat-template", template, "--force"], check=True, capture_output=True, timeout=300)
+    return dst
