@@ -175,7 +175,7 @@ class Splitter:
     def _start(self) -> bool:
         """Before the answer's first visible text: does it open the reasoning? False: wait for more."""
         s = self._buf.lstrip()
-        if not s or self.markers.open.startswith(s):
+        if not s or (len(s) < len(self.markers.open) and self.markers.open.startswith(s)):
             return False
         if s.startswith(self.markers.open):
             self._buf, self.state, self._lead = s[len(self.markers.open):], _THINK, True
