@@ -15,6 +15,7 @@ from localllm.errors import InvalidArgumentError
 from tests.helpers import QWEN3_NO_SWITCH, QWEN3_STYLE, with_template
 
 THINK = Markers("<think>", "</think>")
+STORY = [{"role": "user", "content": "Write a story about a cat."}]
 
 
 def split(text: str, cuts: list[int], inside: bool, markers: Markers = THINK) -> tuple[str, str]:
@@ -97,11 +98,15 @@ def test_budget_counts_reasoning_tokens_only():
 
 
 @pytest.fixture(scope="module")
-def no_switch(default_model_path: Path, tmp_path_factory: pytest.TempPathFactory):
+def no_switch_path(default_model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return with_template(default_model_path, tmp_path_factory.mktemp("think") / "noswitch.gguf", QWEN3_NO_SWITCH)
+
+
+@pytest.fixture(scope="module")
+def no_switch(no_switch_path: Path):
     from localllm import Model
 
-    path = with_template(default_model_path, tmp_path_factory.mktemp("think") / "noswitch.gguf", QWEN3_NO_SWITCH)
-    with Model(path, n_ctx=1024, prompt_cache=False) as m:
+    with Model(no_switch_path, n_ctx=1024, prompt_cache=False) as m:
         yield m
 
 
@@ -126,8 +131,7 @@ def test_budget_zero_without_a_switch_forces_the_close_and_tools_still_parse(no_
 def test_model_stream_yields_reasoning_pieces(no_switch):
     from localllm.model import Reasoning
 
-    m = no_switch
-    msgs = [{"role": "user", "content": "Write a story about a cat."}]
+    m, msgs = no_switch, STORY
     whole = m.chat_complete(msgs, max_tokens=24, temperature=0, reasoning_budget=6)
     pieces = list(m.chat_stream(msgs, max_tokens=24, temperature=0, reasoning_budget=6, reasoning=True))
     assert "".join(p for p in pieces if isinstance(p, Reasoning)) == whole.reasoning == m.last.reasoning
@@ -136,3 +140,17 @@ def test_model_stream_yields_reasoning_pieces(no_switch):
     assert "".join(hidden) == whole.text and not any(isinstance(p, Reasoning) for p in hidden)
     raw = m.detokenize(whole.tokens)
     assert raw.split("</think>", 1)[0].strip() == whole.reasoning and len(m.tokenize(whole.reasoning, add_bos=False)) <= 6
+
+
+def test_cli_run_shows_or_hides_the_reasoning(no_switch, no_switch_path: Path):
+    from click.testing import CliRunner
+
+    from localllm.cli.run import command
+
+    whole = no_switch.chat_complete(STORY, max_tokens=24, temperature=0, reasoning_budget=6)
+    args = [str(no_switch_path), STORY[0]["content"], "--temp", "0", "-n", "24", "--reasoning-budget", "6",
+            "--ctx", "1024", "--no-prompt-cache"]
+    shown = CliRunner().invoke(command, args, catch_exceptions=False)
+    assert shown.exit_code == 0 and shown.output == whole.reasoning + "\n\n" + whole.text + "\n"
+    hidden = CliRunner().invoke(command, [*args, "--hide-reasoning"], catch_exceptions=False)
+    assert hidden.exit_code == 0 and hidden.output == whole.text + "\n"
