@@ -35,13 +35,24 @@ if TYPE_CHECKING:
 
     from localllm.sampling import SamplingKwargs
 
-__all__ = ["Model", "ModelInfo", "Completion", "Choice", "TokenLogprob", "GpuLayers"]
+__all__ = ["Model", "ModelInfo", "Completion", "Choice", "TokenLogprob", "GpuLayers", "Reasoning"]
+
+
+class Reasoning(str):
+    """A piece of a reasoning model's thinking, as ``chat_stream(..., reasoning=True)`` yields it
+    among the answer's own (plain ``str``) pieces.
+
+    Example:
+        >>> isinstance(Reasoning("hmm"), str), isinstance("answer", Reasoning)
+        (True, False)
+    """
 
 
 @dataclass
 class Completion:
     """One finished generation: the text (of the first choice), why it stopped,
-    its timings, and every choice (``n`` > 1)."""
+    its timings, and every choice (``n`` > 1). ``reasoning``: a reasoning model's thinking
+    (never in ``text``)."""
 
     text: str
     finish_reason: str  # "stop" (EOS or stop string) or "length"
@@ -57,10 +68,12 @@ class Completion:
     choices: list[Choice] = field(default_factory=list, repr=False)
     tool_calls: list[dict[str, Any]] = field(default_factory=list)  # with tools: the calls (OpenAI shape)
     tool_call_error: str | None = None   # with tools: why an answer that looked like a call is not one
+    reasoning: str = ""                  # a reasoning model's thinking (first choice)
 
     def timings(self) -> dict[str, float | int]:
         d = asdict(self)
-        for k in ("text", "tokens", "logprobs", "choices", "finish_reason", "tool_calls", "tool_call_error"):
+        for k in ("text", "tokens", "logprobs", "choices", "finish_reason", "tool_calls", "tool_call_error",
+                  "reasoning"):
             d.pop(k)
         return d
 
@@ -76,7 +89,8 @@ def _completion(req: Request, choices: list[Choice]) -> Completion:
         time_to_first_token_s=t_first - req.t_submit,
         prompt_tokens_per_s=(len(req.prompt) - req.cached_tokens) / max(t_first - t_start, 1e-9),
         generation_tokens_per_s=(max(len(first.tokens) - 1, 0) / (t_end - t_first)) if t_end > t_first else 0.0,
-        total_s=t_end - req.t_submit, tokens=first.tokens, logprobs=first.logprobs, choices=choices)
+        total_s=t_end - req.t_submit, tokens=first.tokens, logprobs=first.logprobs, choices=choices,
+        reasoning=first.reasoning)
 
 
 class _Stream(Iterator[str]):
@@ -115,7 +129,8 @@ class Model:
     as keywords: ``temperature``, ``top_p``, ``top_k``, ``min_p``,
     ``repeat_penalty``, ``presence_penalty``, ``frequency_penalty``, ``seed``,
     ``stop``, ``grammar``, ``json_schema``, ``logit_bias``, ``ignore_eos``,
-    ``n``, ``best_of``, ``num_beams``, ``logprobs``, ``top_logprobs``.
+    ``n``, ``best_of``, ``num_beams``, ``logprobs``, ``top_logprobs``, ``reasoning_budget``
+    (a reasoning model's thinking, in tokens; 0 turns thinking off).
 
     Thread safety: a ``Model`` is **not** thread-safe. A second thread calling
     it while a generation runs gets :class:`~localllm.errors.ModelBusyError`
@@ -285,8 +300,9 @@ class Model:
                default_max: int, tools: toolsmod.ToolSpec | None = None) -> Request:
         """Validate and tokenize; the caller holds the lock."""
         params = toolsmod.with_grammar(self._params(sampling, default_max), tools, self._engine.tool_family)
-        ids = self._engine.chat_ids(prompt, system, tools) if chat else self._engine.text_ids(prompt)
-        return Request(ids, params)
+        if chat:
+            return self._engine.chat_request(prompt, params, system=system, tools=tools)
+        return Request(self._engine.text_ids(prompt), params)
 
     def _complete(self, prompt: Any, chat: bool, system: str | None, sampling: dict[str, Any],
                   default_max: int, tools: toolsmod.ToolSpec | None = None) -> Completion:
@@ -305,7 +321,7 @@ class Model:
             self._lock.release()
 
     def _stream(self, prompt: Any, chat: bool, system: str | None, sampling: dict[str, Any],
-                default_max: int) -> Iterator[str]:
+                default_max: int, reasoning: bool = False) -> Iterator[str]:
         self._enter()
         try:
             req = self._start(prompt, chat, system, sampling, default_max)
@@ -316,13 +332,17 @@ class Model:
         except BaseException:
             self._lock.release()
             raise
-        return _Stream(self._pieces(req), self._lock)
+        return _Stream(self._pieces(req, reasoning), self._lock)
 
-    def _pieces(self, req: Request) -> Iterator[str]:
+    def _pieces(self, req: Request, reasoning: bool) -> Iterator[str]:
         choice = Choice(0)
         try:
             for ev in self._engine.run(req):
-                if ev.kind == "text":
+                if ev.kind == "reasoning":
+                    choice.reasoning += ev.text
+                    if reasoning and ev.text:
+                        yield Reasoning(ev.text)
+                elif ev.kind == "text":
                     choice.text += ev.text
                     if ev.logprobs is not None:
                         choice.logprobs = (choice.logprobs or []) + ev.logprobs
@@ -390,9 +410,11 @@ class Model:
         return self.chat_complete(messages, system=system, **sampling).text
 
     def chat_stream(self, messages: Sequence[dict[str, Any]], *, system: str | None = None,
-                    **sampling: Unpack[SamplingKwargs]) -> Iterator[str]:
-        """Like :meth:`chat`, yielding text pieces. ``model.last`` holds the timings afterwards."""
-        return self._stream(messages, True, system, dict(sampling), 512)
+                    reasoning: bool = False, **sampling: Unpack[SamplingKwargs]) -> Iterator[str]:
+        """Like :meth:`chat`, yielding text pieces. ``model.last`` holds the timings (and a reasoning
+        model's thinking, ``last.reasoning``) afterwards. ``reasoning=True``: the thinking is
+        yielded too, as it comes, in :class:`Reasoning` pieces (a ``str`` subclass)."""
+        return self._stream(messages, True, system, dict(sampling), 512, reasoning)
 
     # ------------------------------------------------------------------ code completion
     def infill_tokens(self, prefix: str, suffix: str, *, extra: Sequence[dict[str, str]] | None = None,

@@ -48,6 +48,7 @@ INT_LIMITS: dict[str, tuple[int, int | None]] = {
     "best_of": (1, MAX_N),
     "num_beams": (1, MAX_BEAMS),
     "top_logprobs": (0, MAX_TOP_LOGPROBS),
+    "reasoning_budget": (0, None),
 }
 
 
@@ -90,6 +91,9 @@ class SamplingParams:
       model's logits) and its ``top_logprobs`` alternatives.
     - ``n`` choices, ``best_of`` candidates ranked by mean log-probability,
       or ``num_beams`` beam search (deterministic: temperature does not apply).
+    - ``reasoning_budget``: a reasoning model thinks at most this many tokens, then its
+      close marker is written for it and the answer follows (0: no thinking; the template's
+      switch turns it off where it has one). None: as long as it likes.
     """
 
     max_tokens: int | None = 256
@@ -112,6 +116,7 @@ class SamplingParams:
     num_beams: int = 1
     logprobs: bool = False
     top_logprobs: int = 0
+    reasoning_budget: int | None = None
     _grammar_text: list = field(default_factory=list, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -122,6 +127,8 @@ class SamplingParams:
             set_(self, name, _number(name, getattr(self, name)))
         for name in ("top_k", "repeat_last_n", "n", "num_beams", "top_logprobs"):
             set_(self, name, _integer(name, getattr(self, name)))
+        if self.reasoning_budget is not None:
+            set_(self, "reasoning_budget", _integer("reasoning_budget", self.reasoning_budget))
         set_(self, "best_of", self.n if self.best_of is None else _integer("best_of", self.best_of))
         if self.best_of < self.n:
             raise _bad("best_of", "must be >= n")
@@ -170,6 +177,8 @@ class SamplingParams:
         if self.logit_bias:
             raise _bad("num_beams", "cannot be combined with logit_bias: beam search ranks by the model's "
                                     "own log-probabilities")
+        if self.reasoning_budget is not None:
+            raise _bad("num_beams", "cannot be combined with reasoning_budget (beam search writes no forced tokens)")
 
     # ---------------------------------------------------------------- derived
     @property
@@ -229,6 +238,7 @@ class SamplingKwargs(TypedDict, total=False):
     num_beams: int
     logprobs: bool
     top_logprobs: int
+    reasoning_budget: int | None
 
 
 def _stops(stop: Any) -> tuple[str, ...]:

@@ -8,6 +8,8 @@
   much of a chat prompt a later prompt reuses;
 - :func:`write_tiny_llama`: tiny GGUF files made by the tests themselves (random weights, real format);
   :func:`copy_gguf`: a real model with metadata changed (FIM tokens added).
+- :func:`with_template`: a copy of a GGUF with another chat template (``QWEN3_STYLE``: a reasoning
+  model's template, ``<think>`` opened by the generation prompt and Qwen3's ``enable_thinking`` switch).
 
 The other helper modules sit beside this one: ``serverutil`` (a live in-process server and
 plain HTTP), ``convert_fixtures`` (tiny HF checkpoints), ``llama_reference`` (llama-cpp-python's
@@ -240,3 +242,26 @@ def write_tiny_bert_reranker(path: Path, *, n_head: int = 4, ctx: int = 128, see
     g.write_tensors_to_file()
     g.close()
     return path, w
+# A Qwen3-Thinking-style template on ChatML tokens: the generation prompt opens <think>, earlier
+# answers lose their reasoning, and enable_thinking=false writes the empty think block instead.
+QWEN3_STYLE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- if message['role'] == 'assistant' %}{{- (message['content'] or '').split('</think>')[-1].lstrip('\\n') }}"
+    "{%- else %}{{- message['content'] or '' }}{%- endif %}"
+    "{{- '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}"
+    "{%- else %}{{- '<think>\\n' }}{%- endif %}{%- endif %}"
+)
+# the same without the switch (thinking is off only by forcing the close marker)
+QWEN3_NO_SWITCH = QWEN3_STYLE.replace("enable_thinking is defined and enable_thinking is false", "false")
+
+
+def with_template(src: Path, dst: Path, template: str) -> Path:
+    """A copy of the GGUF ``src`` at ``dst`` whose ``tokenizer.chat_template`` is ``template``
+    (gguf's own gguf_new_metadata script)."""
+    subprocess.run([sys.executable, "-m", "gguf.scripts.gguf_new_metadata", str(src), str(dst),
+                    "--chat-template", template, "--force"], check=True, capture_output=True, timeout=300)
+    return dst

@@ -76,6 +76,8 @@ def sampling_options(f):
                      help="Beam search with K beams (deterministic)."),
         click.option("--logprobs", "top_logprobs", type=int_range("top_logprobs"), default=None,
                      help="With --json: each token's log-probability and this many alternatives."),
+        click.option("--reasoning-budget", type=int_range("reasoning_budget"), default=None,
+                     help="A reasoning model thinks at most this many tokens (0: no thinking)."),
     ]
     for opt in reversed(opts):
         f = opt(f)
@@ -102,11 +104,12 @@ def sampling_from_flags(kw: dict[str, Any]) -> dict[str, Any]:
 @click.option("--system", default=None, help="System message (chat mode).")
 @sampling_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: text, tokens, timings.")
+@click.option("--hide-reasoning", is_flag=True, help="Do not show a reasoning model's thinking (shown dimmed).")
 @model_options
 @click.option("--repack/--no-repack", default=True, show_default=True,
               help="llama.cpp's repacked weights (faster Q4_0/Q4_K on AVX2).")
 def command(model: str | None, prompt: str | None, chat: bool | None, system: str | None, as_json: bool,
-            n_ctx: int | None, n_threads: int | None, gpu_layers: int | str, gpu_memory: int | None,
+            hide_reasoning: bool, n_ctx: int | None, n_threads: int | None, gpu_layers: int | str, gpu_memory: int | None,
             models_dir: str | None, cache_type_k: str, cache_type_v: str, flash_attn: str, prompt_cache: bool,
             speculate: str, repack: bool, mmap: bool | None, **flags: Any) -> None:
     """Stream an answer from MODEL (a .gguf path or a model name; default model if omitted).
@@ -136,20 +139,38 @@ def command(model: str | None, prompt: str | None, chat: bool | None, system: st
         click.echo(f"note: {w.message}", err=True)
     with m:
         use_chat = m.info.has_chat_template if chat is None else chat
+        show = not hide_reasoning
         if prompt is None:
-            _repl(m, use_chat, system, sampling)
+            _repl(m, use_chat, system, sampling, show)
             return
         if as_json:
             r = (m.chat_complete([{"role": "user", "content": prompt}], system=system, **sampling) if use_chat
                  else m.complete(prompt, **sampling))
             click.echo(json.dumps(_as_json(m, r), indent=2, ensure_ascii=False))
             return
-        stream = (m.chat_stream([{"role": "user", "content": prompt}], system=system, **sampling) if use_chat
-                  else m.stream(prompt, **sampling))
-        for piece in stream:
-            click.echo(piece, nl=False)
-            sys.stdout.flush()
+        stream = (m.chat_stream([{"role": "user", "content": prompt}], system=system, reasoning=show, **sampling)
+                  if use_chat else m.stream(prompt, **sampling))
+        _show(stream, [])
         click.echo()
+
+
+def _show(stream: Any, pieces: list[str]) -> None:
+    """Print a stream's pieces as they come, a reasoning model's thinking dimmed (plain where the
+    output is not a terminal) and a blank line before the answer, collecting the answer's in ``pieces``."""
+    from localllm.model import Reasoning
+
+    thinking = False
+    for piece in stream:
+        if isinstance(piece, Reasoning):
+            thinking = True
+            click.echo(click.style(str(piece), dim=True), nl=False)
+        else:
+            if thinking:
+                click.echo("\n")
+                thinking = False
+            pieces.append(piece)
+            click.echo(piece, nl=False)
+        sys.stdout.flush()
 
 
 def _lp(lps: Any) -> Any:
@@ -162,6 +183,8 @@ def _lp(lps: Any) -> Any:
 def _as_json(m: Any, r: Any) -> dict[str, Any]:
     out = {"model": m.info.name, "path": m.info.path, "text": r.text, "finish_reason": r.finish_reason,
            "tokens": r.tokens, **_timings(r)}
+    if r.reasoning:
+        out["reasoning"] = r.reasoning
     if r.logprobs is not None:
         out["logprobs"] = _lp(r.logprobs)
     if len(r.choices) > 1:
@@ -178,7 +201,7 @@ def _timings(r: Any) -> dict[str, Any]:
             "generation_tokens_per_s": round(r.generation_tokens_per_s, 2)}
 
 
-def _repl(m: Any, use_chat: bool, system: str | None, sampling: dict[str, Any]) -> None:
+def _repl(m: Any, use_chat: bool, system: str | None, sampling: dict[str, Any], show: bool = True) -> None:
     from localllm.errors import LocalLLMError
 
     history: list[dict[str, str]] = []
@@ -209,11 +232,9 @@ def _repl(m: Any, use_chat: bool, system: str | None, sampling: dict[str, Any]) 
         pieces: list[str] = []
         stream = None
         try:  # Ctrl-C stops the answer, whether it came before the first token or after
-            stream = m.chat_stream(history, system=system, **sampling) if use_chat else m.stream(line, **sampling)
-            for piece in stream:
-                pieces.append(piece)
-                click.echo(piece, nl=False)
-                sys.stdout.flush()
+            stream = (m.chat_stream(history, system=system, reasoning=show, **sampling) if use_chat
+                      else m.stream(line, **sampling))
+            _show(stream, pieces)
         except KeyboardInterrupt:
             click.echo(" [stopped]", nl=False, err=True)
         except LocalLLMError as e:  # one bad turn (too long, a template error) does not end the chat

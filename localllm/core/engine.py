@@ -12,7 +12,7 @@ from __future__ import annotations
 
 
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,11 +20,13 @@ from localllm import chat as chatmod
 from localllm import loader
 from localllm import tools as toolsmod
 from localllm.core import fim as fimmod
+from localllm.core import reasoning
 from localllm.core.prompt_cache import open_cache
 from localllm.core.request import Event, Request
 from localllm.core.scheduler import Scheduler
 from localllm.errors import InvalidArgumentError
 from localllm.loader import ModelInfo, ModelSettings
+from localllm.sampling import SamplingParams
 from localllm.tools import ToolSpec
 
 
@@ -102,9 +104,11 @@ class Engine:
             return list(prompt)  # ids outside the vocabulary: the scheduler's check refuses them
         raise InvalidArgumentError("prompt must be a string or a non-empty list of token ids", param="prompt")
 
-    def chat_ids(self, messages: Any, system: str | None = None, tools: ToolSpec | None = None) -> list[int]:
+    def chat_ids(self, messages: Any, system: str | None = None, tools: ToolSpec | None = None,
+                 template_vars: Mapping[str, Any] | None = None) -> list[int]:
         """OpenAI-style messages → token ids through the model's own template (sandboxed),
-        with ``tools`` rendered as the template's family expects (:mod:`localllm.tools`)."""
+        with ``tools`` rendered as the template's family expects (:mod:`localllm.tools`) and
+        ``template_vars`` (``enable_thinking``, ...) passed to the template."""
         msgs = chatmod.normalize_messages(messages)
         if system is not None:
             if not isinstance(system, str):
@@ -113,7 +117,29 @@ class Engine:
                 msgs = [{"role": "system", "content": system}, *msgs]
         toolsmod.check_messages(msgs)
         msgs, extra = toolsmod.render_inputs(msgs, tools, self.tool_family)
-        return self.prompter.chat_ids(msgs, **extra)
+        return self.prompter.chat_ids(msgs, **{**(template_vars or {}), **extra})
+
+    def chat_request(self, messages: Any, params: SamplingParams, *, system: str | None = None,
+                     tools: ToolSpec | None = None, stream: bool = True,
+                     template_kwargs: Mapping[str, Any] | None = None) -> Request:
+        """A chat as a :class:`Request`. For a reasoning model (markers in its template, see
+        :mod:`localllm.core.reasoning`) thinking is switched off in the template where
+        ``params.reasoning_budget`` is 0 and the template can, and the request carries the markers:
+        its events part reasoning from text and the scheduler enforces the budget.
+        ``template_kwargs``: a request's own template variables (``chat_template_kwargs``)."""
+        template = self.prompter.template
+        tv = reasoning.template_vars(template, params.reasoning_budget, template_kwargs)
+        ids = self.chat_ids(messages, system, tools, template_vars=tv)
+        return Request(ids, params, stream=stream, thinking=self.thinking(ids))
+
+    def thinking(self, prompt: Sequence[int]) -> reasoning.Thinking | None:
+        """How an answer to the chat prompt ``prompt`` carries reasoning (None: the model has no markers)."""
+        markers = reasoning.detect(self.prompter.template)
+        if markers is None:
+            return None
+        tail = self.detokenize(list(prompt[-32:]))
+        close_ids = self.tokenize(markers.forced, add_special=False, parse_special=True)
+        return reasoning.Thinking(markers, inside=reasoning.starts_inside(tail, markers), close_ids=tuple(close_ids))
 
     @property
     def tool_family(self) -> str:

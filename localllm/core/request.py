@@ -16,13 +16,15 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from localllm.core.logprobs import TokenLogprob
+from localllm.core.reasoning import REASONING, Splitter, Thinking
 from localllm.errors import LocalLLMError
 from localllm.sampling import SamplingParams
 
 
 @dataclass
 class Event:
-    """What a request reports: ``kind`` is "text", "done" (one choice finished) or "error"."""
+    """What a request reports: ``kind`` is "text", "reasoning" (a reasoning model's thinking, parted
+    from the text when the request has :class:`Thinking`), "done" (one choice finished) or "error"."""
 
     kind: str
     index: int = 0
@@ -46,6 +48,7 @@ class Choice:
     logprobs: list[TokenLogprob] | None = None
     stop_token: int | None = None  # the end-of-generation token that ended it (not in ``tokens``)
     stop_sequence: str | None = None  # the stop string that ended it (not in ``text``)
+    reasoning: str = ""  # a reasoning model's thinking (never in ``text``)
 
 
 class Request:
@@ -54,12 +57,16 @@ class Request:
     in one event at its end (waking a waiting thread per token would fight the
     decode thread for the GIL). ``cuts``: positions to cut the prompt's canonical
     chunks at besides the usual ones (:func:`localllm.core.lanes.cuts`), for a
-    caller that reuses prefixes of its own making (``bench --depth``)."""
+    caller that reuses prefixes of its own making (``bench --depth``). ``thinking``: the
+    answer's reasoning markers (:mod:`localllm.core.reasoning`); its text events are then parted
+    into "reasoning" and "text" events, and ``params.reasoning_budget`` is enforced."""
 
     def __init__(self, prompt: list[int], params: SamplingParams, *, stream: bool = True,
-                 cuts: Sequence[int] = ()) -> None:
+                 cuts: Sequence[int] = (), thinking: Thinking | None = None) -> None:
         self.prompt = prompt
         self.params = params
+        self.thinking = thinking
+        self._splitters: dict[int, Splitter] = {}
         self.stream = stream
         self.cuts = [c for c in cuts if 0 < c < len(prompt)]
         self.queue: queue.SimpleQueue[Event] = queue.SimpleQueue()
@@ -108,7 +115,28 @@ class Request:
             self.remaining -= 1
             if self.remaining <= 0:
                 self.done = True
-        yield ev
+        if self.thinking is not None and ev.kind in ("text", "done"):
+            yield from self._split(ev)
+        else:
+            yield ev
+
+    def _split(self, ev: Event) -> Iterator[Event]:
+        """A text event as its reasoning and content parts (the log-probabilities go with the last
+        part); at a choice's end, the text its splitter held back, then the end."""
+        assert self.thinking is not None
+        sp = self._splitters.get(ev.index)
+        if sp is None:
+            sp = self._splitters[ev.index] = Splitter(self.thinking.markers, inside=self.thinking.inside)
+        parts = sp.feed(ev.text) if ev.kind == "text" else sp.flush()
+        out = [Event(REASONING if kind == REASONING else "text", ev.index, text) for kind, text in parts]
+        if ev.kind == "text" and ev.logprobs is not None:
+            if not out:
+                out.append(Event("text", ev.index))
+            out[-1].logprobs = ev.logprobs
+        yield from out
+        if ev.kind == "done":
+            del self._splitters[ev.index]
+            yield ev
 
 
 def collect(events: Iterator[Event], n: int) -> list[Choice]:
@@ -116,8 +144,11 @@ def collect(events: Iterator[Event], n: int) -> list[Choice]:
     choices = [Choice(i) for i in range(n)]
     for ev in events:
         c = choices[ev.index]
-        if ev.kind == "text":
-            c.text += ev.text
+        if ev.kind in ("text", "reasoning"):
+            if ev.kind == "text":
+                c.text += ev.text
+            else:
+                c.reasoning += ev.text
             if ev.logprobs is not None:
                 c.logprobs = (c.logprobs or []) + ev.logprobs
         elif ev.kind == "done":

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from localllm import runtime
 from localllm.core import lanes as lanes_mod
 from localllm.core.logprobs import TokenLogprob, token_logprob
+from localllm.core.reasoning import Budget
 from localllm.core.request import Event, Request
 from localllm.core.speculate import Drafter
 from localllm.textstream import TextStream
@@ -36,6 +37,7 @@ class _Choice:
         self.out_lps: list[TokenLogprob] = []
         self.finish: str | None = None
         self.draft: list[int] = []             # fed after the last token, to be verified
+        self.budget: Budget | None = None      # the thinking budget (reasoning_budget)
 
 
 class Sampled:
@@ -60,6 +62,8 @@ class Sampled:
                                     logit_bias=bias or None)
                 self.choices.append(_Choice(i, lane, s, p.stop))
                 s.prime(req.prompt)
+                if req.thinking is not None and p.reasoning_budget is not None:
+                    self.choices[-1].budget = Budget(req.thinking, p.reasoning_budget)
         except BaseException:
             self.close()
             raise
@@ -70,7 +74,7 @@ class Sampled:
         self.finished = False
         # prompt lookup drafts for one greedy choice (what the checks of exactness cover)
         self.drafter = (Drafter(req.prompt) if speculate and len(self.choices) == 1 and not self.ranked
-                        and self.choices[0].sampler.argmax_only else None)
+                        and self.choices[0].sampler.argmax_only and self.choices[0].budget is None else None)
         self.drafted = self.taken = 0
 
     def close(self) -> None:
@@ -99,7 +103,7 @@ class Sampled:
         tok = None
         for i, row in enumerate(rows):
             tok = self._one(c, ctx, row, lane.pos - (len(rows) - 1 - i), now, events)
-            if tok is None or i >= len(draft) or tok != draft[i]:
+            if tok is None or i >= len(draft) or tok != [draft[i]]:
                 break
             taken += 1
         c.draft = []
@@ -114,7 +118,7 @@ class Sampled:
                 self.drafter.record(len(draft), taken)
         if tok is None:
             return
-        lane.pending = [tok]
+        lane.pending = tok
         if self.drafter is not None:
             self.drafter.accept(c.tokens[len(self.drafter.tokens) - len(self.req.prompt):])
             room = self.n_ctx - lane.pos - 2
@@ -126,10 +130,15 @@ class Sampled:
                 lane.all_rows = True
 
     def _one(self, c: _Choice, ctx: runtime.Context, row: int, pos: int, now: float,
-             events: list[Event]) -> int | None:
-        """Sample ``row`` (the token that would go at ``pos``), emit it; returns it, or None
-        when the choice is finished."""
+             events: list[Event]) -> list[int] | None:
+        """Sample ``row`` (the token that would go at ``pos``), emit it; returns the tokens to feed
+        next (it, or the close marker a spent thinking budget writes instead), or None when the
+        choice is finished."""
         req, p, m = self.req, self.req.params, self.model
+        if c.budget is not None and c.budget.due():  # before sampling: no token the sampler saw goes unused
+            if req.t_first is None:
+                req.t_first = now
+            return self._force(c, pos, events)
         tok = c.sampler.sample(ctx, row)
         if req.t_first is None:
             req.t_first = now
@@ -148,14 +157,40 @@ class Sampled:
         if lp is not None:
             lp.offset = c.text.position
             c.lps.append(lp)
+        if c.budget is not None:
+            c.budget.feed(piece)
         self._emit(c, c.text.feed(piece), events)
+        return self._go_on(c, [tok], pos, events)
+
+    def _go_on(self, c: _Choice, toks: list[int], pos: int, events: list[Event]) -> list[int] | None:
+        """After ``toks`` were taken at ``pos``...: ``toks`` to feed, or None when the choice ends."""
+        p = self.req.params
         if c.text.stopped:
             self._finish(c, "stop", events)
-        elif (p.max_tokens is not None and len(c.tokens) >= p.max_tokens) or pos + 1 >= self.n_ctx:
+        elif (p.max_tokens is not None and len(c.tokens) >= p.max_tokens) or pos + len(toks) >= self.n_ctx:
             self._finish(c, "length", events)
         else:
-            return tok
+            return toks
         return None
+
+    def _force(self, c: _Choice, pos: int, events: list[Event]) -> list[int] | None:
+        """The thinking budget is spent: the close marker's tokens are taken instead of the sampled
+        one (as many as ``max_tokens`` and the context leave room for), and the answer follows."""
+        assert c.budget is not None
+        p, m = self.req.params, self.model
+        room = self.n_ctx - pos
+        if p.max_tokens is not None:
+            room = min(room, p.max_tokens - len(c.tokens))
+        toks = list(c.budget.thinking.close_ids[:room])
+        for t in toks:
+            c.tokens.append(t)
+            self.req.completion_tokens += 1
+            piece = m.token_piece(t)
+            c.budget.feed(piece, forced=True)
+            self._emit(c, c.text.feed(piece), events)
+            if c.text.stopped:
+                break
+        return self._go_on(c, toks, pos, events)
 
     def _released(self, c: _Choice) -> list[TokenLogprob] | None:
         """Log-probabilities of the tokens whose text has been released."""

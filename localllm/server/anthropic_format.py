@@ -55,8 +55,10 @@ def _blocks(m: Mapping[str, Any], i: int) -> list[dict[str, Any]]:
         elif kind == "tool_result" and role == "user":
             results.append({"role": "tool", "tool_call_id": str(b.get("tool_use_id", "")),
                             "content": _text(b.get("content", ""), f"{p}.{j}.content")})
+        elif kind in ("thinking", "redacted_thinking") and role == "assistant":
+            continue  # earlier thinking is not read again (templates drop it too)
         elif kind != "text":
-            raise _bad(f"{p}.{j}", "must be a text, tool_use (assistant) or tool_result (user) block")
+            raise _bad(f"{p}.{j}", "must be a text, thinking, tool_use (assistant) or tool_result (user) block")
     if calls:
         return [{"role": "assistant", "content": text or None, "tool_calls": calls}]
     return results + ([{"role": role, "content": text}] if text or not results else [])
@@ -121,15 +123,16 @@ def tool_spec(body: Mapping[str, Any]) -> ToolSpec | None:
 
 
 def _content(c: Choice, tools: tuple[ToolSpec, str] | None) -> tuple[list[dict[str, Any]], str | None]:
-    """The answer's content blocks, and the tool-call error, if any."""
+    """The answer's content blocks (its thinking first), and the tool-call error, if any."""
+    thought = [{"type": "thinking", "thinking": c.reasoning, "signature": ""}] if c.reasoning else []
     if tools is None:
-        return [{"type": "text", "text": c.text}], None
+        return thought + [{"type": "text", "text": c.text}], None
     p = parse(c.text, *tools)
-    blocks: list[dict[str, Any]] = [{"type": "text", "text": p.content}] if p.content else []
+    blocks: list[dict[str, Any]] = thought + ([{"type": "text", "text": p.content}] if p.content else [])
     blocks += [{"type": "tool_use", "id": "toolu_" + call["id"].removeprefix("call_"),
                 "name": call["function"]["name"], "input": json.loads(call["function"]["arguments"])}
                for call in p.calls]
-    return blocks or [{"type": "text", "text": ""}], p.error
+    return blocks if len(blocks) > len(thought) else blocks + [{"type": "text", "text": ""}], p.error
 
 
 def sampling(body: Mapping[str, Any]) -> SamplingParams:
@@ -141,6 +144,7 @@ def sampling(body: Mapping[str, Any]) -> SamplingParams:
             kw[k] = body[k]
     if body.get("stop_sequences") is not None:
         kw["stop"] = body["stop_sequences"]
+    kw["reasoning_budget"] = thinking_budget(body.get("thinking"))
     try:
         return SamplingParams(**kw)
     except InvalidArgumentError as e:
@@ -148,6 +152,27 @@ def sampling(body: Mapping[str, Any]) -> SamplingParams:
             e.param = "stop_sequences"
             e.message = e.message.replace("stop ", "stop_sequences ", 1)
         raise
+
+
+def thinking_budget(thinking: Any) -> int | None:
+    """``thinking``: ``{"type": "enabled", "budget_tokens": N}`` → N, ``{"type": "disabled"}`` → 0
+    (the template's switch, where it has one), absent → None (the model's own way).
+
+    Example:
+        >>> thinking_budget({"type": "enabled", "budget_tokens": 2048}), thinking_budget({"type": "disabled"})
+        (2048, 0)
+    """
+    if thinking is None:
+        return None
+    kind = thinking.get("type") if isinstance(thinking, Mapping) else None
+    if kind == "disabled":
+        return 0
+    if kind != "enabled":
+        raise _bad("thinking", "must be {\"type\": \"enabled\", \"budget_tokens\": N} or {\"type\": \"disabled\"}")
+    n = thinking.get("budget_tokens")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise _bad("thinking.budget_tokens", "must be a non-negative integer")
+    return n
 
 
 def stop_reason(finish: str | None, stop_sequence: str | None) -> str:
@@ -187,7 +212,13 @@ def tool_events(mid: str, model: str, c: Choice, req: Request, tools: tuple[Tool
     head.pop("localllm", None)
     out = [event("message_start", {"message": head})]
     for k, b in enumerate(msg["content"]):
-        if b["type"] == "text":
+        if b["type"] == "thinking":
+            out += [event("content_block_start", {"index": k, "content_block": {**b, "thinking": ""}}),
+                    event("content_block_delta", {"index": k, "delta": {"type": "thinking_delta",
+                                                                        "thinking": b["thinking"]}}),
+                    event("content_block_delta", {"index": k, "delta": {"type": "signature_delta",
+                                                                        "signature": b["signature"]}})]
+        elif b["type"] == "text":
             out += [event("content_block_start", {"index": k, "content_block": {"type": "text", "text": ""}}),
                     event("content_block_delta", {"index": k, "delta": {"type": "text_delta", "text": b["text"]}})]
         else:
@@ -207,20 +238,47 @@ def event(kind: str, data: dict[str, Any]) -> str:
     return f"event: {kind}\ndata: {json.dumps({'type': kind, **data}, ensure_ascii=False)}\n\n"
 
 
-def start_events(mid: str, model: str, req: Request) -> list[str]:
-    msg = {"id": mid, "type": "message", "role": "assistant", "model": model, "content": [], "stop_reason": None,
-           "stop_sequence": None, "usage": usage(req, output=False)}
-    return [event("message_start", {"message": msg}),
-            event("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}}),
-            event("ping", {})]
+class Blocks:
+    """A streamed answer's content blocks: a thinking block (``thinking_delta`` events, then an
+    empty ``signature_delta``) while the model reasons, then the text block."""
 
+    def __init__(self) -> None:
+        self.index = -1
+        self.kind: str | None = None
 
-def delta_event(text: str) -> str:
-    return event("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": text}})
+    def start(self, mid: str, model: str, req: Request) -> list[str]:
+        msg = {"id": mid, "type": "message", "role": "assistant", "model": model, "content": [],
+               "stop_reason": None, "stop_sequence": None,
+               "usage": usage(req, output=False)}
+        # a reasoning model's first block is known with its first text; any other's is text
+        return [event("message_start", {"message": msg}), *([] if req.thinking else self._open("text")),
+                event("ping", {})]
 
+    def _open(self, kind: str) -> list[str]:
+        out = self._close()
+        self.index, self.kind = self.index + 1, kind
+        block = {"type": "thinking", "thinking": "", "signature": ""} if kind == "thinking" else {"type": "text", "text": ""}
+        return out + [event("content_block_start", {"index": self.index, "content_block": block})]
 
-def end_events(finish: str | None, stop_sequence: str | None, req: Request) -> list[str]:
-    return [event("content_block_stop", {"index": 0}),
+    def _close(self) -> list[str]:
+        if self.kind is None:
+            return []
+        out = []
+        if self.kind == "thinking":
+            out.append(event("content_block_delta", {"index": self.index,
+                                                     "delta": {"type": "signature_delta", "signature": ""}}))
+        self.kind = None
+        return out + [event("content_block_stop", {"index": self.index})]
+
+    def delta(self, text: str, thinking: bool = False) -> list[str]:
+        kind = "thinking" if thinking else "text"
+        out = self._open(kind) if self.kind != kind else []
+        d = {"type": "thinking_delta", "thinking": text} if thinking else {"type": "text_delta", "text": text}
+        return out + [event("content_block_delta", {"index": self.index, "delta": d})]
+
+    def end(self, finish: str | None, stop_sequence: str | None, req: Request) -> list[str]:
+        out = self._open("text") if self.kind != "text" else []  # an answer has a text block, if empty
+        return out + self._close() + [
             event("message_delta", {"delta": {"stop_reason": stop_reason(finish, stop_sequence),
                                               "stop_sequence": stop_sequence},
                                     "usage": usage(req)}),

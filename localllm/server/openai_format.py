@@ -43,10 +43,15 @@ def chat_choice(c: Choice, tools: tuple[ToolSpec, str] | None = None) -> dict[st
     """A chat choice; with tools, the answer split into content and ``tool_calls`` (an answer
     that is not a valid call stays content, and ``localllm.tool_call_error`` says why)."""
     if tools is None:
-        return {"index": c.index, "message": {"role": "assistant", "content": c.text},
-                "logprobs": chat_logprobs(c.logprobs), "finish_reason": c.finish_reason}
-    p = parse(c.text, *tools)
-    msg: dict[str, Any] = {"role": "assistant", "content": p.content}
+        msg: dict[str, Any] = {"role": "assistant", "content": c.text}
+        if c.reasoning:
+            msg["reasoning_content"] = c.reasoning
+        return {"index": c.index, "message": msg, "logprobs": chat_logprobs(c.logprobs),
+                "finish_reason": c.finish_reason}
+    p = parse(c.text, *tools)  # the content alone: the reasoning is parted from it already
+    msg = {"role": "assistant", "content": p.content}
+    if c.reasoning:
+        msg["reasoning_content"] = c.reasoning
     if p.calls:
         msg["tool_calls"] = p.calls
     out = {"index": c.index, "message": msg, "logprobs": chat_logprobs(c.logprobs),
@@ -80,6 +85,7 @@ def tool_stream(rid: str, created: int, model: str, req: Request, tools: tuple[T
     """A chat stream with tools: each choice is parsed when it ends, then sent as a content delta
     and/or ``tool_calls`` deltas (OpenAI's chunk shape), and its finish reason."""
     texts: dict[int, list[str]] = {}
+    thoughts: dict[int, list[str]] = {}
     head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model}
     extra = {"usage": None} if include_usage else {}
     try:
@@ -89,10 +95,15 @@ def tool_stream(rid: str, created: int, model: str, req: Request, tools: tuple[T
         for ev in req.events(disconnected=disconnected):
             if ev.kind == "text":
                 texts.setdefault(ev.index, []).append(ev.text)
+            elif ev.kind == "reasoning":
+                thoughts.setdefault(ev.index, []).append(ev.text)
             elif ev.kind == "done":
-                c = chat_choice(Choice(ev.index, "".join(texts.pop(ev.index, [])), ev.finish_reason), tools)
+                c = chat_choice(Choice(ev.index, "".join(texts.pop(ev.index, [])), ev.finish_reason,
+                                       reasoning="".join(thoughts.pop(ev.index, []))), tools)
                 m = c["message"]
                 delta: dict[str, Any] = {}
+                if m.get("reasoning_content"):
+                    delta["reasoning_content"] = m["reasoning_content"]
                 if m["content"]:
                     delta["content"] = m["content"]
                 if m.get("tool_calls"):
@@ -112,15 +123,17 @@ def tool_stream(rid: str, created: int, model: str, req: Request, tools: tuple[T
 
 
 def chunk(rid: str, created: int, model: str, chat: bool, index: int, text: str | None, finish: str | None,
-          lps: list[TokenLogprob] | None = None, role: bool = False, usage: bool = False) -> dict[str, Any]:
+          lps: list[TokenLogprob] | None = None, role: bool = False, usage: bool = False,
+          reasoning: bool = False) -> dict[str, Any]:
     """One stream chunk (a delta of one choice); with ``usage`` (stream_options.include_usage)
-    it carries ``"usage": null``, as OpenAI's do before the last chunk."""
+    it carries ``"usage": null``, as OpenAI's do before the last chunk. ``reasoning``: ``text``
+    is thinking (``delta.reasoning_content``), not content."""
     if chat:
         delta: dict[str, Any] = {}
         if role:
             delta["role"] = "assistant"
         if text is not None:
-            delta["content"] = text
+            delta["reasoning_content" if reasoning else "content"] = text
         choice: dict[str, Any] = {"index": index, "delta": delta, "logprobs": chat_logprobs(lps),
                                   "finish_reason": finish}
     else:

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from localllm.core.reasoning import effort_budget
 from localllm.errors import InvalidArgumentError
 from localllm.sampling import SamplingParams
 
@@ -120,12 +121,29 @@ def sampling(body: Mapping[str, Any], *, default_max_tokens: int | None, chat: b
             raise _bad("grammar", "cannot be combined with a JSON response_format")
         kw["json_schema"] = schema
     kw["logprobs"], kw["top_logprobs"] = _logprobs(body, chat)
+    if chat:
+        kw["reasoning_budget"] = reasoning_budget(body)
     try:
         return SamplingParams(**kw)
     except InvalidArgumentError as e:
         if e.param == "json_schema":
             e.param = "response_format"
         raise
+
+
+def reasoning_budget(body: Mapping[str, Any]) -> int | None:
+    """A chat's thinking budget in tokens: ``reasoning_budget`` (llama-server's word), else
+    OpenAI's ``reasoning_effort`` (none 0, minimal 256, low 1024, medium 4096, high 16384), else None.
+
+    Example:
+        >>> reasoning_budget({"reasoning_effort": "none"}), reasoning_budget({"reasoning_budget": 64})
+        (0, 64)
+    """
+    if body.get("reasoning_budget") is not None:
+        return body["reasoning_budget"]  # SamplingParams checks it
+    if body.get("reasoning_effort") is not None:
+        return effort_budget(body["reasoning_effort"])
+    return None
 
 
 def stream_flags(body: Mapping[str, Any], params: SamplingParams) -> tuple[bool, bool]:

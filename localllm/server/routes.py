@@ -178,7 +178,7 @@ def anthropic_messages() -> Response:
     params = toolsmod.with_grammar(params, spec, eng.tool_family)
     tools = (spec, eng.tool_family) if spec is not None and spec.active else None
     stream = protocol.get_bool(body, "stream", False)
-    req = Request(eng.chat_ids(msgs, system, spec), params, stream=stream)
+    req = eng.chat_request(msgs, params, system=system, tools=spec, stream=stream)
     st = _state()
     metrics = st.metrics
     eng.submit(req)
@@ -198,15 +198,16 @@ def anthropic_messages() -> Response:
                 choice = collect(req.events(disconnected=disconnected), 1)[0]
                 yield from af.tool_events(mid, model_id, choice, req, tools)
                 return
+            blocks = af.Blocks()
             started = False
             for ev in req.events(disconnected=disconnected):
                 if not started:  # after the prompt is admitted: its usage says how much the cache held
                     started = True
-                    yield from af.start_events(mid, model_id, req)
-                if ev.kind == "text" and ev.text:
-                    yield af.delta_event(ev.text)
+                    yield from blocks.start(mid, model_id, req)
+                if ev.kind in ("text", "reasoning") and ev.text:
+                    yield from blocks.delta(ev.text, thinking=ev.kind == "reasoning")
                 elif ev.kind == "done":
-                    yield from af.end_events(ev.finish_reason, ev.stop_sequence, req)
+                    yield from blocks.end(ev.finish_reason, ev.stop_sequence, req)
         except LocalLLMError as e:  # headers are gone: report in the stream, as Anthropic does
             yield af.event("error", {"error": af.error_body(e)["error"]})
         finally:
@@ -264,9 +265,10 @@ def chat_completions() -> Response:
     stream, usage = protocol.stream_flags(body, params)
     spec = toolsmod.spec_from(body.get("tools"), body.get("tool_choice"), body.get("parallel_tool_calls"))
     params = toolsmod.with_grammar(params, spec, eng.tool_family)
-    prompt = eng.chat_ids(body.get("messages"), tools=spec)
+    req = eng.chat_request(body.get("messages"), params, tools=spec, stream=stream,
+                           template_kwargs=body.get("chat_template_kwargs"))
     calls = (spec, eng.tool_family) if spec is not None and spec.active else None
-    return _generate(eng, Request(prompt, params, stream=stream), usage, chat=True, tools=calls)
+    return _generate(eng, req, usage, chat=True, tools=calls)
 
 
 @api.post("/v1/completions")
@@ -327,9 +329,9 @@ def _generate(eng: Any, req: Request, include_usage: bool, chat: bool,
                 for i in range(req.params.n):
                     yield fmt.sse(fmt.chunk(rid, created, model_id, chat, i, "", None, role=True, usage=include_usage))
             for ev in req.events(disconnected=disconnected):
-                if ev.kind == "text":
+                if ev.kind in ("text", "reasoning"):
                     yield fmt.sse(fmt.chunk(rid, created, model_id, chat, ev.index, ev.text, None, ev.logprobs,
-                                            usage=include_usage))
+                                            usage=include_usage, reasoning=ev.kind == "reasoning"))
                 elif ev.kind == "done":
                     yield fmt.sse(fmt.chunk(rid, created, model_id, chat, ev.index, None if chat else "",
                                             ev.finish_reason, usage=include_usage))

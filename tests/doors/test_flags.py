@@ -195,7 +195,7 @@ RUN_SAMPLING = ["-n", "7", "--temp", "0.5", "--top-p", "0.9", "--top-k", "7", "-
                 "--repeat-penalty", "1.2", "--presence-penalty", "0.3", "--frequency-penalty", "0.4",
                 "--repeat-last-n", "32", "--seed", "77", "--stop", "zzz", "--stop", "qqq",
                 "--grammar", 'root ::= [a-z ]+', "--logit-bias", "5=1.5", "--choices", "2",
-                "--best-of", "3", "--logprobs", "2"]
+                "--best-of", "3", "--logprobs", "2", "--reasoning-budget", "5"]
 
 RUN_CHECKS = {
     "max_tokens": lambda p, o: p.max_tokens == 7,
@@ -215,6 +215,7 @@ RUN_CHECKS = {
     "best_of": lambda p, o: p.best_of == 3,
     "top_logprobs": lambda p, o: p.logprobs and p.top_logprobs == 2 and len(o["choices"][0]["logprobs"][0]["top"]) == 2,
     "as_json": lambda p, o: isinstance(o, dict),
+    "reasoning_budget": lambda p, o: p.reasoning_budget == 5,
 }
 
 
@@ -226,7 +227,7 @@ def test_every_run_flag_arrives(monkeypatch: pytest.MonkeyPatch, spies, tiny_ggu
 
     other = {"model", "prompt", "chat", "system", "n_ctx", "n_threads", "gpu_layers", "gpu_memory", "models_dir", "repack",
              "json_schema", "num_beams", "ignore_eos", "cache_type_k", "cache_type_v", "flash_attn",
-             "prompt_cache", "speculate", "mmap"}
+             "prompt_cache", "speculate", "mmap", "hide_reasoning"}
     names = {p.name for p in command.params if p.name != "help"}
     assert names == set(RUN_CHECKS) | other, names ^ (set(RUN_CHECKS) | other)
     r = _run(["smollm2-135m", "Say hi", "--raw", "--json", *RUN_SAMPLING])
