@@ -199,10 +199,38 @@ def check_messages(messages: list[dict[str, Any]]) -> None:
 
 # --------------------------------------------------------------------------- the grammar
 
-def _call_schema(t: Tool, family: str) -> dict[str, Any]:
+def _call_schema(name: str, parameters: dict[str, Any], family: str) -> dict[str, Any]:
     key = "parameters" if family == "llama3" else "arguments"
-    return {"type": "object", "properties": {"name": {"const": t.name}, key: t.parameters},
+    return {"type": "object", "properties": {"name": {"const": name}, key: parameters},
             "required": ["name", key], "additionalProperties": False}
+
+
+def _lift_defs(tools: list[Tool]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Each tool's parameters with its ``$defs``/``definitions`` moved into one table for the root
+    (renamed per tool: two tools may both define ``City``). A tool's schema sits inside the call's
+    schema, and its ``#/$defs/...`` references resolve from the root: pydantic writes them for
+    every nested model (pydantic-ai, LangChain)."""
+    params: list[dict[str, Any]] = []
+    table: dict[str, Any] = {}
+    for i, t in enumerate(tools):
+        p = dict(t.parameters)
+        local = {**(p.pop("definitions", None) or {}), **(p.pop("$defs", None) or {})}
+        names = {k: f"t{i}-{k}" for k in local}
+
+        def ref(r: str) -> str:
+            for prefix in ("#/$defs/", "#/definitions/"):
+                if r.startswith(prefix) and r[len(prefix):] in names:
+                    return "#/$defs/" + names[r[len(prefix):]]
+            return r
+
+        def fix(v: Any) -> Any:
+            if isinstance(v, Mapping):
+                return {k: ref(x) if k == "$ref" and isinstance(x, str) else fix(x) for k, x in v.items()}
+            return [fix(x) for x in v] if isinstance(v, list) else v
+
+        params.append(fix(p))
+        table.update({names[k]: fix(v) for k, v in local.items()})
+    return params, table
 
 
 def call_grammar(spec: ToolSpec, family: str) -> str | None:
@@ -211,20 +239,22 @@ def call_grammar(spec: ToolSpec, family: str) -> str | None:
 
     if not spec.active or spec.choice == "auto":
         return None
-    tools = [spec.by_name(spec.named)] if spec.named else list(spec.tools)
-    schemas = [_call_schema(t, family) for t in tools if t is not None]
+    tools = [t for t in ([spec.by_name(spec.named)] if spec.named else list(spec.tools)) if t is not None]
+    params, table = _lift_defs(tools)
+    defs = {"$defs": table} if table else {}
+    schemas = [_call_schema(t.name, p, family) for t, p in zip(tools, params)]
     if family == "mistral-args":  # the name outside the JSON: arguments of any tool, paired up when parsed
-        args = runtime.json_schema_to_grammar(tools[0].parameters if len(tools) == 1  # type: ignore[union-attr]
-                                              else {"anyOf": [t.parameters for t in tools]})  # type: ignore[union-attr]
-        names = " | ".join(json.dumps(t.name) for t in tools)  # type: ignore[union-attr]
+        args = runtime.json_schema_to_grammar({**params[0], **defs} if len(params) == 1
+                                              else {"anyOf": params, **defs})
+        names = " | ".join(json.dumps(t.name) for t in tools)
         return (args.replace("root ::=", "tool-args-json ::=", 1) + f"\ntool-name ::= {names}\n"
                 + 'root ::= "[TOOL_CALLS]" tool-name "[ARGS]" tool-args-json\n')
     if family == "mistral":
         inner = {"type": "array", "items": schemas[0] if len(schemas) == 1 else {"anyOf": schemas},
-                 "minItems": 1, **({} if spec.parallel else {"maxItems": 1})}
+                 "minItems": 1, **({} if spec.parallel else {"maxItems": 1}), **defs}
         body = runtime.json_schema_to_grammar(inner)
         return body.replace("root ::=", "tool-calls-json ::=", 1) + '\nroot ::= "[TOOL_CALLS]" tool-calls-json\n'
-    body = runtime.json_schema_to_grammar(schemas[0] if len(schemas) == 1 else {"anyOf": schemas})
+    body = runtime.json_schema_to_grammar({**schemas[0], **defs} if len(schemas) == 1 else {"anyOf": schemas, **defs})
     body = body.replace("root ::=", "tool-call-json ::=", 1)
     if family == "llama3":
         return body + "\nroot ::= tool-call-json\n"

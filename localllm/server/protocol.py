@@ -133,7 +133,8 @@ def sampling(body: Mapping[str, Any], *, default_max_tokens: int | None, chat: b
 
 def reasoning_budget(body: Mapping[str, Any]) -> int | None:
     """A chat's thinking budget in tokens: ``reasoning_budget`` (llama-server's word), else
-    OpenAI's ``reasoning_effort`` (none 0, minimal 256, low 1024, medium 4096, high 16384), else None.
+    OpenAI's ``reasoning_effort`` (none 0, minimal 256, low 1024, medium 4096, high 16384), else
+    ``reasoning.effort`` / ``reasoning.max_tokens`` (Open WebUI, OpenRouter), else None.
 
     Example:
         >>> reasoning_budget({"reasoning_effort": "none"}), reasoning_budget({"reasoning_budget": 64})
@@ -143,7 +144,14 @@ def reasoning_budget(body: Mapping[str, Any]) -> int | None:
         return body["reasoning_budget"]  # SamplingParams checks it
     if body.get("reasoning_effort") is not None:
         return effort_budget(body["reasoning_effort"])
-    return None
+    r = body.get("reasoning")  # {"effort": ...} or {"max_tokens": N}: Open WebUI's and OpenRouter's shape
+    if r is None:
+        return None
+    if not isinstance(r, Mapping):
+        raise _bad("reasoning", 'must be an object such as {"effort": "low"} or {"max_tokens": 512}')
+    if r.get("max_tokens") is not None:
+        return r["max_tokens"]
+    return None if r.get("effort") is None else effort_budget(r["effort"])
 
 
 def stream_flags(body: Mapping[str, Any], params: SamplingParams) -> tuple[bool, bool]:

@@ -69,7 +69,7 @@ def test_langchain_invoke_and_stream(chat, ref):
 
 
 def test_langchain_tools_with_a_named_tool_choice(chat):
-    bound = chat.bind_tools([WEATHER], tool_choice="get_weather").bind(max_completion_tokens=60)
+    bound = chat.model_copy(update={"max_tokens": 60}).bind_tools([WEATHER], tool_choice="get_weather")
     msg = bound.invoke("Is it raining in Paris?")
     assert [c["name"] for c in msg.tool_calls] == ["get_weather"]
     assert isinstance(msg.tool_calls[0]["args"]["city"], str) and msg.tool_calls[0]["id"]
@@ -77,7 +77,7 @@ def test_langchain_tools_with_a_named_tool_choice(chat):
 
 @pytest.mark.parametrize("method", ["json_schema", "function_calling"])
 def test_langchain_structured_output_with_a_nested_model(chat, method):
-    out = chat.bind(max_completion_tokens=200).with_structured_output(Country, method=method).invoke(
+    out = chat.model_copy(update={"max_tokens": 200}).with_structured_output(Country, method=method).invoke(
         "Describe France.")
     assert isinstance(out, Country) and isinstance(out.capital, City)
 
@@ -125,7 +125,7 @@ def test_pydantic_ai_text_run_equals_the_plain_answer(pai_model, ref):
 
     text, _ = ref(8)
     r = Agent(pai_model).run_sync(Q, model_settings={"temperature": 0, "max_tokens": 8})
-    assert r.output == text and r.usage().output_tokens == 8
+    assert r.output == text and r.usage.output_tokens == 8
 
 
 def test_pydantic_ai_structured_output_through_a_required_tool(pai_model):

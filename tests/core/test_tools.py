@@ -190,3 +190,38 @@ def test_bad_tool_requests_are_400(client) -> None:
         r = post(live.api + "/chat/completions", json={**base, **extra})
         assert r.status_code == 400, (extra, r.text)
         assert r.json()["error"]["param"] == param, (extra, r.json())
+
+
+def test_nested_definitions_of_two_tools_do_not_collide(client) -> None:
+    """pydantic writes nested models as ``$defs`` + ``$ref``; inside a call's schema they must still
+    resolve, and two tools may each define a ``Item`` of their own (the grammar renames them)."""
+    from pydantic import BaseModel
+
+    class Item(BaseModel):  # the first tool's Item
+        sku: str
+
+    class Order(BaseModel):
+        item: Item
+
+    class Part(BaseModel):  # the second tool's, under the same name
+        qty: int
+
+    part_schema = {"type": "object", "properties": {"item": {"$ref": "#/$defs/Item"}}, "required": ["item"],
+                   "$defs": {"Item": Part.model_json_schema()}}
+    tools = [{"type": "function", "function": {"name": "order", "parameters": Order.model_json_schema()}},
+             {"type": "function", "function": {"name": "count", "parameters": part_schema}}]
+    assert "$defs" in tools[0]["function"]["parameters"]
+    # with both tools in one grammar (tool_choice "required"), each ref still reaches its own Item
+    spec = T.spec_from(tools, "required")
+    params, table = T._lift_defs(list(spec.tools))
+    for p, own in zip(params, (Item.model_json_schema(), Part.model_json_schema())):
+        assert table[p["properties"]["item"]["$ref"].removeprefix("#/$defs/")] == own
+    assert T.call_grammar(spec, "hermes")
+    c, _ = client
+    for name, check in (("order", lambda a: isinstance(Order.model_validate(a).item.sku, str)),
+                        ("count", lambda a: isinstance(a["item"]["qty"], int) and set(a["item"]) == {"qty"})):
+        r = c.chat.completions.create(model="smollm2-135m", messages=[{"role": "user", "content": "Order a bolt."}],
+                                      tools=tools, tool_choice={"type": "function", "function": {"name": name}},
+                                      max_tokens=60, temperature=0)
+        call = r.choices[0].message.tool_calls[0]
+        assert call.function.name == name and check(json.loads(call.function.arguments))
