@@ -111,13 +111,15 @@ def test_stream_deltas_reassemble_the_answer(server, oai, model_id):
     assert "".join(thought) == whole.reasoning_content and "".join(content) == whole.content
 
 
-def test_budget_forces_the_close_marker(server, oai, model_id):
+@pytest.mark.parametrize("field", ["reasoning_budget", "reasoning.max_tokens"])
+def test_budget_forces_the_close_marker(server, oai, model_id, field):
     budget = 8
     prompt = _prompt_ids(server, STORY)
     free = _raw(server, prompt, 40)
     assert "</think>" not in free  # unbounded, it is still thinking after 40 tokens
-    r = oai.chat.completions.create(model=model_id, messages=STORY, max_tokens=30,
-                                    extra_body={"reasoning_budget": budget, **GREEDY})
+    # llama-server's field, or OpenRouter's and Open WebUI's object
+    extra = {"reasoning_budget": budget} if field == "reasoning_budget" else {"reasoning": {"max_tokens": budget}}
+    r = oai.chat.completions.create(model=model_id, messages=STORY, max_tokens=30, extra_body={**extra, **GREEDY})
     m = r.choices[0].message
     first = _raw(server, prompt, budget)  # the budget's tokens are the model's own
     assert m.reasoning_content == first.strip() and len(_tokens(server, m.reasoning_content)) <= budget
@@ -130,7 +132,8 @@ def test_budget_forces_the_close_marker(server, oai, model_id):
 def test_reasoning_effort_none_uses_the_template_switch(server, oai, model_id):
     off = _thinking_off(server, STORY)
     raw = _raw(server, off, 20)
-    for extra in ({"reasoning_effort": "none"}, {"chat_template_kwargs": {"enable_thinking": False}}):
+    for extra in ({"reasoning_effort": "none"}, {"reasoning": {"effort": "none"}},
+                  {"chat_template_kwargs": {"enable_thinking": False}}):
         r = oai.chat.completions.create(model=model_id, messages=STORY, max_tokens=20, extra_body={**extra, **GREEDY})
         m = r.choices[0].message
         assert r.usage.prompt_tokens == len(off)  # the empty think block is in the prompt
