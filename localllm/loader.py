@@ -281,17 +281,21 @@ def load(s: ModelSettings, progress: Callable[[str], None] | None = None,
         repack=s.repack, cache_type_k=s.cache_type_k, cache_type_v=s.cache_type_v, flash_attn=s.flash_attn,
         prompt_cache=s.prompt_cache, speculate=s.speculate,
         layer_split=layer_split(llama.n_layer, min(gpu_layers, llama.n_layer + 1)), mmap=mmap,
-        capabilities=capabilities(llama))
+        capabilities=capabilities(llama, prompter.template))
     return Loaded(llama=llama, prompter=prompter, info=info, settings=s, path=prep.path, notes=prep.notes + notes)
 
 
-def capabilities(llama: Any) -> tuple[str, ...]:
+def capabilities(llama: Any, template: str | None) -> tuple[str, ...]:
     """What a model can be asked (ModelInfo.capabilities): a reranker only ranks; any other model
-    completes, chats with tools and embeds, and fills in the middle where its vocabulary has the tokens."""
+    completes, chats with tools and embeds, fills in the middle where its vocabulary has the tokens,
+    and thinks where its chat template has reasoning markers."""
+    from localllm.core import reasoning
+
     if llama.is_reranker:
         return ("rerank",)
     fim = ("insert",) if all(llama.fim[k] >= 0 for k in ("pre", "suf", "mid")) else ()
-    return ("completion", "tools", "embedding", *fim)
+    thinking = ("thinking",) if reasoning.detect(template) is not None else ()
+    return ("completion", "tools", "embedding", *fim, *thinking)
 
 
 __all__ = ["ModelSettings", "ModelInfo", "Loaded", "Prepared", "prepare", "load", "model_id"]

@@ -21,7 +21,8 @@ from localllm.core.request import Choice, Request, collect
 from localllm.errors import InvalidArgumentError, LocalLLMError
 import localllm.server.protocol as protocol
 import localllm.server.openai_format as fmt
-from localllm.server.routes import _account, _body, _engine_for, _generate, _json, _state, _stream
+from localllm.server.routes import generate
+from localllm.server.web import account, engine_for, event_stream, json_response, read_body, state
 
 code = Blueprint("code", __name__)
 
@@ -67,14 +68,14 @@ def _final(req: Request, c: Choice, model_id: str, content: str, eng: Any) -> di
 def infill() -> Response:
     """``{"input_prefix", "input_suffix", "input_extra"?: [{"filename", "text"}], "prompt"?, "n_predict"?,
     "stream"?, sampling...}`` → ``{"content", "stop_type", "tokens_predicted", ...}``."""
-    body = _body()
-    eng = _engine_for(body)
+    body = read_body()
+    eng = engine_for(body)
     params = _params(body)
     prompt = protocol.get_str(body, "prompt") or ""
     ids = eng.infill_ids(_required(body, "input_prefix"), _required(body, "input_suffix"), prompt=prompt,
                          extra=body.get("input_extra"), max_tokens=params.max_tokens)
     req = Request(ids, params, stream=protocol.get_bool(body, "stream", False))
-    st = _state()
+    st = state()
     metrics, model_id = st.metrics, st.served_id(eng)
     eng.submit(req)
     disconnected: Callable[[], bool] | None = request.environ.get("waitress.client_disconnected")
@@ -83,8 +84,8 @@ def infill() -> Response:
             c = collect(req.events(disconnected=disconnected), 1)[0]
         finally:
             req.cancel()
-            _account(metrics, req)
-        return _json(_final(req, c, model_id, c.text, eng))
+            account(metrics, req)
+        return json_response(_final(req, c, model_id, c.text, eng))
 
     def events() -> Iterator[str]:
         c = Choice(0)
@@ -101,25 +102,25 @@ def infill() -> Response:
             yield _sse(e.to_dict())
         finally:
             req.cancel()
-            _account(metrics, req)
+            account(metrics, req)
 
-    return _stream(events(), None)
+    return event_stream(events(), None)
 
 
 @code.post("/v1/fim/completions")
 def fim_completions() -> Response:
     """Mistral's FIM API: ``{"model", "prompt", "suffix"?, "max_tokens"?, "stream"?, sampling...}`` → a chat
     completion (``choices[0].message.content``; streamed: ``delta.content`` in every chunk, as Mistral's)."""
-    body = _body()
-    eng = _engine_for(body)
+    body = read_body()
+    eng = engine_for(body)
     params = protocol.sampling(body, default_max_tokens=None, chat=True)
     stream, usage = protocol.stream_flags(body, params)
     ids = eng.infill_ids(_required(body, "prompt"), protocol.get_str(body, "suffix") or "",
                          max_tokens=params.max_tokens)
     req = Request(ids, params, stream=stream)
     if not stream or params.n > 1:
-        return _generate(eng, req, usage, chat=True)
-    st = _state()
+        return generate(eng, req, usage, chat=True)
+    st = state()
     metrics, model_id, rid, created = st.metrics, st.served_id(eng), "cmpl-" + uuid.uuid4().hex[:24], int(time.time())
     eng.submit(req)
     disconnected: Callable[[], bool] | None = request.environ.get("waitress.client_disconnected")
@@ -137,9 +138,9 @@ def fim_completions() -> Response:
             yield fmt.sse(e.to_dict())
         finally:
             req.cancel()
-            _account(metrics, req)
+            account(metrics, req)
 
-    return _stream(events(), None)
+    return event_stream(events(), None)
 
 
 def _sse(obj: Any) -> str:

@@ -17,7 +17,7 @@ from flask import Blueprint, Response
 from localllm.errors import InvalidArgumentError
 from localllm.rerank import ranked
 import localllm.server.protocol as protocol
-from localllm.server.routes import _body, _engine_for, _json, _state
+from localllm.server.web import engine_for, json_response, read_body, state
 
 ranking = Blueprint("ranking", __name__)
 MAX_DOCUMENTS = 1000
@@ -54,8 +54,8 @@ def _top_n(body: Mapping[str, Any], n: int) -> int:
 def rerank() -> Response:
     """``{"query", "documents": [str | {"text"}], "top_n"?, "return_documents"?}`` →
     ``{"results": [{"index", "relevance_score", "document"?: {"text"}}], "usage"}``."""
-    body = _body()
-    eng = _engine_for(body)
+    body = read_body()
+    eng = engine_for(body)
     query = body.get("query")
     if not isinstance(query, str):
         raise InvalidArgumentError("query is required (a string)", param="query")
@@ -69,5 +69,5 @@ def rerank() -> Response:
         if with_docs:
             item["document"] = {"text": docs[i]}
         results.append(item)
-    return _json({"model": _state().served_id(eng), "object": "list", "results": results,
+    return json_response({"model": state().served_id(eng), "object": "list", "results": results,
                   "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}})

@@ -21,13 +21,13 @@ from localllm.errors import InvalidArgumentError, LocalLLMError, NotFoundError
 import localllm.server.protocol as protocol
 import localllm.server.responses_format as fmt
 from localllm.server.responses_store import ResponseStore, Stored
-from localllm.server.routes import _account, _body, _engine_for, _json, _state, _stream
+from localllm.server.web import account, engine_for, event_stream, json_response, read_body, state
 
 responses_api = Blueprint("responses", __name__)
 
 
 def _store() -> ResponseStore:
-    store: ResponseStore = _state().responses
+    store: ResponseStore = state().responses
     return store
 
 
@@ -63,8 +63,8 @@ class _Turn:
 
 @responses_api.post("/v1/responses")
 def create() -> Response:
-    body = _body()
-    eng = _engine_for(body)
+    body = read_body()
+    eng = engine_for(body)
     fmt.check_unsupported(body)
     params, text = fmt.sampling(body)
     spec, tools_echo, choice = fmt.tools_of(body)
@@ -84,7 +84,7 @@ def create() -> Response:
             "reasoning": None, "store": store, "temperature": params.temperature, "text": text,
             "tool_choice": choice, "tools": tools_echo, "top_p": params.top_p, "truncation": "disabled",
             "user": body.get("user")}
-    st = _state()
+    st = state()
     head = fmt.Head(fmt.new_id("resp"), int(time.time()), st.served_id(eng), echo)
     calls = (spec, eng.tool_family) if spec is not None and spec.active else None
     turn = _Turn(head, convo, _store() if store else None, calls)
@@ -96,10 +96,10 @@ def create() -> Response:
             c = collect(req.events(disconnected=disconnected), 1)[0]
         finally:
             req.cancel()
-            _account(metrics, req)
+            account(metrics, req)
         items, err = fmt.output_items(c, turn.tools)
-        return _json(turn.finish(items, c.finish_reason, req, err))
-    return _stream(_events(turn, req, disconnected), lambda: _account(metrics, req))
+        return json_response(turn.finish(items, c.finish_reason, req, err))
+    return event_stream(_events(turn, req, disconnected), lambda: account(metrics, req))
 
 
 def _events(turn: _Turn, req: Request, disconnected: Callable[[], bool] | None) -> Iterator[str]:
@@ -142,11 +142,11 @@ def _kept(rid: str) -> Stored:
 
 @responses_api.get("/v1/responses/<rid>")
 def retrieve(rid: str) -> Response:
-    return _json(_kept(rid).response)
+    return json_response(_kept(rid).response)
 
 
 @responses_api.delete("/v1/responses/<rid>")
 def delete(rid: str) -> Response:
     _kept(rid)
     _store().delete(rid)
-    return _json({"id": rid, "object": "response", "deleted": True})
+    return json_response({"id": rid, "object": "response", "deleted": True})

@@ -9,7 +9,6 @@ Example:
 from __future__ import annotations
 
 import functools
-import json
 import re
 import time
 import uuid
@@ -17,48 +16,25 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from flask import Blueprint, Response, current_app, request
-from werkzeug.exceptions import RequestEntityTooLarge
+from flask import Blueprint, Response, request
 
 from localllm import tools as toolsmod
 from localllm.core.request import Request, collect
-from localllm.errors import InvalidArgumentError, LocalLLMError, ModelNotFoundError, PayloadTooLargeError
+from localllm.errors import InvalidArgumentError, LocalLLMError, ModelNotFoundError
 import localllm.server.openai_format as fmt
 import localllm.server.protocol as protocol
+from localllm.server.web import account, engine_for, event_stream, json_response, read_body, state
 
 STATIC = Path(__file__).resolve().parent.parent / "static"
 api = Blueprint("api", __name__)
 
 
-def _state() -> Any:
-    return current_app.extensions["localllm"]
 
 
-def _json(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(json.dumps(obj, ensure_ascii=False), status=status, mimetype="application/json",
-                    headers=headers)
 
 
-def _body() -> dict[str, Any]:
-    try:
-        raw = request.get_data(cache=True)
-    except RequestEntityTooLarge:
-        raise PayloadTooLargeError("the request body is too large") from None
-    try:
-        body = json.loads(raw)
-    except (ValueError, RecursionError):  # ValueError covers bad UTF-8 and bad JSON
-        raise InvalidArgumentError("the request body is not valid JSON") from None
-    return dict(protocol.check_object(body))
 
 
-def _engine_for(body: dict[str, Any]) -> Any:
-    st = _state()
-    name = st.mapped(protocol.get_str(body, "model"))
-    eng = st.need_engine(name)
-    if st.pool is None and name and name not in st.aliases:
-        raise ModelNotFoundError(f"model {name!r} is not served here (this server runs {st.model_id!r})",
-                                 param="model")
-    return eng
 
 
 # ---------------------------------------------------------------------- plain endpoints
@@ -82,23 +58,23 @@ def _page() -> str:
 
 @api.get("/health")
 def health() -> Response:
-    st = _state()
+    st = state()
     eng = st.engine
     if eng is None:
         body: dict[str, Any] = {"status": "error" if st.load_error else "loading"}
         if st.load_error:
             body["error"] = str(st.load_error)
-        return _json(body, 503, {"Retry-After": "1"})
+        return json_response(body, 503, {"Retry-After": "1"})
     if st.pool is not None:  # ready while the server runs: models load on first use
-        return _json({"status": "ok", "model": st.model_id, "models_loaded": sorted(st.pool.loaded)})
+        return json_response({"status": "ok", "model": st.model_id, "models_loaded": sorted(st.pool.loaded)})
     now = eng.status()
-    return _json({"status": "ok", "model": st.model_id, "slots_idle": now.idle_slots,
+    return json_response({"status": "ok", "model": st.model_id, "slots_idle": now.idle_slots,
                   "slots_processing": now.busy_slots, "queue": now.queue_depth})
 
 
 @api.get("/metrics")
 def metrics() -> Response:
-    data, ctype = _state().metrics.render()
+    data, ctype = state().metrics.render()
     return Response(data, mimetype=ctype.split(";")[0], headers={"Content-Type": ctype})
 
 
@@ -106,20 +82,20 @@ def _card(model_id: str, info: Any) -> dict[str, Any]:
     """A model as ``/v1/models`` lists it, with its context window under the names clients read
     (OpenRouter's ``context_length``, vLLM's ``max_model_len``, LM Studio's ``max_context_length``)
     and its capabilities, so aider, litellm and Open WebUI do not have to guess."""
-    return {"id": model_id, "object": "model", "created": _state().created, "owned_by": "localllm",
+    return {"id": model_id, "object": "model", "created": state().created, "owned_by": "localllm",
             "context_length": info.context, "max_model_len": info.context, "max_context_length": info.context,
             "capabilities": list(info.capabilities), "meta": info.to_dict()}
 
 
 def _model_card() -> dict[str, Any]:
-    st = _state()
+    st = state()
     info = st.need_engine().info  # 503 while the model loads
     return _card(st.model_id, info)
 
 
 def _pool_cards() -> list[dict[str, Any]]:
     """--all-models: every model in the store, whether loaded, and the loaded ones' info."""
-    st = _state()
+    st = state()
     st.need_engine()  # 503 while the server starts
     cards = []
     for e in st.pool.catalog():
@@ -134,33 +110,33 @@ def _pool_cards() -> list[dict[str, Any]]:
 
 @api.get("/v1/models")
 def models() -> Response:
-    if _state().pool is not None:
-        return _json({"object": "list", "data": _pool_cards()})
-    return _json({"object": "list", "data": [_model_card()]})
+    if state().pool is not None:
+        return json_response({"object": "list", "data": _pool_cards()})
+    return json_response({"object": "list", "data": [_model_card()]})
 
 
 @api.get("/v1/models/<path:name>")
 def model(name: str) -> Response:
-    st = _state()
+    st = state()
     name = st.mapped(name) or name
     if st.pool is not None:
         found = [c for c in _pool_cards() if name in (c["id"], c["id"].split(":")[0])]
         if not found:
             raise ModelNotFoundError(f"model {name!r} is not in this server's store", param="model")
-        return _json(found[0])
+        return json_response(found[0])
     card = _model_card()
     if name not in st.aliases:
         raise ModelNotFoundError(f"model {name!r} is not served here (this server runs {st.model_id!r})",
                                  param="model")
-    return _json(card)
+    return json_response(card)
 
 
 @api.post("/v1/embeddings")
 def embeddings() -> Response:
-    body = _body()
-    eng = _engine_for(body)
+    body = read_body()
+    eng = engine_for(body)
     vectors, n = eng.embed(protocol.embedding_input(body))
-    return _json({"object": "list", "model": _state().served_id(eng),
+    return json_response({"object": "list", "model": state().served_id(eng),
                   "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)],
                   "usage": {"prompt_tokens": n, "total_tokens": n}})
 
@@ -170,8 +146,8 @@ def embeddings() -> Response:
 def anthropic_messages() -> Response:
     import localllm.server.anthropic_format as af
 
-    body = _body()
-    eng = _engine_for(body)
+    body = read_body()
+    eng = engine_for(body)
     params = af.sampling(body)
     msgs, system = af.messages(body)
     spec = af.tool_spec(body)
@@ -179,7 +155,7 @@ def anthropic_messages() -> Response:
     tools = (spec, eng.tool_family) if spec is not None and spec.active else None
     stream = protocol.get_bool(body, "stream", False)
     req = eng.chat_request(msgs, params, system=system, tools=spec, stream=stream)
-    st = _state()
+    st = state()
     metrics = st.metrics
     eng.submit(req)
     mid, model_id = "msg_" + uuid.uuid4().hex[:24], st.served_id(eng)
@@ -189,8 +165,8 @@ def anthropic_messages() -> Response:
             choice = collect(req.events(disconnected=disconnected), 1)[0]
         finally:
             req.cancel()
-            _account(metrics, req)
-        return _json(af.message(mid, model_id, choice, req, tools))
+            account(metrics, req)
+        return json_response(af.message(mid, model_id, choice, req, tools))
 
     def events() -> Iterator[str]:
         try:
@@ -212,19 +188,19 @@ def anthropic_messages() -> Response:
             yield af.event("error", {"error": af.error_body(e)["error"]})
         finally:
             req.cancel()
-            _account(metrics, req)
+            account(metrics, req)
 
-    return _stream(events(), None)
+    return event_stream(events(), None)
 
 
 @api.post("/v1/messages/count_tokens")
 def anthropic_count_tokens() -> Response:
     import localllm.server.anthropic_format as af
 
-    body = _body()
-    eng = _engine_for(body)
+    body = read_body()
+    eng = engine_for(body)
     msgs, system = af.messages(body)
-    return _json({"input_tokens": len(eng.chat_ids(msgs, system, af.tool_spec(body)))})
+    return json_response({"input_tokens": len(eng.chat_ids(msgs, system, af.tool_spec(body)))})
 
 
 # ---------------------------------------------------------------------- tokens (llama-server's shapes)
@@ -232,8 +208,8 @@ def anthropic_count_tokens() -> Response:
 def tokenize() -> Response:
     """``{"content": TEXT}`` or ``{"messages": [...]}`` (rendered with the chat template, as a chat
     completion would read it) → ``{"tokens": [...]}``; ``with_pieces`` gives ``[{"id", "piece"}]``."""
-    body = _body()
-    eng = _engine_for(body)
+    body = read_body()
+    eng = engine_for(body)
     if body.get("messages") is not None:
         if body.get("content") is not None:
             raise InvalidArgumentError("give content or messages, not both", param="messages")
@@ -245,22 +221,22 @@ def tokenize() -> Response:
         ids = eng.tokenize(content, add_special=protocol.get_bool(body, "add_special", False),
                            parse_special=protocol.get_bool(body, "parse_special", True))
     if protocol.get_bool(body, "with_pieces", False):
-        return _json({"tokens": [{"id": t, "piece": eng.piece(t)} for t in ids]})
-    return _json({"tokens": ids})
+        return json_response({"tokens": [{"id": t, "piece": eng.piece(t)} for t in ids]})
+    return json_response({"tokens": ids})
 
 
 @api.post("/detokenize")
 def detokenize() -> Response:
     """``{"tokens": [ids]}`` → ``{"content": TEXT}``."""
-    body = _body()
-    return _json({"content": _engine_for(body).detokenize(body.get("tokens"))})
+    body = read_body()
+    return json_response({"content": engine_for(body).detokenize(body.get("tokens"))})
 
 
 # ---------------------------------------------------------------------- generation
 @api.post("/v1/chat/completions")
 def chat_completions() -> Response:
-    body = _body()
-    eng = _engine_for(body)
+    body = read_body()
+    eng = engine_for(body)
     params = protocol.sampling(body, default_max_tokens=None, chat=True)
     stream, usage = protocol.stream_flags(body, params)
     spec = toolsmod.spec_from(body.get("tools"), body.get("tool_choice"), body.get("parallel_tool_calls"))
@@ -268,13 +244,13 @@ def chat_completions() -> Response:
     req = eng.chat_request(body.get("messages"), params, tools=spec, stream=stream,
                            template_kwargs=body.get("chat_template_kwargs"))
     calls = (spec, eng.tool_family) if spec is not None and spec.active else None
-    return _generate(eng, req, usage, chat=True, tools=calls)
+    return generate(eng, req, usage, chat=True, tools=calls)
 
 
 @api.post("/v1/completions")
 def completions() -> Response:
-    body = _body()
-    eng = _engine_for(body)
+    body = read_body()
+    eng = engine_for(body)
     params = protocol.sampling(body, default_max_tokens=16, chat=False)
     stream, usage = protocol.stream_flags(body, params)
     if protocol.get_bool(body, "echo", False):
@@ -286,22 +262,14 @@ def completions() -> Response:
         prompt = eng.infill_ids(text, suffix, max_tokens=params.max_tokens)
     else:
         prompt = eng.text_ids(text)
-    return _generate(eng, Request(prompt, params, stream=stream), usage, chat=False)
+    return generate(eng, Request(prompt, params, stream=stream), usage, chat=False)
 
 
-def _account(m: Any, req: Request) -> None:
-    """A finished request in the metrics ``m`` (captured in the route: a stream's generator
-    runs after the request context is gone)."""
-    m.prompt_tokens.inc(len(req.prompt))
-    m.cached_tokens.inc(req.cached_tokens)
-    m.generated_tokens.inc(req.completion_tokens)
-    if req.t_first is not None:
-        m.ttft.observe(req.t_first - req.t_submit)
 
 
-def _generate(eng: Any, req: Request, include_usage: bool, chat: bool,
+def generate(eng: Any, req: Request, include_usage: bool, chat: bool,
               tools: tuple[toolsmod.ToolSpec, str] | None = None) -> Response:
-    st = _state()
+    st = state()
     eng.submit(req)
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     created, model_id = int(time.time()), st.served_id(eng)
@@ -309,19 +277,19 @@ def _generate(eng: Any, req: Request, include_usage: bool, chat: bool,
 
     metrics = st.metrics
 
-    def account() -> None:
-        _account(metrics, req)
+    def counted() -> None:
+        account(metrics, req)
 
     if not req.stream:
         try:
             choices = collect(req.events(disconnected=disconnected), req.params.n)
         finally:
             req.cancel()
-            account()
-        return _json(fmt.response(rid, created, model_id, chat, choices, req, tools))
+            counted()
+        return json_response(fmt.response(rid, created, model_id, chat, choices, req, tools))
 
     if tools is not None:  # a call is known only at the end: the answer comes in the final chunks
-        return _stream(fmt.tool_stream(rid, created, model_id, req, tools, include_usage, disconnected), account)
+        return event_stream(fmt.tool_stream(rid, created, model_id, req, tools, include_usage, disconnected), counted)
 
     def events() -> Iterator[str]:
         try:
@@ -342,20 +310,6 @@ def _generate(eng: Any, req: Request, include_usage: bool, chat: bool,
             yield fmt.sse(e.to_dict())
         finally:
             req.cancel()  # a client that went away frees its slot at the next step
-            account()
+            counted()
 
-    return _stream(events(), None)
-
-
-def _stream(chunks: Iterator[str], account: Callable[[], None] | None) -> Response:
-    def guarded() -> Iterator[str]:
-        try:
-            yield from chunks
-        except LocalLLMError as e:  # headers are gone: report in the stream
-            yield fmt.sse(e.to_dict())
-        finally:
-            if account is not None:
-                account()
-
-    return Response(guarded() if account is not None else chunks, mimetype="text/event-stream",
-                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return event_stream(events(), None)

@@ -170,3 +170,13 @@ def test_model_refuses_infill_without_fim_tokens(default_model_path):
     with Model(default_model_path, n_ctx=512, prompt_cache=False) as m:
         with pytest.raises(InvalidArgumentError, match="no fill-in-the-middle tokens"):
             m.infill(PREFIX, SUFFIX)
+
+
+def test_models_list_fill_in_the_middle_where_the_vocabulary_has_it(server, default_model_path):
+    """Editors choose a model for completion by its capabilities: "insert" (Ollama's word) comes from
+    the FIM tokens this test wrote into the GGUF, and is absent from the same model without them."""
+    from tests.serverutil import get, live_server
+
+    assert "insert" in get(server.api + "/models").json()["data"][0]["capabilities"]
+    with live_server(model=str(default_model_path), parallel=1, ctx=256, prompt_cache=False) as plain:
+        assert "insert" not in get(plain.api + "/models").json()["data"][0]["capabilities"]

@@ -195,3 +195,8 @@ def test_anthropic_thinking_disabled(server, claude, model_id):
                                extra_body=GREEDY)
     assert [b.type for b in r.content] == ["text"] and r.usage.input_tokens == len(off)
     assert r.content[0].text == _raw(server, off, 20)
+
+
+def test_models_list_thinking_for_a_template_with_markers(oai, model_id):
+    card = oai.models.retrieve(model_id).model_dump()
+    assert "thinking" in card["capabilities"] and "insert" not in card["capabilities"]

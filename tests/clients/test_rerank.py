@@ -114,3 +114,9 @@ def test_a_model_that_is_not_a_reranker_is_400(default_model_path):
     with Model(default_model_path, n_ctx=256, prompt_cache=False) as m:
         with pytest.raises(InvalidArgumentError, match="not a reranker"):
             m.rerank("q", ["d"])
+
+
+def test_a_reranker_is_listed_as_one(server):
+    from tests.serverutil import get
+
+    assert get(server.api + "/models").json()["data"][0]["capabilities"] == ["rerank"]
