@@ -45,8 +45,9 @@ def turn(k: int, keep_header: bool) -> dict:
     s["system"][0]["text"] = (" " + header) if keep_header else header
     msgs = s["messages"][: 2 * k + 1]
     msgs[-1]["content"][-1]["cache_control"] = {"type": "ephemeral"}
+    msgs.insert(1, s["context_message"])
     return {"model": "claude-sonnet-4-5", "max_tokens": 8, "temperature": 0, "system": s["system"],
-            "tools": s["tools"], "messages": msgs}
+            "tools": s["tools"], "messages": msgs, **s["fields"]}
 
 
 def replay(url: str, keep_header: bool) -> list[tuple[int, int, float]]:

@@ -13,10 +13,14 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from localllm.core.reasoning import EFFORT_BUDGETS
 from localllm.core.request import Choice, Request
 from localllm.errors import InvalidArgumentError, LocalLLMError
 from localllm.sampling import SamplingParams
 from localllm.tools import ToolSpec, parse, spec_from
+
+# Anthropic's output_config.effort → a thinking budget in tokens (OpenAI's reasoning_effort table)
+_EFFORTS = {k: EFFORT_BUDGETS[k] for k in ("low", "medium", "high")}
 
 # our error classes → Anthropic's error types (by HTTP status)
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
@@ -69,11 +73,17 @@ def messages(body: Mapping[str, Any]) -> tuple[list[dict[str, Any]], str | None]
     msgs = body.get("messages")
     if not isinstance(msgs, list) or not msgs:
         raise _bad("messages", "must be a non-empty list")
-    out = []
+    out: list[dict[str, Any]] = []
     for i, m in enumerate(msgs):
-        if not isinstance(m, Mapping) or m.get("role") not in ("user", "assistant"):
-            raise _bad(f"messages.{i}.role", "must be 'user' or 'assistant'")
-        out += _blocks(m, i)
+        if not isinstance(m, Mapping) or m.get("role") not in ("user", "assistant", "system"):
+            raise _bad(f"messages.{i}.role", "must be 'user', 'assistant' or 'system'")
+        if m["role"] == "system":  # Claude Code sends context this way; templates take one system turn, first
+            m = {"role": "user", "content": _text(m.get("content", ""), f"messages.{i}.content")}
+        for turn in _blocks(m, i):
+            if out and turn["role"] == out[-1]["role"] == "user":  # turns alternate, as Anthropic merges them
+                out[-1] = {"role": "user", "content": out[-1]["content"] + "\n\n" + turn["content"]}
+            else:
+                out.append(turn)
     return out, _system(body.get("system"))
 
 
@@ -144,7 +154,7 @@ def sampling(body: Mapping[str, Any]) -> SamplingParams:
             kw[k] = body[k]
     if body.get("stop_sequences") is not None:
         kw["stop"] = body["stop_sequences"]
-    kw["reasoning_budget"] = thinking_budget(body.get("thinking"))
+    kw["reasoning_budget"] = thinking_budget(body.get("thinking"), body.get("output_config"))
     try:
         return SamplingParams(**kw)
     except InvalidArgumentError as e:
@@ -154,21 +164,33 @@ def sampling(body: Mapping[str, Any]) -> SamplingParams:
         raise
 
 
-def thinking_budget(thinking: Any) -> int | None:
+def thinking_budget(thinking: Any, output_config: Any = None) -> int | None:
     """``thinking``: ``{"type": "enabled", "budget_tokens": N}`` → N, ``{"type": "disabled"}`` → 0
-    (the template's switch, where it has one), absent → None (the model's own way).
+    (the template's switch, where it has one), ``{"type": "adaptive"}`` (what Claude Code sends: the
+    model decides) → the budget of ``output_config.effort`` (low 1024, medium 4096, high 16384, max:
+    none), absent → None (the model's own way).
 
     Example:
         >>> thinking_budget({"type": "enabled", "budget_tokens": 2048}), thinking_budget({"type": "disabled"})
         (2048, 0)
+        >>> thinking_budget({"type": "adaptive"}, {"effort": "low"}), thinking_budget({"type": "adaptive"})
+        (1024, None)
     """
     if thinking is None:
         return None
     kind = thinking.get("type") if isinstance(thinking, Mapping) else None
     if kind == "disabled":
         return 0
+    if kind == "adaptive":
+        effort = output_config.get("effort") if isinstance(output_config, Mapping) else None
+        if effort is None or effort == "max":
+            return None
+        if effort not in _EFFORTS:
+            raise _bad("output_config.effort", f"must be one of {', '.join(_EFFORTS)} or max")
+        return _EFFORTS[effort]
     if kind != "enabled":
-        raise _bad("thinking", "must be {\"type\": \"enabled\", \"budget_tokens\": N} or {\"type\": \"disabled\"}")
+        raise _bad("thinking", 'must be {"type": "enabled", "budget_tokens": N}, {"type": "adaptive"} '
+                               'or {"type": "disabled"}')
     n = thinking.get("budget_tokens")
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise _bad("thinking.budget_tokens", "must be a non-negative integer")

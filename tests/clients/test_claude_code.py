@@ -70,10 +70,10 @@ def _turn(k: int) -> dict:
     s = copy.deepcopy(SESSION)
     s["system"][0]["text"] = s["system"][0]["text"].format(cch=secrets.token_hex(3)[:5])
     msgs = s["messages"][: 2 * k + 1]
-    last = msgs[-1]["content"]
-    last[-1]["cache_control"] = {"type": "ephemeral"}
+    msgs[-1]["content"][-1]["cache_control"] = {"type": "ephemeral"}
+    msgs.insert(1, s["context_message"])
     return {"model": "claude-sonnet-4-5-20250929", "max_tokens": 4, "system": s["system"],
-            "tools": s["tools"], "messages": msgs, "extra_body": {"temperature": 0}}
+            "tools": s["tools"], "messages": msgs, "extra_body": {"temperature": 0, **s["fields"]}}
 
 
 def test_a_recorded_session_reuses_each_previous_turn(client):
@@ -112,9 +112,23 @@ def test_alias_that_names_another_model_is_refused_at_start():
 
 def test_cache_control_blocks_are_accepted_everywhere_claude_code_puts_them(served):
     body = _turn(1)
-    body.pop("extra_body")
+    body.update(body.pop("extra_body"))
     body["tools"][-1]["cache_control"] = {"type": "ephemeral"}
     body["messages"][0]["content"][0]["cache_control"] = {"type": "ephemeral", "ttl": "1h"}
     r = post(served.url + "/v1/messages?beta=true", json=body, headers={"Authorization": f"Bearer {KEY}"})
     assert r.status_code == 200, r.text
     assert r.json()["usage"]["cache_creation_input_tokens"] == 0
+
+
+def test_a_system_message_among_the_messages_joins_the_users_turn(client):
+    """Claude Code 2.1 sends context as a ``system`` message after the first user message; chat
+    templates take one system turn, first, and many want turns to alternate: it is read as part of
+    the user's turn (consecutive user turns merge, as Anthropic's API merges them)."""
+    ctx = SESSION["context_message"]["content"]
+    n = client.messages.count_tokens(model="claude-haiku-4-5", messages=[
+        {"role": "user", "content": "Say hi"}, {"role": "system", "content": ctx}]).input_tokens
+    joined = client.messages.count_tokens(model="claude-haiku-4-5", messages=[
+        {"role": "user", "content": "Say hi\n\n" + ctx}]).input_tokens
+    assert n == joined
+    with pytest.raises(anthropic.BadRequestError):
+        client.messages.count_tokens(model="claude-haiku-4-5", messages=[{"role": "tool", "content": "x"}])
