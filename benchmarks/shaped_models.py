@@ -175,7 +175,7 @@ def _mistral_tokenizer(out: Path, scratch: Path) -> None:
     src = scratch / "mistral-src"
     src.mkdir(parents=True, exist_ok=True)
     (src / "tokenizer.model").write_bytes(wheel_file("mistral-v3"))
-    tok = LlamaTokenizer.from_pretrained(src, legacy=False)
+    tok = LlamaTokenizer.from_pretrained(src, legacy=False, add_bos_token=True)  # as Mistral ships it
     tok.chat_template = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }}"
                          " [/INST]{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}")
     tok.save_pretrained(out)
