@@ -17,12 +17,12 @@ from typing import Any
 
 from flask import Blueprint, Response, request
 
-from localllm.core.request import Choice, Request, collect
+from localllm.core.request import Choice, Request
 from localllm.errors import InvalidArgumentError, LocalLLMError
 import localllm.server.protocol as protocol
 import localllm.server.openai_format as fmt
 from localllm.server.routes import generate
-from localllm.server.web import account, engine_for, event_stream, json_response, read_body, state
+from localllm.server.web import account, answer, engine_for, event_stream, json_response, read_body, state
 
 code = Blueprint("code", __name__)
 
@@ -80,11 +80,7 @@ def infill() -> Response:
     eng.submit(req)
     disconnected: Callable[[], bool] | None = request.environ.get("waitress.client_disconnected")
     if not req.stream:
-        try:
-            c = collect(req.events(disconnected=disconnected), 1)[0]
-        finally:
-            req.cancel()
-            account(metrics, req)
+        c = answer(req)[0]
         return json_response(_final(req, c, model_id, c.text, eng))
 
     def events() -> Iterator[str]:

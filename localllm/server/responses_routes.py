@@ -21,7 +21,7 @@ from localllm.errors import InvalidArgumentError, LocalLLMError, NotFoundError
 import localllm.server.protocol as protocol
 import localllm.server.responses_format as fmt
 from localllm.server.responses_store import ResponseStore, Stored
-from localllm.server.web import account, engine_for, event_stream, json_response, read_body, state
+from localllm.server.web import account, answer, engine_for, event_stream, json_response, read_body, state
 
 responses_api = Blueprint("responses", __name__)
 
@@ -92,11 +92,7 @@ def create() -> Response:
     disconnected: Callable[[], bool] | None = request.environ.get("waitress.client_disconnected")
     metrics = st.metrics
     if not stream:
-        try:
-            c = collect(req.events(disconnected=disconnected), 1)[0]
-        finally:
-            req.cancel()
-            account(metrics, req)
+        c = answer(req)[0]
         items, err = fmt.output_items(c, turn.tools)
         return json_response(turn.finish(items, c.finish_reason, req, err))
     return event_stream(_events(turn, req, disconnected), lambda: account(metrics, req))

@@ -23,7 +23,7 @@ from localllm.core.request import Request, collect
 from localllm.errors import InvalidArgumentError, LocalLLMError, ModelNotFoundError
 import localllm.server.openai_format as fmt
 import localllm.server.protocol as protocol
-from localllm.server.web import account, engine_for, event_stream, json_response, read_body, state
+from localllm.server.web import account, answer, engine_for, event_stream, json_response, read_body, state
 
 STATIC = Path(__file__).resolve().parent.parent / "static"
 api = Blueprint("api", __name__)
@@ -161,12 +161,7 @@ def anthropic_messages() -> Response:
     mid, model_id = "msg_" + uuid.uuid4().hex[:24], st.served_id(eng)
     disconnected: Callable[[], bool] | None = request.environ.get("waitress.client_disconnected")
     if not stream:
-        try:
-            choice = collect(req.events(disconnected=disconnected), 1)[0]
-        finally:
-            req.cancel()
-            account(metrics, req)
-        return json_response(af.message(mid, model_id, choice, req, tools))
+        return json_response(af.message(mid, model_id, answer(req)[0], req, tools))
 
     def events() -> Iterator[str]:
         try:
@@ -281,12 +276,7 @@ def generate(eng: Any, req: Request, include_usage: bool, chat: bool,
         account(metrics, req)
 
     if not req.stream:
-        try:
-            choices = collect(req.events(disconnected=disconnected), req.params.n)
-        finally:
-            req.cancel()
-            counted()
-        return json_response(fmt.response(rid, created, model_id, chat, choices, req, tools))
+        return json_response(fmt.response(rid, created, model_id, chat, answer(req), req, tools))
 
     if tools is not None:  # a call is known only at the end: the answer comes in the final chunks
         return event_stream(fmt.tool_stream(rid, created, model_id, req, tools, include_usage, disconnected), counted)

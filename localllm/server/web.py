@@ -16,7 +16,7 @@ from typing import Any
 from flask import Response, current_app, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from localllm.core.request import Request
+from localllm.core.request import Choice, Request, collect
 from localllm.errors import InvalidArgumentError, LocalLLMError, ModelNotFoundError, PayloadTooLargeError
 import localllm.server.openai_format as fmt
 import localllm.server.protocol as protocol
@@ -77,3 +77,15 @@ def event_stream(chunks: Iterator[str], on_end: Callable[[], None] | None) -> Re
 
     return Response(guarded() if on_end is not None else chunks, mimetype="text/event-stream",
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def answer(req: Request) -> list[Choice]:
+    """A non-streamed request's finished choices, waited for in the route's thread (a client that
+    goes away cancels it); the request is then cancelled (its slots freed) and counted in the metrics."""
+    disconnected: Callable[[], bool] | None = request.environ.get("waitress.client_disconnected")
+    metrics = state().metrics
+    try:
+        return collect(req.events(disconnected=disconnected), req.params.n)
+    finally:
+        req.cancel()
+        account(metrics, req)
