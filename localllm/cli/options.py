@@ -87,7 +87,7 @@ models_dir_option = click.option("--models-dir", type=click.Path(file_okay=False
                                       "or models/ in a checkout).")
 
 def model_options(f):
-    """--ctx, --threads, --gpu-layers, --gpu-memory, --models-dir, --mmap, the KV cache and prompt cache."""
+    """--ctx, --threads, --gpu-layers, --gpu-memory, --models-dir, --mmap, the KV cache, prompt cache, --speculate, --prefill."""
     for opt in reversed([
         click.option("--ctx", "n_ctx", type=click.IntRange(min=16), default=None,
                      help="Context size in tokens (default: min(trained, 4096))."),
@@ -111,6 +111,10 @@ def model_options(f):
         click.option("--speculate", type=click.Choice(["on", "off"]), default="off", show_default=True,
                      help="Greedy answers draft tokens from the prompt and verify them in one batch (faster "
                           "when the answer copies its input; a near-tie may break differently)."),
+        click.option("--prefill", type=click.Choice(["exact", "fair"]), default="exact", show_default=True,
+                     help="How a long prompt shares the steps with answers already streaming: exact (one "
+                          "canonical chunk per step, reusable bit for bit) or fair (small pieces beside the "
+                          "streams: smoother streams, slower prompt, not reused past its last chunk)."),
     ]):
         f = opt(f)
     return f
