@@ -20,7 +20,7 @@ Three questions, each with flash attention auto (on, on a CPU) and off, on rando
   micro-batch with the row ("shares": split 1+1, 511) or, when the row's sequence id is
   not the next one, keeps a micro-batch of its own ("own micro-batch"). Why
   ``--prefill exact`` puts the decode rows beside a chunk only with flash attention off
-  (localllm/core/prefill.py). Also the time of the two ways (median of 5).
+  (localllm/core/prefill.py). Also the time of the two ways (median of 2).
 
 Prints which are bit-equal. Not run in CI.
 """
@@ -147,7 +147,7 @@ def beside(runtime, m, fa, toks) -> list[str]:
         ref, _ = _beside_once(runtime, m, fa, toks, (row_seq, chunk_seq, "alone"))
         times = {k: [] for k in ("alone", "row first", "chunk first")}
         got = {}
-        for _ in range(5):
+        for _ in range(2):
             for how in times:
                 got[how], dt = _beside_once(runtime, m, fa, toks, (row_seq, chunk_seq, how))
                 times[how].append(dt)
@@ -180,7 +180,8 @@ def main() -> None:
             if "verify" in a.questions:
                 print("  verification rows vs single tokens: " + "; ".join(verify_rows(runtime, m, fa, toks[:824])))
             if "beside" in a.questions:
-                print("  a chunk beside another sequence's row vs alone: " + "\n    ".join([""] + beside(runtime, m, fa, toks)))
+                print("  a chunk beside another sequence's row vs alone: " + "\n    ".join([""] + beside(runtime, m, fa, toks)),
+                      flush=True)
         m.close()
 
 

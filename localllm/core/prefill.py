@@ -9,12 +9,21 @@ token:
   most **one** chunk per step while any sequence is generating, then the rows;
   prompt tails (after the last cut) fill the step up to one chunk's tokens. So a
   stream waits at most one chunk (up to 512 tokens) between two tokens, and
-  every prompt stays reusable bit for bit. The chunk is decoded alone, then the
-  rows: with flash attention off the rows go into the chunk's own
-  ``llama_decode`` (``SHARED_EXACT``), which is bit for bit the chunk alone.
-  Measured with ``benchmarks/row_invariance.py --questions beside`` (a 512-token
-  chunk beside one token of another sequence, the logits of the next token):
-  MEASUREMENT.
+  every prompt stays reusable bit for bit. The rows go into the chunk's own
+  ``llama_decode`` (the chunk first) where that is bit for bit the chunk alone
+  (:meth:`Prefill.beside`), else the chunk is decoded alone, then the rows.
+  llama.cpp splits a batch over several KV streams into equal micro-batches over
+  consecutive sequence ids, so the chunk either keeps a micro-batch of its own
+  (no row of the next sequence id) or shares its first one with a row (split
+  1 + 1, then 511). Measured with ``benchmarks/row_invariance.py --questions
+  beside`` (a 512-token chunk beside one token of another sequence, then the
+  logits of the chunk's next token; 2026-12-06, llama-cpp-python 0.3.36, Xeon
+  with AMX, smollm2-135m Q6_K (the default here) and Q4_0 repacked): with flash
+  attention **off**, bit-equal in every arrangement; with flash attention
+  **on** (auto, on a CPU), bit-equal when the chunk keeps its own micro-batch,
+  max |diff| 0.54 (Q6_K) and 0.37 (Q4_0) when it shares one. Saved time: none
+  measurable (the two micro-batches are two graph computes either way); it
+  spares one ``llama_decode`` call.
 * ``fair``: while others are generating, a prompt goes in *pieces* inside the
   rows' batch, one ``llama_decode`` per step, sized online so that a step takes
   about twice a rows-only decode: an EWMA of the rows-only decode time and of
@@ -105,37 +114,48 @@ class Prefill:
 
     def _canonical(self, ctx: runtime.Context, batch: runtime.Batch, rows: list[Lane], prompting: list[Lane],
                    chunk_done: Callable[[Lane], None]) -> tuple[set[int], int, int]:
-        """Canonical chunks, each alone (one per step while rows wait, else up to a chunk's tokens of
-        them), then the rows and prompt tails in one ``llama_decode`` (with the chunk, if ``shared``).
-        While rows wait, the step's prompt tokens are at most one chunk's."""
+        """Canonical chunks (one per step while rows wait, else up to a chunk's tokens of them), each
+        alone or beside the rows where that is bit for bit the same (:meth:`beside`); then prompt
+        tails and the rows in one ``llama_decode``, the prompt tokens first in the batch."""
         fed: set[int] = set()
-        n_prompt, beside = 0, None  # prompt tokens decoded; a chunk the rows join
-        for lane in (lane for lane in prompting if lane.cuts):
-            while lane.cuts and n_prompt < self.unit and not (rows and n_prompt):
-                batch.clear()
-                n_prompt += lane.feed_chunk(batch)
-                fed.add(lane.slot.seq)
-                if rows and self.shared:
-                    beside = lane
-                    break
-                ctx.decode(batch)
-                lane.decoded()
-                chunk_done(lane)
-        if beside is None:
+        n_prompt, last = 0, None  # prompt tokens decoded; a chunk the rows join
+        while n_prompt < self.unit and not (rows and n_prompt):
+            lane = next((lane for lane in prompting if lane.cuts), None)
+            if lane is None:
+                break
             batch.clear()
-        n_rows = _feed_rows(batch, rows)
-        room = self.unit - n_prompt if rows else batch.capacity  # nobody waiting: the room there is
+            n_prompt += lane.feed_chunk(batch)
+            fed.add(lane.slot.seq)
+            if rows and self.beside(lane, rows):
+                last = lane
+                break
+            ctx.decode(batch)
+            lane.decoded()
+            chunk_done(lane)
+        if last is None:
+            batch.clear()
+        # tails: at most a chunk's tokens in all while rows wait; nothing beside a chunk (it would share
+        # the chunk's micro-batch); the room there is when nobody waits
+        room = 0 if last else (self.unit - n_prompt if rows else batch.capacity)
         for lane in prompting:
-            if lane is not beside and room > 0:
+            if room > 0 and lane.pending and not lane.cuts:
                 n = lane.feed(batch, room)
-                room -= n
-                n_prompt += n
+                room, n_prompt = room - n, n_prompt + n
+        n_before = batch.n
+        n_rows = _feed_rows(batch, rows)
         if batch.n:
-            self._decode(ctx, batch, rows=n_rows, prompt=batch.n - n_rows)
+            self._decode(ctx, batch, rows=n_rows, prompt=n_before)
         fed |= _decoded(rows + prompting)
-        if beside is not None:
-            chunk_done(beside)
+        if last is not None:
+            chunk_done(last)
         return fed, n_prompt, n_rows
+
+    def beside(self, lane: Lane, rows: list[Lane]) -> bool:
+        """Whether ``lane``'s chunk, first in the batch, may share a ``llama_decode`` with ``rows`` and
+        still be bit for bit the chunk alone: with flash attention off always (``shared``); else when
+        it keeps a micro-batch of its own, i.e. no row is of the next sequence id (llama.cpp splits a
+        multi-stream batch into equal micro-batches over consecutive sequence ids)."""
+        return self.shared or all(r.slot.seq != lane.slot.seq + 1 for r in rows)
 
     def _decode(self, ctx: runtime.Context, batch: runtime.Batch, *, rows: int, prompt: int) -> None:
         import time

@@ -77,15 +77,12 @@ class Scheduler:
         # one KV stream per slot (like llama-server -np N): a sequence's cells stay in position
         # order whatever the others do, so its attention sums round the same alone or batched
         # ``context``: the KV cache types and flash attention (ModelSettings.context_options)
-        # with flash attention off a chunk may share its llama_decode with the rows (prefill.SHARED_EXACT):
-        # room for one token of each sequence beside it
-        shared = context.get("flash_attn") is False
-        self.ctx = runtime.Context(model, n_ctx=n_ctx_seq * n_slots, n_threads=n_threads,
-                                   n_batch=n_batch + (n_slots if shared else 0), n_ubatch=n_batch,
-                                   n_seq_max=n_slots, kv_unified=False, **context)
+        # a chunk may share its llama_decode with the rows (Prefill.beside): room for a token of each beside it
+        self.ctx = runtime.Context(model, n_ctx=n_ctx_seq * n_slots, n_threads=n_threads, n_batch=n_batch + n_slots,
+                                   n_ubatch=n_batch, n_seq_max=n_slots, kv_unified=False, **context)
         self.batch = runtime.Batch(self.ctx.n_batch, 1)
         self.unit = min(lanes_mod.CHUNK, n_batch)  # canonical chunk length (part of the cache key)
-        self.prefill = Prefill(prefill, unit=self.unit, shared=shared)
+        self.prefill = Prefill(prefill, unit=self.unit, shared=context.get("flash_attn") is False)
         self.eog = frozenset(model.eog_tokens())
         self.slots = [Slot(i) for i in range(n_slots)]
         self.waiting: deque[Request] = deque()
