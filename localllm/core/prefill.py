@@ -85,7 +85,7 @@ class Prefill:
         if rows and not prompt:
             self.t_rows = _ewma(self.t_rows, seconds)
         elif rows and self.t_rows is not None:
-            self.t_token = _ewma(self.t_token, max(seconds - self.t_rows, 0.0) / prompt)
+            self.t_token = _ewma(self.t_token, max(seconds - self.t_rows, 1e-6) / prompt)  # never 0: a divisor
 
     # ------------------------------------------------------------------ one step
     def step(self, ctx: runtime.Context, batch: runtime.Batch, lanes: list[Lane],
