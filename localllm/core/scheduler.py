@@ -1,5 +1,4 @@
-"""Continuous batching: every running sequence is decoded together, one
-``llama_decode`` per step.
+"""Continuous batching: every running sequence is decoded together, a step at a time.
 
 Requests join and leave the shared batch between steps. Each step decodes one
 token of every generating sequence (and the tails beam search decodes again)
