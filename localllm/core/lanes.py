@@ -87,9 +87,11 @@ class Lane:
     """A slot being fed: ``pending`` tokens go in at ``pos``; after a decode,
     ``row`` is the batch row holding the logits of its last token (or -1).
     ``cuts``: the prompt's canonical cuts still ahead of ``pos``. With ``all_rows``
-    (a token and its speculative draft) every pending token gets logits, in ``rows``."""
+    (a token and its speculative draft) every pending token gets logits, in ``rows``.
+    ``prompting``: the prompt's tail after its last cut is still to go in, alone (see
+    ``Scheduler._decode_tail``), never beside other sequences' rows."""
 
-    __slots__ = ("slot", "pending", "pos", "row", "fed", "cuts", "all_rows", "rows")
+    __slots__ = ("slot", "pending", "pos", "row", "fed", "cuts", "all_rows", "rows", "prompting")
 
     def __init__(self, slot: Slot) -> None:
         self.slot = slot
@@ -100,6 +102,7 @@ class Lane:
         self.cuts: list[int] = []
         self.all_rows = False
         self.rows: list[int] = []
+        self.prompting = False
 
     def feed_chunk(self, batch: runtime.Batch) -> int:
         """Put the pending tokens up to the next cut into the (empty) batch, no logits; returns how many."""
@@ -115,8 +118,8 @@ class Lane:
         """Add as many pending tokens as the batch has room for; logits for the last one.
         (Canonical chunks go first, through :meth:`feed_chunk`.)"""
         room = batch.capacity - batch.n
-        if room <= 0 or not self.pending or self.cuts:
-            return
+        if room <= 0 or not self.pending or self.cuts or (self.prompting and len(self.pending) > 1):
+            return  # chunks and a prompt's tail go in alone
         if self.all_rows:  # a token and its draft: all in this batch, or the token alone
             if room < len(self.pending):
                 del self.pending[1:]
@@ -184,6 +187,7 @@ def start(ctx: runtime.Context, lane: Lane, prompt: list[int], prompt_cuts: list
     lane.pos = keep
     lane.row = -1
     lane.cuts = [c for c in prompt_cuts if c > keep]
+    lane.prompting = True
     return keep
 
 

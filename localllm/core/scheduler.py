@@ -408,13 +408,7 @@ class Scheduler:
         fed = len(chunked)
         now = time.perf_counter()
         for u in self.active:
-            events: list[Event] = []
-            u.after_decode(ctx, now, events)
-            if u.finished and u.req.t_end is None:
-                u.req.t_end = now
-            q = u.req.queue
-            for ev in events:
-                q.put(ev)
+            self._after(u, now)
         st = self.stats
         st["steps"] += 1
         st["last_step_sequences"] = fed
@@ -422,10 +416,41 @@ class Scheduler:
         if self.on_step is not None:
             self.on_step({"seconds": now - t0, "sequences": fed, "tokens": batch.n + chunk_tokens})
 
+    def _decode_tail(self, unit: Unit, lane: Lane) -> int:
+        """Decode the prompt's tail after its last cut alone, and sample its first token now
+        (the step's next decode overwrites the logits). Beside other sequences' rows, llama.cpp
+        would split it into micro-batches of as many tokens as they have, which round differently
+        from the same prompt alone; alone, a request's answer does not depend on who else is
+        being served. Returns the tokens decoded."""
+        lane.prompting = False
+        n = len(lane.pending)
+        if n == 0:
+            return 0
+        self.batch.clear()
+        lane.feed(self.batch)
+        self.ctx.decode(self.batch)
+        lane.decoded()
+        self._after(unit, time.perf_counter())
+        for other in unit.lanes:  # sampled: the shared batch decodes the next tokens
+            other.row = -1
+            other.rows = []
+        return n
+
+    def _after(self, unit: Unit, now: float) -> None:
+        """Let ``unit`` sample what was just decoded, and pass its events on."""
+        events: list[Event] = []
+        unit.after_decode(self.ctx, now, events)
+        if unit.finished and unit.req.t_end is None:
+            unit.req.t_end = now
+        for ev in events:
+            unit.req.queue.put(ev)
+
     def _decode_chunks(self, lanes: list[Lane]) -> tuple[set[int], int]:
-        """Decode prompts' canonical chunks, each alone, up to ``n_batch`` tokens in all; a prompt
-        whose last chunk is in is saved to the prompt cache. Returns the slots fed and the tokens."""
+        """Decode prompts' canonical chunks, each alone, then the tail after their last cut, up to
+        ``n_batch`` tokens in all; a prompt whose last chunk is in is saved to the prompt cache.
+        Returns the slots fed and the tokens."""
         budget, fed, n_tokens = self.batch.capacity, set(), 0
+        unit_of = {lane.slot.seq: u for u in self.active for lane in u.lanes}
         for lane in lanes:
             while lane.cuts and budget > 0:
                 self.batch.clear()
@@ -438,4 +463,9 @@ class Scheduler:
                 fed.add(lane.slot.seq)
                 if not lane.cuts:
                     self._save(lane.slot)
+            if lane.prompting and not lane.cuts and budget > 0:
+                n = self._decode_tail(unit_of[lane.slot.seq], lane)
+                budget -= n
+                n_tokens += n
+                fed.add(lane.slot.seq)
         return fed, n_tokens
