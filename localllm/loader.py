@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from localllm import settings as settings_mod
 from localllm import store
-from localllm.errors import InvalidArgumentError, ModelNotFoundError
+from localllm.errors import InsufficientMemoryError, InvalidArgumentError, ModelNotFoundError
 from localllm.formats import KV_TYPES, check_int, check_kv_type
 
 if TYPE_CHECKING:
@@ -232,6 +232,22 @@ def prepare(s: ModelSettings, notes: list[str] | None = None) -> Prepared:
     return Prepared(s, path, header, gpu_layers, reason, list(notes or []))
 
 
+def _check_fits(s: ModelSettings, prep: Prepared) -> None:
+    """Refuse, before llama.cpp reads a byte, a model whose plan does not fit the RAM available:
+    mapped, it would load and then page its weights in from disk for every token."""
+    if not settings_mod.memory_check():
+        return
+    p = s.plan(prep.header)
+    if p.fits:
+        return
+    held = "mapped from the file" if p.mmap else "read into memory"
+    raise InsufficientMemoryError(
+        f"{prep.path}: the model needs {p.ram_bytes / 2**30:.1f} GiB of RAM ({held}, context "
+        f"{p.n_ctx} tokens) but {p.ram_available / 2**30:.1f} GiB is available",
+        hint="; ".join(r for r in p.reasons if r.startswith(("a context of", "smaller quants", "no quant")))
+        + " (localllm plan MODEL; LOCALLLM_MEMORY_CHECK=0 loads it anyway)", path=str(prep.path))
+
+
 def load(s: ModelSettings, progress: Callable[[str], None] | None = None,
          prepared: Prepared | None = None) -> Loaded:
     """Load ``s.model`` (a path): header, placement, llama.cpp, prompter. ``prepared``: the result of
@@ -253,6 +269,7 @@ def load(s: ModelSettings, progress: Callable[[str], None] | None = None,
     if not offload and isinstance(s.n_gpu_layers, int) and s.n_gpu_layers > 0:
         reason = (f"{s.n_gpu_layers} GPU layers requested, but this llama.cpp build has no GPU offload "
                   "(CPU only): 0 layers")
+    _check_fits(s, prep)
     mmap = s.use_mmap(prep.header)
     if mmap and s.mmap is None and hardware.weights_in_memory():
         prep.notes.append("the weights are mapped from the file, not read into huge pages: held in memory, "

@@ -395,7 +395,22 @@ def make_plan(path: str | os.PathLike[str] | Header, *, n_ctx: int | None = None
         if plan.alternatives:
             reasons.append("smaller quants that would fit at this context: "
                            + ", ".join(a["quant"] for a in plan.alternatives))
+        elif not plan.max_ctx_that_fits:
+            reasons.append(_nothing_fits(h, fit_est, ram))
     return plan
+
+
+def _nothing_fits(h: Header, est: Estimate, ram: int) -> str:
+    """What to say when no context and no quant of this model fits: the smallest quant's need,
+    and the size of model that would fit at this file's quant (with this model's other memory)."""
+    smallest = ALTERNATIVES[-1]
+    params = h.parameters or 1
+    others = est.ram_bytes - est.weights_resident_bytes
+    need = others + int(params * QUANTS[smallest].bpw / 8)
+    bpw_now = est.weights_bytes * 8 / params
+    fit = max(ram - others, 0) * 8 / bpw_now
+    return (f"no quant of it fits: even {smallest} would need {need / 2**30:.1f} GiB; this memory holds a "
+            f"model of about {fit / 1e9:.1f} B parameters at {h.quant or 'this quant'}")
 
 
 def _largest_ctx(h: Header, ram: int, gpu_layers: int, n_ubatch: int, cpu: dict[str, Any], cap: int,

@@ -76,6 +76,12 @@ def hugepages() -> bool:
     return os.environ.get("LOCALLLM_HUGEPAGES", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
+def memory_check() -> bool:
+    """``LOCALLLM_MEMORY_CHECK=0`` loads a model that the plan says does not fit the RAM available
+    (mapped, llama.cpp would page it in from disk for every token: minutes per token)."""
+    return os.environ.get("LOCALLLM_MEMORY_CHECK", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
 def amx() -> bool:
     """``LOCALLLM_AMX=1`` lets llama.cpp put weights in its AMX buffers where the build has them
     (off by default: they crash on batches of 2+ tokens, see runtime._lib.extra_buffers_usable)."""

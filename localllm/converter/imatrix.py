@@ -40,10 +40,25 @@ def available() -> bool:
     return all(importlib.util.find_spec(m) is not None for m in ("torch", "transformers"))
 
 
+def torch_dtype_name(weight_dtypes: set[str]) -> str:
+    """The dtype the model is run in for collecting: bfloat16 when the checkpoint holds 16-bit
+    weights (its own precision for BF16; F16 runs slowly on CPUs, BF16 keeps its range), so a 7B
+    takes 15 GB rather than the 30 GB of float32; float32 for a float32 checkpoint."""
+    return "float32" if "F32" in weight_dtypes and not weight_dtypes & {"BF16", "F16"} else "bfloat16"
+
+
+def memory_needed(n_params: int, dtype: str, *, n_ctx: int = 512, hidden: int = 4096, n_vocab: int = 32000) -> int:
+    """Bytes that :func:`collect` holds at its peak: the weights in ``dtype``, one window's
+    logits in float32 and its activations, and torch's own ~0.5 GiB."""
+    per = 4 if dtype == "float32" else 2
+    return n_params * per + n_ctx * n_vocab * 4 * 2 + n_ctx * hidden * 4 * 64 + (512 << 20)
+
+
 def collect(src: str | os.PathLike[str], text: str, *, gguf_arch: str, n_ctx: int = 512, tied: bool = False,
+            dtype: str = "float32",
             progress: Callable[[int, int], None] | None = None) -> dict[str, np.ndarray]:
     """{GGUF tensor name: mean squared input activation per column} from the HF checkpoint ``src``
-    run on ``text`` in windows of ``n_ctx`` tokens."""
+    run in ``dtype`` on ``text`` in windows of ``n_ctx`` tokens (statistics summed in float32)."""
     if not available():
         raise PrerequisiteError("an importance matrix needs torch and transformers",
                                 hint="pip install 'localllm[verify]', or convert with --no-imatrix")
@@ -51,7 +66,7 @@ def collect(src: str | os.PathLike[str], text: str, *, gguf_arch: str, n_ctx: in
     import transformers
 
     src = Path(src)
-    model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=getattr(torch, dtype)).eval()
     tok = transformers.AutoTokenizer.from_pretrained(src)
     ids = tok(text, add_special_tokens=True)["input_ids"]
     n_layer = int(getattr(model.config, "num_hidden_layers", 0) or model.config.get_text_config().num_hidden_layers)
@@ -89,4 +104,4 @@ def collect(src: str | os.PathLike[str], text: str, *, gguf_arch: str, n_ctx: in
     return {n: (sums[n] / counts[n]).numpy().astype(np.float32) for n in sums}
 
 
-__all__ = ["available", "calibration_text", "collect"]
+__all__ = ["available", "calibration_text", "collect", "memory_needed", "torch_dtype_name"]

@@ -24,6 +24,7 @@ from typing import Any
 
 import gguf
 
+from localllm import hardware
 from localllm.converter.checkpoint import Checkpoint, config_dtype, text_config
 from localllm.converter.probe import ProbeResult, probe_gguf, skip_reason
 from localllm.converter.rules import ArchRule, rule_for
@@ -32,7 +33,8 @@ from localllm.converter.tokenizer import load_vocab, write_vocab
 from localllm.converter.writer import (atomic_output, check_space, disk_nearly_full, patch_u32, scratch_file,
                                        tensor_types, write_gguf)
 from localllm.formats import QUANTS, parse_quant
-from localllm.errors import ConversionCheckError, DiskFullError, ModelLoadError, PrerequisiteError
+from localllm.errors import (ConversionCheckError, DiskFullError, InsufficientMemoryError, ModelLoadError,
+                             PrerequisiteError)
 
 CONVERTER_VERSION = "1"
 # the type the intermediate file gets when llama.cpp does the final quantization:
@@ -148,7 +150,7 @@ def convert(src: str | os.PathLike[str], out: str | os.PathLike[str], *, quant: 
     kv = hparams(rule, cfg)
     kv["vocab_size"] = len(vocab.tokens)
     ftype, direct = QUANTS[quant].ftype, QUANTS[quant].written
-    imatrix, imatrix_note = _importance(ck.path, rule, cfg, quant, direct, imatrix)
+    imatrix, imatrix_note = _importance(ck, rule, cfg, quant, direct, imatrix)
     probe_outs = plan_tensors(ck, rule, cfg, gguf.GGMLQuantizationType.F32, n_vocab=len(vocab.tokens))
     stage = quant if direct else _INTERMEDIATE[_source_type(ck, probe_outs)]
     outs = plan_tensors(ck, rule, cfg, DIRECT_TYPES[stage], n_vocab=len(vocab.tokens))
@@ -220,7 +222,7 @@ def convert(src: str | os.PathLike[str], out: str | os.PathLike[str], *, quant: 
     return res
 
 
-def _importance(src: Path, rule: ArchRule, cfg: dict[str, Any], quant: str, direct: bool,
+def _importance(ck: Checkpoint, rule: ArchRule, cfg: dict[str, Any], quant: str, direct: bool,
                 want: bool | dict[str, Any] | None) -> tuple[dict[str, Any] | None, str]:
     """(the importance matrix or None, what the summary says about it)."""
     import localllm.converter.imatrix as imx
@@ -235,18 +237,29 @@ def _importance(src: Path, rule: ArchRule, cfg: dict[str, Any], quant: str, dire
         if want:
             raise PrerequisiteError("--imatrix needs torch and transformers", hint="pip install 'localllm[verify]'")
         return None, "off: collecting one needs torch and transformers (pip install 'localllm[verify]')"
+    dtype = imx.torch_dtype_name({r.dtype for r in ck.tensors.values()})
+    need = imx.memory_needed(sum(r.n_elements for r in ck.tensors.values()), dtype,
+                             hidden=int(cfg.get("hidden_size", 4096)), n_vocab=int(cfg.get("vocab_size", 32000)))
+    avail = hardware.memory()["available"]
+    if avail and need > avail:  # collecting runs the whole model in torch: never let it swap or be killed
+        msg = (f"collecting one runs the model in torch ({dtype}), which needs about {need / 2**30:.1f} GiB; "
+               f"{avail / 2**30:.1f} GiB is available")
+        if want:
+            raise InsufficientMemoryError(f"--imatrix: {msg}",
+                                          hint="free memory, or convert with --no-imatrix (quality drops a little)")
+        return None, f"skipped: {msg} (--no-imatrix says so; quality drops a little)"
     tied = cfg.get("tie_word_embeddings")
     t0 = time.perf_counter()
-    m = imx.collect(src, imx.calibration_text(), gguf_arch=rule.gguf_arch,
+    m = imx.collect(ck.path, imx.calibration_text(), gguf_arch=rule.gguf_arch, dtype=dtype,
                     tied=rule.tied_default if tied is None else bool(tied))
     _trim_heap()
-    return m, f"from the calibration text, {len(m)} tensors, {time.perf_counter() - t0:.1f} s"
+    return m, f"from the calibration text ({dtype}), {len(m)} tensors, {time.perf_counter() - t0:.1f} s"
 
 
 def importance_for(src: str | os.PathLike[str], want: bool | None = None) -> tuple[dict[str, Any] | None, str]:
     """The importance matrix of the HF checkpoint ``src`` for quantizing it (``--quant auto``), and a note."""
     ck = Checkpoint.open(src)
-    return _importance(ck.path, rule_for(ck.config), text_config(ck.config), "auto", False, want)
+    return _importance(ck, rule_for(ck.config), text_config(ck.config), "auto", False, want)
 
 
 def _prod(shape: tuple[int, ...]) -> int:

@@ -89,14 +89,15 @@ class Prefill:
 
     # ------------------------------------------------------------------ one step
     def step(self, ctx: runtime.Context, batch: runtime.Batch, lanes: list[Lane],
-             chunk_done: Callable[[Lane], None]) -> tuple[set[int], int, int]:
-        """Decode this step's prompt tokens and rows; ``chunk_done(lane)`` after each canonical chunk.
+             chunk_done: Callable[[Lane], None], tail_done: Callable[[Lane], None]) -> tuple[set[int], int, int]:
+        """Decode this step's prompt tokens and rows; ``chunk_done(lane)`` after each canonical chunk,
+        ``tail_done(lane)`` after a prompt's tail (its logits are read before the next decode).
         Returns the sequences fed, the prompt tokens and the other tokens decoded (the rows)."""
         prompting = [lane for lane in lanes if lane.prompting()]
         rows = [lane for lane in lanes if lane.pending and not lane.prompting()]
         if self.mode == "fair" and rows and prompting:
             return self._fair(ctx, batch, rows, prompting)
-        return self._canonical(ctx, batch, rows, prompting, chunk_done)
+        return self._canonical(ctx, batch, rows, prompting, chunk_done, tail_done)
 
     def _fair(self, ctx: runtime.Context, batch: runtime.Batch, rows: list[Lane],
               prompting: list[Lane]) -> tuple[set[int], int, int]:
@@ -113,10 +114,13 @@ class Prefill:
         return _decoded(rows + prompting), n_prompt, n_rows
 
     def _canonical(self, ctx: runtime.Context, batch: runtime.Batch, rows: list[Lane], prompting: list[Lane],
-                   chunk_done: Callable[[Lane], None]) -> tuple[set[int], int, int]:
+                   chunk_done: Callable[[Lane], None],
+                   tail_done: Callable[[Lane], None]) -> tuple[set[int], int, int]:
         """Canonical chunks (one per step while rows wait, else up to a chunk's tokens of them), each
         alone or beside the rows where that is bit for bit the same (:meth:`beside`); then prompt
-        tails and the rows in one ``llama_decode``, the prompt tokens first in the batch."""
+        tails, each alone and whole (beside other sequences llama.cpp would split a tail into
+        micro-batches as long as theirs, which round differently from the same prompt alone: one of
+        8 concurrent greedy answers changed), then the rows."""
         fed: set[int] = set()
         n_prompt, last = 0, None  # prompt tokens decoded; a chunk the rows join
         while n_prompt < self.unit and not (rows and n_prompt):
@@ -132,15 +136,19 @@ class Prefill:
             ctx.decode(batch)
             lane.decoded()
             chunk_done(lane)
-        if last is None:
-            batch.clear()
-        # tails: at most a chunk's tokens in all while rows wait; nothing beside a chunk (it would share
-        # the chunk's micro-batch); the room there is when nobody waits
+        # tails: at most a chunk's tokens in all while rows wait, none after a chunk the rows join
         room = 0 if last else (self.unit - n_prompt if rows else batch.capacity)
         for lane in prompting:
-            if room > 0 and lane.pending and not lane.cuts:
-                n = lane.feed(batch, room)
+            if lane.pending and not lane.cuts and len(lane.pending) <= room:
+                batch.clear()
+                n = lane.feed(batch)
+                ctx.decode(batch)
+                lane.decoded()
+                fed.add(lane.slot.seq)
+                tail_done(lane)
                 room, n_prompt = room - n, n_prompt + n
+        if last is None:
+            batch.clear()
         n_before = batch.n
         n_rows = _feed_rows(batch, rows)
         if batch.n:

@@ -354,7 +354,7 @@ class Scheduler:
         for lane in lanes:
             lane.row = -1
             lane.rows = []
-        fed, n_prompt, n_rows = self.prefill.step(self.ctx, self.batch, lanes, self._chunk_done)
+        fed, n_prompt, n_rows = self.prefill.step(self.ctx, self.batch, lanes, self._chunk_done, self._tail_done)
         if not fed:
             # only units waiting on work that is not theirs: cannot happen, but never spin
             for u in self.active:
@@ -363,13 +363,7 @@ class Scheduler:
             return
         now = time.perf_counter()
         for u in self.active:
-            events: list[Event] = []
-            u.after_decode(self.ctx, now, events)
-            if u.finished and u.req.t_end is None:
-                u.req.t_end = now
-            q = u.req.queue
-            for ev in events:
-                q.put(ev)
+            self._after(u, now)
         st = self.stats
         st["steps"] += 1
         st["last_step_sequences"] = len(fed)
@@ -385,3 +379,21 @@ class Scheduler:
             lane.slot.exact = lane.pos
             if not lane.cuts and self.prompt_cache is not None:
                 slot_cache.save(self.prompt_cache, self.ctx, lane.slot)
+
+    def _tail_done(self, lane: Lane) -> None:
+        """A prompt's tail was decoded alone: its request samples its first token now (the step's
+        next decode overwrites the logits); the rows of the shared batch come after."""
+        unit = next(u for u in self.active if lane in u.lanes)
+        self._after(unit, time.perf_counter())
+        for other in unit.lanes:
+            other.row = -1
+            other.rows = []
+
+    def _after(self, unit: Unit, now: float) -> None:
+        """Let ``unit`` sample what was just decoded, and pass its events on."""
+        events: list[Event] = []
+        unit.after_decode(self.ctx, now, events)
+        if unit.finished and unit.req.t_end is None:
+            unit.req.t_end = now
+        for ev in events:
+            unit.req.queue.put(ev)

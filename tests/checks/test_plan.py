@@ -178,3 +178,41 @@ def test_plan_table_says_how_the_weights_are_held(default_model_path: Path) -> N
     ram = {f: json.loads(CliRunner().invoke(cli, ["plan", str(default_model_path), "--ctx", "1024", f, "--json"],
                                             catch_exceptions=False).output)["ram_bytes"] for f in rows}
     assert ram["--mmap"] - ram["--no-mmap"] == h.file_size - tensors
+
+
+def test_a_model_half_again_larger_than_memory_is_planned_and_never_loaded(default_model_path: Path,
+                                                                           tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A GGUF at least 1.5 × this machine's RAM (Llama-3.1-70B's widths at Q4_K_M's types, as many
+    layers as that takes; a sparse file): the plan says it does not fit and what would, and every
+    door refuses it with that one line before llama.cpp reads a byte (mapped, it would load and
+    then page from disk for every token)."""
+    import math
+
+    from localllm import Model, hardware, runtime
+    from localllm.errors import InsufficientMemoryError
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import sparse_gguf
+
+    ram = hardware.memory()["total"]
+    layers = math.ceil(1.5 * ram / sparse_gguf.layer_bytes("llama-3.1-70b"))
+    big = tmp_path / "big.gguf"
+    length = sparse_gguf.widen(default_model_path, big, "llama-3.1-70b", n_layer=layers)
+    assert length >= 1.5 * ram and big.stat().st_blocks * 512 < 256 * 2**20  # a hole, not data
+
+    p = plan.make_plan(big, n_ctx=4096, offload=False, gpu_free=0)
+    assert not p.fits and p.ram_bytes > length and p.max_ctx_that_fits is None and not p.alternatives
+    assert any(r.startswith("no quant of it fits: even Q2_K would need") for r in p.reasons), p.reasons
+
+    def must_not_load(*a: object, **k: object) -> None:
+        raise AssertionError("llama.cpp was asked to load a model that does not fit")
+
+    monkeypatch.setattr(runtime, "LlamaModel", must_not_load)
+    with pytest.raises(InsufficientMemoryError, match=r"the model needs [0-9.]+ GiB of RAM \(mapped"):
+        Model(str(big))
+    r = subprocess.run([sys.executable, "-m", "localllm", "run", str(big), "hi"], capture_output=True, text=True,
+                       timeout=120, cwd=ROOT)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith(f"error: {big}: the model needs"), r.stderr
+    assert "no quant of it fits" in lines[0]
