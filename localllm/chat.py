@@ -302,7 +302,7 @@ def render_chat(template: str, messages: Any, *, bos_token: str = "", eos_token:
     except jinja2.exceptions.SecurityError as e:
         raise TemplateError(f"the model's chat template tried an unsafe operation: {e}") from None
     except RecursionError:  # Python's own wording names wherever the stack ran out, which varies run to run
-        raise TemplateError("the model's chat template failed: it recurses without end") from None
+        raise TemplateError("the model's chat template failed: endless recursion") from None
     except Exception as e:  # a template is a program; any failure is the template's
         raise TemplateError(f"the model's chat template failed: {str(e)[:200]}") from None
     finally:

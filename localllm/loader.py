@@ -229,17 +229,23 @@ def prepare(s: ModelSettings, notes: list[str] | None = None) -> Prepared:
 
 
 def _check_fits(s: ModelSettings, prep: Prepared) -> None:
-    """Refuse, before llama.cpp reads a byte, a model whose plan does not fit the RAM available:
-    mapped, it would load and then page its weights in from disk for every token."""
+    """Refuse, before llama.cpp reads a byte, a model whose plan exceeds this machine's whole RAM:
+    mapped, it would load and then read its weights from disk again for every token. (Past the RAM
+    *available* only, it is mapped, and the page cache makes room: ``use_mmap``.)"""
+    from localllm import hardware
+    from localllm.plan import context_size
+
     if not settings_mod.memory_check():
         return
+    context_size(s.n_ctx, int(prep.header.get("context_length", 0) or 0))  # a bad n_ctx is its own error
     p = s.plan(prep.header)
-    if p.fits:
+    total = hardware.memory()["total"]
+    if p.fits or not total or p.ram_bytes <= total:
         return
     held = "mapped from the file" if p.mmap else "read into memory"
     raise InsufficientMemoryError(
         f"{prep.path}: the model needs {p.ram_bytes / 2**30:.1f} GiB of RAM ({held}, context "
-        f"{p.n_ctx} tokens) but {p.ram_available / 2**30:.1f} GiB is available",
+        f"{p.n_ctx} tokens) but this machine has {total / 2**30:.1f} GiB in all",
         hint="; ".join(r for r in p.reasons if r.startswith(("a context of", "smaller quants", "no quant")))
         + " (localllm plan MODEL; LOCALLLM_MEMORY_CHECK=0 loads it anyway)", path=str(prep.path))
 
