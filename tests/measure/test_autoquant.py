@@ -58,7 +58,11 @@ def test_quant_auto_picks_the_fastest_within_budget_to_a_file(tiny_checkpoint: P
     assert len(table) == len(CANDIDATES)
     turn = {r[0]: float(r[7]) for r in table}
     chosen = next(r[0] for r in table if "<-" in r)
-    assert turn[chosen] == min(turn.values())  # every candidate is within a budget of 10 nats
+    # every candidate is within a budget of 10 nats: the fastest, or one within SPEED_TIE of it (the table
+    # shows 2 decimals, so each side may be off by half a unit)
+    from localllm.autoquant import SPEED_TIE
+
+    assert turn[chosen] - 0.005 <= (min(turn.values()) + 0.005) * (1 + SPEED_TIE), (chosen, turn)
     from localllm import validate
 
     assert validate.read_header(out).quant == chosen
