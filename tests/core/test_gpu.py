@@ -155,8 +155,12 @@ def test_gpu_memory_caps_auto_and_the_plan_matches(doctor: dict, default_model_p
     assert r.returncode == 0, r.stderr
     want = json.loads(r.stdout)
     assert 0 < want["gpu_layers"] < want["n_layer"], want["reasons"]
-    r = _py(str(TESTS / "gpu_probe.py"), "auto", str(default_model_path), str(cap))
-    assert r.returncode == 0, r.stderr[-2000:]
+    # twice, measured the second time: a driver compiles its shaders on first use and keeps them in its
+    # disk cache (Mesa's ~/.cache/mesa_shader_cache). lavapipe compiles with LLVM in this process: with
+    # that cache cold, RSS grew 476 MiB instead of 330 (the plan: 302), the CI's first run failed on it
+    for _ in range(2):
+        r = _py(str(TESTS / "gpu_probe.py"), "auto", str(default_model_path), str(cap))
+        assert r.returncode == 0, r.stderr[-2000:]
     got = json.loads(r.stdout)
     assert got["info"]["gpu_layers"] == want["gpu_layers"] and got["info"]["gpu_memory"] == cap
     assert f"offloaded {want['gpu_layers']}/" in got["log_offloaded"]
