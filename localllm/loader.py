@@ -58,6 +58,7 @@ class ModelSettings:
     prompt_cache_dir: str | os.PathLike[str] | None = None   # default: <home>/prompt-cache
     prompt_cache_bytes: int = 1 << 30
     speculate: str = "off"      # prompt lookup drafts for greedy answers: on, off (localllm/core/speculate.py)
+    prefill: str = "exact"      # how a prompt shares steps with running streams: exact, fair (localllm/core/prefill.py)
 
     def __post_init__(self) -> None:
         from localllm.placement import parse_gpu_layers, parse_gpu_memory
@@ -68,6 +69,8 @@ class ModelSettings:
             raise InvalidArgumentError("flash_attn must be auto, on or off", param="flash_attn")
         if self.speculate not in ("on", "off"):
             raise InvalidArgumentError("speculate must be on or off", param="speculate")
+        if self.prefill not in ("exact", "fair"):
+            raise InvalidArgumentError("prefill must be exact or fair", param="prefill")
         if self.flash_attn == "off" and KV_TYPES[self.cache_type_v].quantized:
             raise InvalidArgumentError("a quantized V cache needs flash attention (flash_attn auto or on)",
                                        param="cache_type_v")
@@ -102,7 +105,8 @@ class ModelSettings:
         from localllm.plan import make_plan
 
         return make_plan(header, n_ctx=self.total_context(header), n_seq=self.n_seq, gpu_memory=self.gpu_memory,  # type: ignore[arg-type]
-                         cache_type_k=self.cache_type_k, cache_type_v=self.cache_type_v, mmap=self.mmap, **what_if)
+                         cache_type_k=self.cache_type_k, cache_type_v=self.cache_type_v, mmap=self.mmap,
+                         flash_attn=self.flash_attn != "off", **what_if)
 
     def use_mmap(self, header: Header) -> bool:
         """Whether the weights are mapped from the file: ``mmap``, or auto (plan.weights_mapped, the one
@@ -112,7 +116,8 @@ class ModelSettings:
         from localllm import plan
 
         return plan.weights_mapped(header, self.total_context(header), n_seq=self.n_seq,
-                                   cache_type_k=self.cache_type_k, cache_type_v=self.cache_type_v)
+                                   cache_type_k=self.cache_type_k, cache_type_v=self.cache_type_v,
+                                   flash_attn=self.flash_attn != "off")
 
     def context_options(self) -> dict[str, Any]:
         """The llama.cpp context options these settings decide (for every generation context)."""
@@ -157,6 +162,7 @@ class ModelInfo:
     flash_attn: str
     prompt_cache: bool
     speculate: str = "off"  # prompt lookup drafts for greedy answers: on or off
+    prefill: str = "exact"  # how a prompt shares steps with running streams: exact or fair
     layer_split: str = ""   # which layers are where (plan.layer_split)
     mmap: bool = True       # weights mapped from the file; False: read into memory (huge pages)
     # what clients may ask of it, in Ollama's words ("completion", "tools", "embedding", "insert" (FIM),
@@ -302,7 +308,7 @@ def load(s: ModelSettings, progress: Callable[[str], None] | None = None,
         tokenizer_source=prompter.tokenizer_source, gpu_layers=min(gpu_layers, llama.n_layer + 1),
         gpu_layers_requested=s.n_gpu_layers, gpu_memory=s.gpu_memory, placement=notes[-1] if notes else reason, threads=s.threads(),
         repack=s.repack, cache_type_k=s.cache_type_k, cache_type_v=s.cache_type_v, flash_attn=s.flash_attn,
-        prompt_cache=s.prompt_cache, speculate=s.speculate,
+        prompt_cache=s.prompt_cache, speculate=s.speculate, prefill=s.prefill,
         layer_split=layer_split(llama.n_layer, min(gpu_layers, llama.n_layer + 1)), mmap=mmap,
         capabilities=capabilities(llama, prompter.template))
     return Loaded(llama=llama, prompter=prompter, info=info, settings=s, path=prep.path, notes=prep.notes + notes)

@@ -144,6 +144,9 @@ class Model:
     ``speculate="on"``: greedy answers draft tokens from the prompt and verify
     them in one batch (faster when the answer copies its input; a batch's rows
     round differently, so a greedy near-tie may break the other way).
+    ``prefill``: ``"exact"`` (default) or ``"fair"``, how a long prompt shares
+    the decode steps with answers already streaming (a server's concern; see
+    docs/serve.md, "Fairness").
     ``mmap``: ``True`` maps the weights from the file (shared with other
     processes), ``False`` reads them into memory backed by huge pages (decode
     3-16 % faster); the default reads where the kernel has transparent huge
@@ -160,7 +163,7 @@ class Model:
                  n_threads: int | None = None, n_gpu_layers: GpuLayers = "auto", gpu_memory: int | str | None = None,
                  seed: int | None = None, models_dir: str | Path | None = None, repack: bool = True,
                  prompt_cache: bool | str | Path | None = None, speculate: str | None = None,
-                 mmap: bool | None = None, settings: ModelSettings | None = None) -> None:
+                 prefill: str | None = None, mmap: bool | None = None, settings: ModelSettings | None = None) -> None:
         from localllm import loader, resolve
         from localllm.core.engine import Engine  # loads llama.cpp: import late
 
@@ -180,6 +183,8 @@ class Model:
                                            prompt_cache_dir=folder or settings.prompt_cache_dir)
         if speculate is not None:
             settings = dataclasses.replace(settings, speculate=speculate)
+        if prefill is not None:
+            settings = dataclasses.replace(settings, prefill=prefill)
         notes: list[str] = []  # the door resolves the name once; everything below takes the path
         settings = dataclasses.replace(settings, model=resolve.resolve(settings.model, models_dir=models_dir,
                                                                        notes=notes))

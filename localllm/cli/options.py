@@ -86,8 +86,14 @@ models_dir_option = click.option("--models-dir", type=click.Path(file_okay=False
                                  help="Model store to use for this command (default: LOCALLLM_HOME's, "
                                       "or models/ in a checkout).")
 
+flash_attn_option = click.option(
+    "--flash-attn", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+    help="llama.cpp's flash attention (off holds the attention scores: more memory at long contexts; "
+         "on a CPU often faster for decode at depth: docs/serve.md#fairness).")
+
+
 def model_options(f):
-    """--ctx, --threads, --gpu-layers, --gpu-memory, --models-dir, --mmap, the KV cache and prompt cache."""
+    """--ctx, --threads, --gpu-layers, --gpu-memory, --models-dir, --mmap, the KV cache, prompt cache, --speculate, --prefill."""
     for opt in reversed([
         click.option("--ctx", "n_ctx", type=click.IntRange(min=16), default=None,
                      help="Context size in tokens (default: min(trained, 4096))."),
@@ -103,14 +109,17 @@ def model_options(f):
                      help="KV cache type of keys (q8_0 halves its memory)."),
         click.option("--cache-type-v", type=click.Choice(list(CACHE_TYPES)), default="f16", show_default=True,
                      help="KV cache type of values (quantized needs flash attention)."),
-        click.option("--flash-attn", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
-                     help="llama.cpp's flash attention."),
+        flash_attn_option,
         click.option("--prompt-cache/--no-prompt-cache", default=True, show_default=True,
                      help="Keep KV states of past prompts on disk (<home>/prompt-cache) and restore "
                           "the longest shared prefix, also after a restart."),
         click.option("--speculate", type=click.Choice(["on", "off"]), default="off", show_default=True,
                      help="Greedy answers draft tokens from the prompt and verify them in one batch (faster "
                           "when the answer copies its input; a near-tie may break differently)."),
+        click.option("--prefill", type=click.Choice(["exact", "fair"]), default="exact", show_default=True,
+                     help="How a long prompt shares the steps with answers already streaming: exact (one "
+                          "canonical chunk per step, reusable bit for bit) or fair (small pieces beside the "
+                          "streams: smoother streams, slower prompt, not reused past its last chunk)."),
     ]):
         f = opt(f)
     return f

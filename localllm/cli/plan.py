@@ -6,7 +6,7 @@ import json
 
 import click
 
-from localllm.cli.options import MMAP_HELP, GpuMemory, human_bytes, models_dir_option
+from localllm.cli.options import MMAP_HELP, GpuMemory, flash_attn_option, human_bytes, models_dir_option
 from localllm.formats import CACHE_TYPES
 
 
@@ -44,16 +44,17 @@ def table(p: dict) -> str:
 @click.option("--cache-type-v", type=click.Choice(list(CACHE_TYPES)), default="f16", show_default=True,
               help="KV cache type of values.")
 @click.option("--mmap/--no-mmap", default=None, help=MMAP_HELP)
+@flash_attn_option
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @models_dir_option
 def command(model: str | None, n_ctx: int | None, gpu_memory: int | None, cache_type_k: str, cache_type_v: str,
-            mmap: bool | None, as_json: bool, models_dir: str | None) -> int:
+            mmap: bool | None, flash_attn: str, as_json: bool, models_dir: str | None) -> int:
     """Show the memory MODEL needs at --ctx and how many layers go to the GPU. Exits 1 if it does not fit."""
     from localllm import loader, resolve, validate
 
     path = resolve.resolve(model, models_dir=models_dir)
     settings = loader.ModelSettings(model=path, n_ctx=n_ctx, gpu_memory=gpu_memory, cache_type_k=cache_type_k,
-                                    cache_type_v=cache_type_v, mmap=mmap)
+                                    cache_type_v=cache_type_v, mmap=mmap, flash_attn=flash_attn)
     p = settings.plan(validate.read_header(path)).to_dict()   # what `serve` and the pool plan and load
     click.echo(json.dumps(p, indent=2) if as_json else table(p))
     return 0 if p["fits"] else 1

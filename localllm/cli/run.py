@@ -111,7 +111,7 @@ def sampling_from_flags(kw: dict[str, Any]) -> dict[str, Any]:
 def command(model: str | None, prompt: str | None, chat: bool | None, system: str | None, as_json: bool,
             hide_reasoning: bool, n_ctx: int | None, n_threads: int | None, gpu_layers: int | str, gpu_memory: int | None,
             models_dir: str | None, cache_type_k: str, cache_type_v: str, flash_attn: str, prompt_cache: bool,
-            speculate: str, repack: bool, mmap: bool | None, **flags: Any) -> None:
+            speculate: str, prefill: str, repack: bool, mmap: bool | None, **flags: Any) -> None:
     """Stream an answer from MODEL (a .gguf path or a model name; default model if omitted).
 
     With no PROMPT on a terminal, start an interactive chat. PROMPT "-" reads stdin.
@@ -131,7 +131,7 @@ def command(model: str | None, prompt: str | None, chat: bool | None, system: st
             raise click.UsageError("stdin was empty: nothing to answer")
     settings = model_settings(model, n_ctx, n_threads, gpu_layers, cache_type_k, cache_type_v,
                               flash_attn, prompt_cache, mmap, repack=repack, gpu_memory=gpu_memory,
-                              speculate=speculate)
+                              speculate=speculate, prefill=prefill)
     with warnings.catch_warnings(record=True) as caught:  # the library warns; the CLI prints one line each
         warnings.simplefilter("always", RuntimeWarning)
         m = Model(settings=settings, models_dir=models_dir)

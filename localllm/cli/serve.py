@@ -66,7 +66,7 @@ def command(model: str | None, model_path: str | None, host: str, port: int, api
             drain_timeout: float, all_models: bool, max_memory: int | None, keep_alive: float | None,
             aliases: tuple[str, ...], server_kind: str, n_ctx: int | None, n_threads: int | None, gpu_layers: int | str,
             gpu_memory: int | None, models_dir: str | None, cache_type_k: str, cache_type_v: str, flash_attn: str,
-            prompt_cache: bool, speculate: str, mmap: bool | None) -> None:
+            prompt_cache: bool, speculate: str, prefill: str, mmap: bool | None) -> None:
     """Serve MODEL (a name or .gguf path; the default model if omitted) on http://HOST:PORT.
 
     \b
@@ -90,7 +90,7 @@ def command(model: str | None, model_path: str | None, host: str, port: int, api
     cfg = ServerSettings(model=model_settings(model_path or model, n_ctx, n_threads, gpu_layers,
                                               cache_type_k, cache_type_v, flash_attn, prompt_cache, mmap,
                                               repack=repack, n_seq=parallel, gpu_memory=gpu_memory,
-                                              speculate=speculate),
+                                              speculate=speculate, prefill=prefill),
                          models_dir=models_dir, host=host, port=port, api_key=api_key, max_queue=max_queue, cors_origins=cors_origins,
                          max_body_bytes=max_body_bytes, model_alias=model_alias, model_map=model_map,
                          drain_timeout=drain_timeout,

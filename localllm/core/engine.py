@@ -85,9 +85,12 @@ class Engine:
         st = self.settings
         s = Scheduler(self.llama, n_slots=n_slots, n_ctx_seq=self.info.context, n_threads=self.info.threads,
                       max_queue=self._max_queue, on_step=self._on_step, speculate=st.speculate,
+                      prefill=st.prefill,
                       **st.context_options())
         if st.prompt_cache:  # keyed by the scheduler's chunk length too, so opened after it
-            s.prompt_cache = open_cache(st.prompt_cache_root(), self.loaded.path, n_stream=n_slots,
+            # fair: one unified KV stream for all slots (Scheduler), so its states are keyed apart
+            s.prompt_cache = open_cache(st.prompt_cache_root(), self.loaded.path,
+                                        n_stream=1 if st.prefill == "fair" else n_slots,
                                         chunk=s.unit, context=st.context_options(),
                                         max_bytes=st.prompt_cache_bytes)
         if self._threaded:

@@ -88,10 +88,11 @@ class Lane:
     ``row`` is the batch row holding the logits of its last token (or -1).
     ``cuts``: the prompt's canonical cuts still ahead of ``pos``. With ``all_rows``
     (a token and its speculative draft) every pending token gets logits, in ``rows``.
-    ``prompting``: the prompt's tail after its last cut is still to go in, alone (see
-    ``Scheduler._decode_tail``), never beside other sequences' rows."""
+    ``prompt_end``: the prompt's length (the lane is reading its prompt while ``pos`` is below it);
+    ``ragged``: some of the prompt went in as a piece other than a canonical chunk (``--prefill
+    fair``), so nothing from that piece on is reusable."""
 
-    __slots__ = ("slot", "pending", "pos", "row", "fed", "cuts", "all_rows", "rows", "prompting")
+    __slots__ = ("slot", "pending", "pos", "row", "fed", "cuts", "all_rows", "rows", "prompt_end", "ragged")
 
     def __init__(self, slot: Slot) -> None:
         self.slot = slot
@@ -102,7 +103,12 @@ class Lane:
         self.cuts: list[int] = []
         self.all_rows = False
         self.rows: list[int] = []
-        self.prompting = False
+        self.prompt_end = 0
+        self.ragged = False
+
+    def prompting(self) -> bool:
+        """Whether the lane has prompt tokens to read (not a generated token or a beam's tail)."""
+        return bool(self.pending) and self.pos < self.prompt_end
 
     def feed_chunk(self, batch: runtime.Batch) -> int:
         """Put the pending tokens up to the next cut into the (empty) batch, no logits; returns how many."""
@@ -114,12 +120,32 @@ class Lane:
         self.fed = chunk
         return n
 
-    def feed(self, batch: runtime.Batch) -> None:
-        """Add as many pending tokens as the batch has room for; logits for the last one.
-        (Canonical chunks go first, through :meth:`feed_chunk`.)"""
-        room = batch.capacity - batch.n
-        if room <= 0 or not self.pending or self.cuts or (self.prompting and len(self.pending) > 1):
-            return  # chunks and a prompt's tail go in alone
+    def feed_piece(self, batch: runtime.Batch, n: int) -> int:
+        """Put the next ``n`` pending prompt tokens (fewer if the batch has less room) into the batch
+        beside others, whatever the cuts; logits for the prompt's last token if this piece ends it.
+        The lane is ragged from here on. Returns how many went in."""
+        n = min(n, batch.capacity - batch.n, len(self.pending))
+        if n <= 0:
+            return 0
+        piece, self.pending = self.pending[:n], self.pending[n:]
+        r = -1
+        for j, tok in enumerate(piece):
+            r = batch.add(tok, self.pos + j, self.slot.seq, j == n - 1 and not self.pending)
+        if not self.pending:
+            self.row = r
+            self.rows = [r]
+        self.pos += n
+        self.cuts = [c for c in self.cuts if c > self.pos]
+        self.fed = piece
+        self.ragged = True
+        return n
+
+    def feed(self, batch: runtime.Batch, limit: int | None = None) -> int:
+        """Add as many pending tokens as the batch has room for (at most ``limit``); logits for the
+        last one. Returns how many. (Canonical chunks go first, through :meth:`feed_chunk`.)"""
+        room = batch.capacity - batch.n if limit is None else min(limit, batch.capacity - batch.n)
+        if room <= 0 or not self.pending or self.cuts:
+            return 0
         if self.all_rows:  # a token and its draft: all in this batch, or the token alone
             if room < len(self.pending):
                 del self.pending[1:]
@@ -128,13 +154,13 @@ class Lane:
             self.row = self.rows[-1]
             self.pos += len(self.pending)
             self.fed, self.pending = self.pending, []
-            return
+            return len(self.fed)
         if len(self.pending) == 1:  # the common case: one generated token
             self.row = batch.add(self.pending[0], self.pos, self.slot.seq, True)
             self.rows = [self.row]
             self.fed, self.pending = self.pending, []
             self.pos += 1
-            return
+            return 1
         chunk, self.pending = self.pending[:room], self.pending[room:]
         seq, pos, last = self.slot.seq, self.pos, len(chunk) - 1
         r = -1
@@ -145,6 +171,7 @@ class Lane:
             self.rows = [r]
         self.pos += len(chunk)
         self.fed = chunk
+        return len(chunk)
 
     def decoded(self) -> None:
         """The fed tokens are in the KV cache now."""
@@ -187,7 +214,8 @@ def start(ctx: runtime.Context, lane: Lane, prompt: list[int], prompt_cuts: list
     lane.pos = keep
     lane.row = -1
     lane.cuts = [c for c in prompt_cuts if c > keep]
-    lane.prompting = True
+    lane.prompt_end = len(prompt)
+    lane.ragged = False
     return keep
 
 

@@ -1,12 +1,11 @@
-"""Continuous batching: every running sequence is decoded together, one
-``llama_decode`` per step.
+"""Continuous batching: every running sequence is decoded together, a step at a time.
 
-Requests join and leave the shared batch between steps. Each step first
-decodes up to ``n_batch`` tokens of canonical prompt chunks, each chunk alone
-(so a reused prefix is bit for bit a fresh one: see :mod:`lanes`), then one
+Requests join and leave the shared batch between steps. Each step decodes one
 token of every generating sequence (and the tails beam search decodes again)
-with the prompts' tails in one shared batch, so a long prompt never stalls
-the others. After the decode, each request's unit samples its rows.
+and some prompt tokens: with ``prefill="exact"`` at most one canonical chunk
+while others generate (so a reused prefix is bit for bit a fresh one: see
+:mod:`lanes`), with ``"fair"`` a smaller piece beside them; :mod:`prefill`
+decides. After the decode, each request's unit samples its rows.
 
 The scheduler has no thread of its own: :meth:`Scheduler.step` runs one step.
 The server calls :meth:`start` for a decode thread; ``Model`` drives the same
@@ -28,8 +27,10 @@ from typing import Any, Protocol
 
 from localllm import runtime
 from localllm.core import lanes as lanes_mod
+from localllm.core import slot_cache
 from localllm.core.beams import Beams
 from localllm.core.lanes import Lane, Slot
+from localllm.core.prefill import Prefill
 from localllm.core.prompt_cache import PromptCache
 from localllm.core.request import Event, Request
 from localllm.core.sampled import Sampled
@@ -65,19 +66,24 @@ class Scheduler:
     def __init__(self, model: runtime.LlamaModel, *, n_slots: int, n_ctx_seq: int, n_threads: int,
                  max_queue: int = 16, n_batch: int = 512,
                  on_step: Callable[[dict[str, Any]], None] | None = None,
-                 prompt_cache: PromptCache | None = None, speculate: str = "off", **context: Any) -> None:
+                 prompt_cache: PromptCache | None = None, speculate: str = "off", prefill: str = "exact",
+                 **context: Any) -> None:
         self.model = model
-        self.prompt_cache = prompt_cache  # KV states on disk (restored in _start, saved in _decode_chunks)
+        self.prompt_cache = prompt_cache  # KV states on disk (restored in _start, saved in _chunk_done)
         self.n_slots = n_slots
         self.n_ctx_seq = n_ctx_seq
         self.max_queue = max_queue
-        # one KV stream per slot (like llama-server -np N): a sequence's cells stay in position
-        # order whatever the others do, so its attention sums round the same alone or batched
+        # exact: one KV stream per slot (like llama-server -np N): a sequence's cells stay in position
+        # order whatever the others do, so its attention sums round the same alone or batched.
+        # fair: one unified stream, so a prompt's piece and the streams' tokens are one micro-batch
+        # (over several streams llama.cpp splits sequences of different lengths apart: two passes)
         # ``context``: the KV cache types and flash attention (ModelSettings.context_options)
-        self.ctx = runtime.Context(model, n_ctx=n_ctx_seq * n_slots, n_threads=n_threads, n_batch=n_batch,
-                                   n_ubatch=n_batch, n_seq_max=n_slots, kv_unified=False, **context)
+        # a chunk may share its llama_decode with the rows (Prefill.beside): room for a token of each beside it
+        self.ctx = runtime.Context(model, n_ctx=n_ctx_seq * n_slots, n_threads=n_threads, n_batch=n_batch + n_slots,
+                                   n_ubatch=n_batch, n_seq_max=n_slots, kv_unified=prefill == "fair", **context)
         self.batch = runtime.Batch(self.ctx.n_batch, 1)
-        self.unit = min(lanes_mod.CHUNK, self.ctx.n_batch)  # canonical chunk length (part of the cache key)
+        self.unit = min(lanes_mod.CHUNK, n_batch)  # canonical chunk length (part of the cache key)
+        self.prefill = Prefill(prefill, unit=self.unit, shared=context.get("flash_attn") is False)
         self.eog = frozenset(model.eog_tokens())
         self.slots = [Slot(i) for i in range(n_slots)]
         self.waiting: deque[Request] = deque()
@@ -257,7 +263,7 @@ class Scheduler:
         if req.cuts:
             prompt_cuts = sorted(set(prompt_cuts).union(req.cuts))
         if self.prompt_cache is not None and not req.cuts:
-            self._restore(chosen[0], prompt, prompt_cuts)
+            slot_cache.restore(self.prompt_cache, self.ctx, chosen[0], prompt, prompt_cuts)
         req.cached_tokens = lanes_mod.start(self.ctx, lanes[0], prompt, prompt_cuts, req.cuts)
         for lane in lanes[1:]:
             lanes_mod.truncate(self.ctx, lane.slot, 0)
@@ -273,39 +279,6 @@ class Scheduler:
         # into equal micro-batches over consecutive sequences; any other order costs extra splits
         self.active.sort(key=lambda u: u.lanes[0].slot.seq)
         self.stats["busy_slots"] = self.busy_slots()
-
-    def _restore(self, slot: Slot, prompt: list[int], prompt_cuts: list[int]) -> None:
-        """Load the cached state sharing the longest prefix with ``prompt`` into ``slot``, when
-        the disk has more of it than the slot. A state llama.cpp will not read is deleted."""
-        pc = self.prompt_cache
-        assert pc is not None
-        try:
-            have = lanes_mod.reuse_point(slot.cached, slot.exact, prompt, prompt_cuts)
-            entry = pc.lookup(prompt, have=have)
-            blob = pc.load(entry) if entry is not None else None
-        except OSError as e:
-            log.warning("prompt cache: lookup failed (%s)", e)
-            return
-        if entry is None or blob is None:
-            return
-        if self.ctx.set_seq_state(slot.seq, blob):
-            slot.cached = list(entry.tokens)
-            slot.exact = len(entry.tokens)  # entries are saved at a cut (see _decode_chunks)
-            slot.extra = ()
-        else:
-            slot.cached, slot.exact = [], 0  # set_seq_state left the sequence empty
-            pc.refuse(entry, "llama.cpp could not read its state")
-
-    def _save(self, slot: Slot) -> None:
-        """Save ``slot``'s KV state for later requests and processes; called when the slot holds
-        exactly a prompt's canonical chunks (its tail and answer would not be reusable)."""
-        pc = self.prompt_cache
-        if pc is None or slot.extra or not pc.wants(slot.cached):  # wants: long enough, and new enough
-            return
-        try:
-            pc.save_later(list(slot.cached), self.ctx.seq_state(slot.seq))
-        except (OSError, LocalLLMError) as e:
-            log.warning("prompt cache: could not save (%s)", e)
 
     def _reap(self) -> None:
         """Free the slots of finished or cancelled requests."""
@@ -378,63 +351,45 @@ class Scheduler:
             raise
 
     def _decode_step(self) -> None:
-        batch, ctx = self.batch, self.ctx
         t0 = time.perf_counter()
         lanes = [lane for u in self.active for lane in u.lanes]
         for lane in lanes:
             lane.row = -1
             lane.rows = []
-        chunked, chunk_tokens = self._decode_chunks(lanes)  # the slots fed so far, and how many tokens
-        batch.clear()
-        # 1. generating lanes first (one token, or a beam's short tail), 2. prompt tails with the room left
-        for lane in lanes:
-            if 0 < len(lane.pending) <= 64:
-                lane.feed(batch)
-        for lane in lanes:
-            if lane.pending:
-                lane.feed(batch)
-        if batch.n == 0 and not chunked:
+        fed, n_prompt, n_rows = self.prefill.step(self.ctx, self.batch, lanes, self._chunk_done, self._tail_done)
+        if not fed:
             # only units waiting on work that is not theirs: cannot happen, but never spin
             for u in self.active:
-                u.after_decode(ctx, time.perf_counter(), [])
+                u.after_decode(self.ctx, time.perf_counter(), [])
             time.sleep(0.001)
             return
-        if batch.n:
-            ctx.decode(batch)
-        for lane in lanes:
-            if lane.fed:
-                chunked.add(lane.slot.seq)
-                lane.decoded()
-        fed = len(chunked)
         now = time.perf_counter()
         for u in self.active:
             self._after(u, now)
         st = self.stats
         st["steps"] += 1
-        st["last_step_sequences"] = fed
-        st["max_step_sequences"] = max(st["max_step_sequences"], fed)
+        st["last_step_sequences"] = len(fed)
+        st["max_step_sequences"] = max(st["max_step_sequences"], len(fed))
         if self.on_step is not None:
-            self.on_step({"seconds": now - t0, "sequences": fed, "tokens": batch.n + chunk_tokens})
+            self.on_step({"seconds": now - t0, "sequences": len(fed), "tokens": n_rows + n_prompt,
+                          "prompt_tokens": n_prompt})
 
-    def _decode_tail(self, unit: Unit, lane: Lane) -> int:
-        """Decode the prompt's tail after its last cut alone, and sample its first token now
-        (the step's next decode overwrites the logits). Beside other sequences' rows, llama.cpp
-        would split it into micro-batches of as many tokens as they have, which round differently
-        from the same prompt alone; alone, a request's answer does not depend on who else is
-        being served. Returns the tokens decoded."""
-        lane.prompting = False
-        n = len(lane.pending)
-        if n == 0:
-            return 0
-        self.batch.clear()
-        lane.feed(self.batch)
-        self.ctx.decode(self.batch)
-        lane.decoded()
+    def _chunk_done(self, lane: Lane) -> None:
+        """A canonical chunk is in: the slot is exact up to it, unless a piece went in before it;
+        a prompt whose last chunk is in is saved to the prompt cache."""
+        if not lane.ragged:
+            lane.slot.exact = lane.pos
+            if not lane.cuts and self.prompt_cache is not None:
+                slot_cache.save(self.prompt_cache, self.ctx, lane.slot)
+
+    def _tail_done(self, lane: Lane) -> None:
+        """A prompt's tail was decoded alone: its request samples its first token now (the step's
+        next decode overwrites the logits); the rows of the shared batch come after."""
+        unit = next(u for u in self.active if lane in u.lanes)
         self._after(unit, time.perf_counter())
-        for other in unit.lanes:  # sampled: the shared batch decodes the next tokens
+        for other in unit.lanes:
             other.row = -1
             other.rows = []
-        return n
 
     def _after(self, unit: Unit, now: float) -> None:
         """Let ``unit`` sample what was just decoded, and pass its events on."""
@@ -444,28 +399,3 @@ class Scheduler:
             unit.req.t_end = now
         for ev in events:
             unit.req.queue.put(ev)
-
-    def _decode_chunks(self, lanes: list[Lane]) -> tuple[set[int], int]:
-        """Decode prompts' canonical chunks, each alone, then the tail after their last cut, up to
-        ``n_batch`` tokens in all; a prompt whose last chunk is in is saved to the prompt cache.
-        Returns the slots fed and the tokens."""
-        budget, fed, n_tokens = self.batch.capacity, set(), 0
-        unit_of = {lane.slot.seq: u for u in self.active for lane in u.lanes}
-        for lane in lanes:
-            while lane.cuts and budget > 0:
-                self.batch.clear()
-                n = lane.feed_chunk(self.batch)
-                self.ctx.decode(self.batch)
-                lane.decoded()
-                lane.slot.exact = lane.pos
-                budget -= n
-                n_tokens += n
-                fed.add(lane.slot.seq)
-                if not lane.cuts:
-                    self._save(lane.slot)
-            if lane.prompting and not lane.cuts and budget > 0:
-                n = self._decode_tail(unit_of[lane.slot.seq], lane)
-                budget -= n
-                n_tokens += n
-                fed.add(lane.slot.seq)
-        return fed, n_tokens

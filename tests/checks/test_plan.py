@@ -216,3 +216,29 @@ def test_a_model_half_again_larger_than_memory_is_planned_and_never_loaded(defau
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith(f"error: {big}: the model needs"), r.stderr
     assert "no quant of it fits" in lines[0]
+
+
+_RESERVED = """
+import sys
+from localllm import runtime
+path, n_ctx, fa = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "on"
+m = runtime.LlamaModel(path)
+c = runtime.Context(m, n_ctx=n_ctx, n_threads=2, flash_attn=fa)
+print([ln for ln in runtime.log_tail(400) if "CPU compute buffer size" in ln][-1].split("=")[1].split()[0])
+"""
+
+
+@pytest.mark.parametrize("fa", ["on", "off"])
+def test_compute_buffer_with_flash_attention_on_and_off(default_model_path: Path, fa: str) -> None:
+    """Without flash attention llama.cpp holds a micro-batch's attention scores over every cell: at
+    16,384 cells they are most of the compute buffer (326 MiB against 98 with it on, for SmolLM2).
+    The plan's reservation is checked against llama.cpp's own log line."""
+    env = {**os.environ, "GGML_VK_VISIBLE_DEVICES": "", "CUDA_VISIBLE_DEVICES": ""}
+    out = subprocess.run([sys.executable, "-c", _RESERVED, str(default_model_path), "16384", fa], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120, check=True, env=env)
+    logged = float(out.stdout.strip().splitlines()[-1]) * 2**20
+    est = plan.estimate(plan.read_header(default_model_path), 16384, flash_attn=fa == "on")
+    assert abs(est.compute_reserved_bytes - logged) <= 0.05 * logged, (est.compute_reserved_bytes, logged)
+    # and the plan of loading with it off counts it (the scores are touched once a batch attends over all)
+    p = plan.make_plan(default_model_path, n_ctx=16384, offload=False, gpu_free=0, flash_attn=fa == "on")
+    assert (p.compute_bytes >= 0.95 * logged) == (fa == "off"), (p.compute_bytes, logged)
