@@ -18,6 +18,7 @@ Reports medians and the per-round ratios (median and range) side by side.
 
 Usage:
     python benchmarks/prompt_cache_bench.py --rounds 5 [--model smollm2-135m] [--json out.json]
+    python benchmarks/prompt_cache_bench.py --rules 125 --ctx 6144 --model M   # a ~4,000-token system prompt
 
 Not run in CI. Writes only to a temporary folder.
 """
@@ -38,17 +39,25 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SYSTEM = ("You are the support assistant of a hardware shop. Follow these rules. "
-          + " ".join(f"Rule {i}: when asked about product {i * 13}, give its price, say it ships in {i % 5 + 1} "
-                     f"days, and never promise a discount." for i in range(31)))
 
 
-def child(mode: str, folder: str, model: str | None, question: str) -> dict[str, float]:
+def system(rules: int) -> str:
+    """The shared system prompt: about 32 tokens a rule (31 rules: ~1,000 tokens; 125: ~4,000)."""
+    return ("You are the support assistant of a hardware shop. Follow these rules. "
+            + " ".join(f"Rule {i}: when asked about product {i * 13}, give its price, say it ships in {i % 5 + 1} "
+                       f"days, and never promise a discount." for i in range(rules)))
+
+
+SYSTEM = system(31)
+RULES, CTX = [31], [2048]  # set by --rules / --ctx (children get them as arguments)
+
+
+def child(mode: str, folder: str, model: str | None, question: str, ctx: int = 2048) -> dict[str, float]:
     from localllm import Model
 
     t0 = time.perf_counter()
     pc: bool | str = False if mode == "off" else folder
-    with Model(model, n_ctx=2048, prompt_cache=pc) as m:
+    with Model(model, n_ctx=ctx, prompt_cache=pc) as m:
         load = time.perf_counter() - t0
         msgs = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
         t = time.perf_counter()
@@ -59,7 +68,8 @@ def child(mode: str, folder: str, model: str | None, question: str) -> dict[str,
 
 
 def run_child(mode: str, folder: Path, model: str | None, question: str) -> dict[str, float]:
-    cmd = [sys.executable, __file__, "--child", mode, "--folder", str(folder), "--question", question]
+    cmd = [sys.executable, __file__, "--child", mode, "--folder", str(folder), "--question", question,
+           "--rules", str(RULES[0]), "--ctx", str(CTX[0])]
     if model:
         cmd += ["--model", model]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT,
@@ -95,7 +105,7 @@ def run_llama_server(model: str | None, question: str) -> dict[str, float]:
     exe = build("llama-server")["llama-server"]
     port = free_port()
     cmd = [str(exe), "-m", str(resolve.resolve(model or "smollm2-135m")), "-t", "2", "-tb", "2", "-np", "1",
-           "-c", "2048", "--host", "127.0.0.1", "--port", str(port), "--no-webui", *repack_flags("llama-server")]
+           "-c", str(CTX[0]), "--host", "127.0.0.1", "--port", str(port), "--no-webui", *repack_flags("llama-server")]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_healthy(f"http://127.0.0.1:{port}", proc)
@@ -125,9 +135,13 @@ def main() -> None:
     ap.add_argument("--child", default=None)
     ap.add_argument("--folder", default=None)
     ap.add_argument("--question", default="What does product 26 cost?")
+    ap.add_argument("--rules", type=int, default=31, help="system prompt size: ~32 tokens a rule")
+    ap.add_argument("--ctx", type=int, default=2048)
     a = ap.parse_args()
+    global SYSTEM
+    SYSTEM, RULES[0], CTX[0] = system(a.rules), a.rules, a.ctx
     if a.child:
-        print(json.dumps(child(a.child, a.folder, a.model, a.question)))
+        print(json.dumps(child(a.child, a.folder, a.model, a.question, a.ctx)))
         return
     tmp = Path(tempfile.mkdtemp(prefix="localllm-pcbench-"))
     try:
