@@ -106,7 +106,7 @@ class ModelSettings:
 
         return make_plan(header, n_ctx=self.total_context(header), n_seq=self.n_seq, gpu_memory=self.gpu_memory,  # type: ignore[arg-type]
                          cache_type_k=self.cache_type_k, cache_type_v=self.cache_type_v, mmap=self.mmap,
-                         flash_attn=self.flash_attn != "off", **what_if)
+                         flash_attn=self.flash_attn_on() is not False, **what_if)
 
     def use_mmap(self, header: Header) -> bool:
         """Whether the weights are mapped from the file: ``mmap``, or auto (plan.weights_mapped, the one
@@ -117,12 +117,21 @@ class ModelSettings:
 
         return plan.weights_mapped(header, self.total_context(header), n_seq=self.n_seq,
                                    cache_type_k=self.cache_type_k, cache_type_v=self.cache_type_v,
-                                   flash_attn=self.flash_attn != "off")
+                                   flash_attn=self.flash_attn_on() is not False)
+
+    def flash_attn_on(self) -> bool | None:
+        """llama.cpp's flash attention for these settings: True, False, or None (llama.cpp's auto: on
+        where the device has it, so on a CPU). ``prefill="fair"`` turns auto off, unless a quantized V
+        cache needs it: llama.cpp's CPU kernel is 3-7× slower per token for the small batches that fair
+        feeds once the context is deep (docs/serve.md#fairness)."""
+        if self.flash_attn == "auto" and self.prefill == "fair" and not KV_TYPES[self.cache_type_v].quantized:
+            return False
+        return {"auto": None, "on": True, "off": False}[self.flash_attn]
 
     def context_options(self) -> dict[str, Any]:
         """The llama.cpp context options these settings decide (for every generation context)."""
-        fa = {"auto": None, "on": True, "off": False}[self.flash_attn]
-        return {"cache_type_k": self.cache_type_k, "cache_type_v": self.cache_type_v, "flash_attn": fa}
+        return {"cache_type_k": self.cache_type_k, "cache_type_v": self.cache_type_v,
+                "flash_attn": self.flash_attn_on()}
 
     def prompt_cache_root(self) -> Path:
         return Path(self.prompt_cache_dir) if self.prompt_cache_dir else settings_mod.home() / "prompt-cache"
@@ -307,7 +316,8 @@ def load(s: ModelSettings, progress: Callable[[str], None] | None = None,
         has_chat_template=prompter.template_source == "gguf", template_source=prompter.template_source,
         tokenizer_source=prompter.tokenizer_source, gpu_layers=min(gpu_layers, llama.n_layer + 1),
         gpu_layers_requested=s.n_gpu_layers, gpu_memory=s.gpu_memory, placement=notes[-1] if notes else reason, threads=s.threads(),
-        repack=s.repack, cache_type_k=s.cache_type_k, cache_type_v=s.cache_type_v, flash_attn=s.flash_attn,
+        repack=s.repack, cache_type_k=s.cache_type_k, cache_type_v=s.cache_type_v,
+        flash_attn={None: "auto", True: "on", False: "off"}[s.flash_attn_on()],
         prompt_cache=s.prompt_cache, speculate=s.speculate, prefill=s.prefill,
         layer_split=layer_split(llama.n_layer, min(gpu_layers, llama.n_layer + 1)), mmap=mmap,
         capabilities=capabilities(llama, prompter.template))

@@ -119,7 +119,8 @@ def model_options(f):
         click.option("--prefill", type=click.Choice(["exact", "fair"]), default="exact", show_default=True,
                      help="How a long prompt shares the steps with answers already streaming: exact (one "
                           "canonical chunk per step, reusable bit for bit) or fair (small pieces beside the "
-                          "streams: smoother streams, slower prompt, not reused past its last chunk)."),
+                          "streams, in a unified KV cache: smoother streams, slower prompt, answers that depend on the "
+                          "batch, not reused past its last chunk; flash attention auto means off)."),
     ]):
         f = opt(f)
     return f

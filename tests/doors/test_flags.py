@@ -382,8 +382,15 @@ def test_prefill_reaches_every_door_and_bad_values_are_one_line_errors(spies, ti
 
     with Model(tiny_gguf, n_ctx=64, prompt_cache=False, prefill="fair") as m:
         assert m.info.prefill == "fair" and m.engine.scheduler.prefill.mode == "fair"
+        # fair's flash attention auto is off (llama.cpp's CPU kernel is slow for its small pieces)
+        assert m.info.flash_attn == "off" and spies["context"][-1]["flash_attn"] is False
         m.generate("the cat", max_tokens=2)
     assert spies["request"][-1]["prefill"] == "fair"
+    from localllm.loader import ModelSettings
+
+    assert ModelSettings(model=tiny_gguf, prefill="fair", cache_type_v="q8_0").flash_attn_on() is None  # needed
+    assert ModelSettings(model=tiny_gguf, prefill="fair", flash_attn="on").flash_attn_on() is True
+    assert ModelSettings(model=tiny_gguf).flash_attn_on() is None  # exact: llama.cpp's auto
     with Model(tiny_gguf, n_ctx=64, prompt_cache=False) as m:
         assert m.info.prefill == "exact" and m.engine.scheduler.prefill.mode == "exact"
     with pytest.raises(InvalidArgumentError, match="prefill must be exact or fair"):
