@@ -30,6 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from native import repack_flags  # noqa: E402
 from serve_bench import WORDS, free_port, wait_healthy  # noqa: E402
 
 LLAMA_SERVER = Path.home() / ".cache" / "localllm-bench" / "build" / "bin" / "llama-server"
@@ -129,7 +130,7 @@ def main() -> None:
     if LLAMA_SERVER.exists():
         servers["llama-server"] = [str(LLAMA_SERVER), "-m", str(gguf), "-t", str(args.threads), "-tb",
                                    str(args.threads), "-np", "2", "-c", str(2 * args.ctx), "--host", "127.0.0.1",
-                                   "--no-webui", "-fa", args.flash_attn]
+                                   "--no-webui", "-fa", args.flash_attn, *repack_flags("llama-server")]
     else:
         print("llama-server not built (python benchmarks/native.py llama-server builds it)")
     procs: dict[str, subprocess.Popen] = {}
