@@ -140,10 +140,10 @@ class Lane:
         self.ragged = True
         return n
 
-    def feed(self, batch: runtime.Batch, limit: int | None = None) -> int:
-        """Add as many pending tokens as the batch has room for (at most ``limit``); logits for the
-        last one. Returns how many. (Canonical chunks go first, through :meth:`feed_chunk`.)"""
-        room = batch.capacity - batch.n if limit is None else min(limit, batch.capacity - batch.n)
+    def feed(self, batch: runtime.Batch) -> int:
+        """Add as many pending tokens as the batch has room for; logits for the last one. Returns
+        how many. (Canonical chunks go first, through :meth:`feed_chunk`.)"""
+        room = batch.capacity - batch.n
         if room <= 0 or not self.pending or self.cuts:
             return 0
         if self.all_rows:  # a token and its draft: all in this batch, or the token alone
