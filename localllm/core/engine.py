@@ -88,9 +88,7 @@ class Engine:
                       prefill=st.prefill,
                       **st.context_options())
         if st.prompt_cache:  # keyed by the scheduler's chunk length too, so opened after it
-            # fair: one unified KV stream for all slots (Scheduler), so its states are keyed apart
-            s.prompt_cache = open_cache(st.prompt_cache_root(), self.loaded.path,
-                                        n_stream=1 if st.prefill == "fair" else n_slots,
+            s.prompt_cache = open_cache(st.prompt_cache_root(), self.loaded.path, n_stream=s.n_stream,
                                         chunk=s.unit, context=st.context_options(),
                                         max_bytes=st.prompt_cache_bytes)
         if self._threaded:

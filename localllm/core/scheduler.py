@@ -79,8 +79,10 @@ class Scheduler:
         # (over several streams llama.cpp splits sequences of different lengths apart: two passes)
         # ``context``: the KV cache types and flash attention (ModelSettings.context_options)
         # a chunk may share its llama_decode with the rows (Prefill.beside): room for a token of each beside it
+        self.n_stream = 1 if prefill == "fair" else n_slots  # KV streams (part of the prompt cache's key)
         self.ctx = runtime.Context(model, n_ctx=n_ctx_seq * n_slots, n_threads=n_threads, n_batch=n_batch + n_slots,
-                                   n_ubatch=n_batch, n_seq_max=n_slots, kv_unified=prefill == "fair", **context)
+                                   n_ubatch=n_batch, n_seq_max=n_slots, kv_unified=prefill == "fair",
+                                   **context)
         self.batch = runtime.Batch(self.ctx.n_batch, 1)
         self.unit = min(lanes_mod.CHUNK, n_batch)  # canonical chunk length (part of the cache key)
         self.prefill = Prefill(prefill, unit=self.unit, shared=context.get("flash_attn") is False)
