@@ -76,7 +76,8 @@ def main() -> int:
         gap = logits_gap(dequant, ref)
         print(f"reference check: NMSE of the transformers-built F32 against llama.cpp's dequantization: {gap:.2e}")
         decision, _ = autoquant.choose(ref, work, max_kl=max_kl, candidates=resolve.auto_candidates(b),
-                                       reps=3, progress=lambda d, t, w: print(f"  [{d}/{t}] {w}", file=sys.stderr))
+                                       reps=3, measure_all=True,  # the published table shows every row
+                                       progress=lambda d, t, w: print(f"  [{d}/{t}] {w}", file=sys.stderr))
     for line in decision.lines():
         print(line)
     print(f"{args.name} on {key}: {decision.quant} ({decision.reason})")

@@ -117,7 +117,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--flash-attn", choices=("auto", "on", "off"), default="auto",
                     help="our servers' --flash-attn (llama-server's -fa)")
-    ap.add_argument("--modes", default="exact,fair", help="our --prefill modes to measure")
+    ap.add_argument("--modes", default="exact,fair", help="our --prefill modes to measure (fair:K too)")
+    ap.add_argument("--no-llama-server", action="store_true", help="leave llama-server out")
     args = ap.parse_args()
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -127,7 +128,9 @@ def main() -> None:
     ours = [sys.executable, "-m", "localllm", "serve", "--model-path", str(gguf), "--threads", str(args.threads),
             "--parallel", "2", "--ctx", str(args.ctx), "--host", "127.0.0.1", "--flash-attn", args.flash_attn]
     servers = {f"localllm --prefill {m}": ours + ["--prefill", m] for m in args.modes.split(",")}
-    if LLAMA_SERVER.exists():
+    if args.no_llama_server:
+        pass
+    elif LLAMA_SERVER.exists():
         servers["llama-server"] = [str(LLAMA_SERVER), "-m", str(gguf), "-t", str(args.threads), "-tb",
                                    str(args.threads), "-np", "2", "-c", str(2 * args.ctx), "--host", "127.0.0.1",
                                    "--no-webui", "-fa", args.flash_attn, *repack_flags("llama-server")]

@@ -39,6 +39,11 @@ Combo = tuple[KV, str]                        # (KV types, flash attention): one
 TURN_PROMPT, TURN_GEN = 256, 128
 
 
+def turn_seconds(prompt_tps: float, gen_tps: float, prompt: int = TURN_PROMPT, gen: int = TURN_GEN) -> float:
+    """Seconds for ``prompt`` tokens read at ``prompt_tps`` and ``gen`` generated at ``gen_tps``."""
+    return prompt / prompt_tps + gen / gen_tps
+
+
 def spread(values: Sequence[float]) -> dict[str, float]:
     """Median, minimum and maximum of the repetitions."""
     return {"median": float(statistics.median(values)), "min": float(min(values)), "max": float(max(values))}
@@ -77,8 +82,8 @@ class BenchResult:
         return asdict(self)
 
     def turn_seconds(self, prompt: int = TURN_PROMPT, gen: int = TURN_GEN) -> float:
-        """Seconds for one request of ``prompt`` new prompt tokens and ``gen`` generated ones."""
-        return prompt / self.prompt_tps["median"] + gen / self.gen_tps["median"]
+        """Seconds for one typical request: ``prompt`` tokens read, ``gen`` generated (median speeds)."""
+        return turn_seconds(self.prompt_tps["median"], self.gen_tps["median"], prompt, gen)
 
 
 def parse_kv(value: str) -> KV:

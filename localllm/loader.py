@@ -69,8 +69,10 @@ class ModelSettings:
             raise InvalidArgumentError("flash_attn must be auto, on or off", param="flash_attn")
         if self.speculate not in ("on", "off"):
             raise InvalidArgumentError("speculate must be on or off", param="speculate")
-        if self.prefill not in ("exact", "fair"):
-            raise InvalidArgumentError("prefill must be exact or fair", param="prefill")
+        try:
+            self.prefill_mode()
+        except ValueError as e:
+            raise InvalidArgumentError(str(e), param="prefill") from None
         if self.flash_attn == "off" and KV_TYPES[self.cache_type_v].quantized:
             raise InvalidArgumentError("a quantized V cache needs flash attention (flash_attn auto or on)",
                                        param="cache_type_v")
@@ -119,12 +121,18 @@ class ModelSettings:
                                    cache_type_k=self.cache_type_k, cache_type_v=self.cache_type_v,
                                    flash_attn=self.flash_attn_on() is not False)
 
+    def prefill_mode(self) -> str:
+        """``exact`` or ``fair`` (``prefill`` may be ``fair:K``; :func:`localllm.core.prefill.parse`)."""
+        from localllm.core.prefill import parse
+
+        return parse(self.prefill)[0]
+
     def flash_attn_on(self) -> bool | None:
         """llama.cpp's flash attention for these settings: True, False, or None (llama.cpp's auto: on
         where the device has it, so on a CPU). ``prefill="fair"`` turns auto off, unless a quantized V
         cache needs it: llama.cpp's CPU kernel is 3-7× slower per token for the small batches that fair
         feeds once the context is deep (docs/serve.md#fairness)."""
-        if self.flash_attn == "auto" and self.prefill == "fair" and not KV_TYPES[self.cache_type_v].quantized:
+        if self.flash_attn == "auto" and self.prefill_mode() == "fair" and not KV_TYPES[self.cache_type_v].quantized:
             return False
         return {"auto": None, "on": True, "off": False}[self.flash_attn]
 

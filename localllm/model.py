@@ -144,9 +144,10 @@ class Model:
     ``speculate="on"``: greedy answers draft tokens from the prompt and verify
     them in one batch (faster when the answer copies its input; a batch's rows
     round differently, so a greedy near-tie may break the other way).
-    ``prefill``: ``"exact"`` (default) or ``"fair"``, how a long prompt shares
-    the decode steps with answers already streaming (a server's concern; see
-    docs/serve.md, "Fairness").
+    ``prefill``: ``"exact"`` (default), ``"fair"`` or ``"fair:K"``, how a long
+    prompt shares the decode steps with answers already streaming (a server's
+    concern; K: a step beside the prompt takes about K times a streams-only
+    step, 2 for ``fair``; see docs/serve.md, "Fairness").
     ``mmap``: ``True`` maps the weights from the file (shared with other
     processes), ``False`` reads them into memory backed by huge pages (decode
     3-16 % faster); the default reads where the kernel has transparent huge

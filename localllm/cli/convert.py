@@ -22,8 +22,11 @@ from localllm.formats import CONVERT_QUANTS, DEFAULT_QUANT
                    "~4.8 bits/weight runs ~3x faster than F16 at a small quality cost. auto: measure the "
                    "candidates on this machine and keep the fastest within --max-kl.")
 @click.option("--max-kl", type=click.FloatRange(min=0), default=None,
-              help=f"With --quant auto: the KL budget, mean nats per token against the F32 reference "
+              help=f"With --quant auto: the KL budget, mean nats per token against the lossless reference "
                    f"(default {DEFAULT_MAX_KL}).")
+@click.option("--measure-all", is_flag=True,
+              help="With --quant auto: score every candidate's KL, also those slower than the choice (which "
+                   "cannot change it; skipped by default to save minutes).")
 @click.option("--imatrix/--no-imatrix", default=None,
               help="Guide llama.cpp's quantizer with an importance matrix collected from the HF model on the "
                    "built-in calibration text (needs torch; default: when torch is installed).")
@@ -34,7 +37,8 @@ from localllm.formats import CONVERT_QUANTS, DEFAULT_QUANT
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit) when SRC is a repo id.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Threads for llama.cpp quantization.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def command(src: str, output: str | None, quant: str, max_kl: float | None, imatrix: bool | None, verify: bool,
+def command(src: str, output: str | None, quant: str, max_kl: float | None, measure_all: bool,
+            imatrix: bool | None, verify: bool,
             strict: bool, name: str | None, revision: str | None, threads: int | None, quiet: bool) -> int:
     """Convert SRC (a local HF folder or a hub repo id) to GGUF.
 
@@ -53,11 +57,13 @@ def command(src: str, output: str | None, quant: str, max_kl: float | None, imat
     quant = quant.upper()
     if max_kl is not None and quant != "AUTO":
         raise InvalidArgumentError("--max-kl needs --quant auto", param="max_kl")
+    if measure_all and quant != "AUTO":
+        raise InvalidArgumentError("--measure-all needs --quant auto", param="measure_all")
     root = resolve_source(src, revision)
     result = None
     if quant == "AUTO":
         out, quant = _auto(root, src, revision, output, name, DEFAULT_MAX_KL if max_kl is None else max_kl,
-                           strict, threads, quiet, imatrix)
+                           strict, threads, quiet, imatrix, measure_all)
         return _verify(root, out, quant) if verify else 0
 
     def produce(path: Path) -> None:
@@ -97,30 +103,29 @@ def _verify(root: Path, out: Path, quant: str) -> int:
 
 
 def _auto(root: Path, src: str, revision: str | None, output: str | None, name: str | None, max_kl: float,
-          strict: bool, threads: int | None, quiet: bool, imatrix: bool | None) -> tuple[Path, str]:
-    """--quant auto: convert to F32 (lossless from any source), measure the candidates, keep the choice."""
+          strict: bool, threads: int | None, quiet: bool, imatrix: bool | None,
+          measure_all: bool) -> tuple[Path, str]:
+    """--quant auto: measure the candidates (localllm.autoquant.from_checkpoint), keep the choice."""
     import os
 
     from localllm import autoquant, settings, store
     from localllm.cli.measure import cpu_line, progress_bar
-    from localllm.converter import convert
-    from localllm.converter.pipeline import importance_for
 
     autoquant.check_max_kl(max_kl)
     dest = settings.models_dir() if name else Path(output).resolve().parent  # type: ignore[arg-type]
-    with autoquant.workdir(dest) as work:
-        ref = work / "reference-f32.gguf"
-        _summary(convert(root, ref, quant="F32", strict=strict, name=name, progress=not quiet, threads=threads))
-        imat, note = importance_for(root, imatrix)
-        click.echo(f"importance matrix: {note}")
-        with progress_bar(quiet, "step") as cb:
-            decision, files = autoquant.choose(ref, work, max_kl=max_kl, n_threads=threads, progress=cb,
-                                               imatrix=imat)
-        click.echo(f"measured on {cpu_line()}; KL against the F32 reference on the built-in text:")
+    with autoquant.workdir(dest) as work, progress_bar(quiet, "step") as cb:
+        r = autoquant.from_checkpoint(root, work, max_kl=max_kl, strict=strict, name=name, n_threads=threads,
+                                      imatrix=imatrix, measure_all=measure_all, show_progress=not quiet,
+                                      progress=cb)
+        _summary(r.reference)
+        click.echo(f"importance matrix: {r.imatrix_note}")
+        decision = r.decision
+        click.echo(f"measured on {cpu_line()}; KL against the {decision.reference} reference on the built-in text:")
         for line in decision.lines():
             click.echo(f"  {line}")
         click.echo(f"chose {decision.quant}: {decision.reason}")
-        chosen = files[decision.quant]
+        click.echo(f"took {r.seconds / 60:.1f} min: " + ", ".join(f"{k} {v:.0f} s" for k, v in decision.seconds.items()))
+        chosen = r.files[decision.quant]
         if name:
             out = store.add(lambda tmp: os.replace(chosen, tmp), name, decision.quant.lower(),
                             source={"converted_from": str(src), "revision": revision},

@@ -33,6 +33,21 @@ class GpuMemory(click.ParamType):
             self.fail(str(e), param, ctx)
 
 
+class PrefillMode(click.ParamType):
+    """``--prefill``: exact, fair or fair:K (:func:`localllm.core.prefill.parse`), kept as given."""
+
+    name = "exact|fair|fair:K"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> str:
+        from localllm.core.prefill import parse
+
+        try:
+            parse(value)
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+        return str(value)
+
+
 class ByteSize(click.ParamType):
     """A size of at least 1 MiB, read by the one size parser (:func:`localllm.formats.parse_size`:
     512MB is 512·10⁶ bytes, 512MiB and 512M are 512·2²⁰), as ``--gpu-memory`` reads it."""
@@ -116,11 +131,13 @@ def model_options(f):
         click.option("--speculate", type=click.Choice(["on", "off"]), default="off", show_default=True,
                      help="Greedy answers draft tokens from the prompt and verify them in one batch (faster "
                           "when the answer copies its input; a near-tie may break differently)."),
-        click.option("--prefill", type=click.Choice(["exact", "fair"]), default="exact", show_default=True,
+        click.option("--prefill", type=PrefillMode(), default="exact", show_default=True,
                      help="How a long prompt shares the steps with answers already streaming: exact (one "
                           "canonical chunk per step, reusable bit for bit) or fair (small pieces beside the "
                           "streams, in a unified KV cache: smoother streams, slower prompt, answers that depend on the "
-                          "batch, not reused past its last chunk; flash attention auto means off)."),
+                          "batch, not reused past its last chunk; flash attention auto means off). fair:K sizes the "
+                          "pieces so a step takes about K streams-only steps (fair = fair:2; larger K: longer "
+                          "stalls, a faster prompt; docs/serve.md#fairness)."),
     ]):
         f = opt(f)
     return f

@@ -24,10 +24,14 @@ token:
   max |diff| 0.54 (Q6_K) and 0.37 (Q4_0) when it shares one. Saved time: none
   measurable (the two micro-batches are two graph computes either way); it
   spares one ``llama_decode`` call.
-* ``fair``: while others are generating, a prompt goes in *pieces* inside the
-  rows' batch, one ``llama_decode`` per step, sized online so that a step takes
-  about twice a rows-only decode: an EWMA of the rows-only decode time and of
-  each piece's cost per prompt token, the piece clamped to [16, chunk]. When
+* ``fair`` (or ``fair:K``): while others are generating, a prompt goes in
+  *pieces* inside the rows' batch, one ``llama_decode`` per step, sized online
+  so that a step takes about ``K`` times a rows-only decode (``fair`` is
+  ``fair:2``): an EWMA of the rows-only decode time and of each piece's cost
+  per prompt token, the piece clamped to [16, chunk]. On a CPU a step costs the
+  rows' time plus the piece's (no overlap), so a stream's gap of ``K`` times its
+  own step lets the prompt use ``(K-1)/K`` of the time: its first token comes at
+  least ``1/(K-1)`` later than alone (``K`` = 3: +50 %; +25 % needs ``K`` ≥ 5). When
   nothing else is generating it reads canonical chunks at full speed. A piece is
   not a canonical chunk, so the prompt's KV is not reusable past the last cut
   before its first piece: ``slot.exact`` stays there and the prompt is not saved
@@ -38,6 +42,8 @@ token:
   slow for small batches at depth).
 
 Example:
+    >>> parse("fair:4"), parse("fair"), parse("exact")
+    (('fair', 4.0), ('fair', 2.0), ('exact', 0.0))
     >>> p = Prefill("fair", unit=512, shared=False)
     >>> p.budget()          # nothing measured yet: a rows-only step first
     0
@@ -45,6 +51,9 @@ Example:
     16
     >>> p.observe(0.020, rows=1, prompt=16); p.budget()    # 10 ms of rows ≈ 16 tokens of 0.625 ms
     16
+    >>> q = Prefill("fair:4", unit=512, shared=False)     # a step of about 4 rows-only steps
+    >>> q.observe(0.010, rows=1, prompt=0); q.observe(0.020, rows=1, prompt=16); q.budget()
+    48
 """
 
 from __future__ import annotations
@@ -57,6 +66,8 @@ if TYPE_CHECKING:
     from localllm.core.lanes import Lane
 
 MODES = ("exact", "fair")
+FAIR_GAP = 2.0   # "fair": a step beside a prompt takes about this many rows-only steps
+MAX_GAP = 1000.0
 MIN_PIECE = 16   # a fair piece is at least this long (below it a step's fixed cost dominates)
 ALPHA = 0.25     # weight of the newest sample in the EWMAs
 
@@ -68,21 +79,20 @@ class Prefill:
     ``llama_decode`` with the rows (bit for bit the chunk alone: see the module's docstring)."""
 
     def __init__(self, mode: str, *, unit: int, shared: bool) -> None:
-        if mode not in MODES:
-            raise ValueError(f"prefill must be one of {MODES}")
-        self.mode, self.unit, self.shared = mode, unit, shared
+        self.mode, self.gap = parse(mode)
+        self.unit, self.shared = unit, shared
         self.t_rows: float | None = None   # EWMA: seconds of a decode of the generating rows alone
         self.t_token: float | None = None  # EWMA: seconds per prompt token of a fair piece beside them
 
     # ------------------------------------------------------------------ the budget
     def budget(self) -> int:
-        """Prompt tokens a fair step carries beside the rows: about one rows-only decode's worth,
+        """Prompt tokens a fair step carries beside the rows: ``gap - 1`` rows-only decodes' worth,
         in [MIN_PIECE, unit]; 0 until a rows-only decode has been timed."""
         if self.t_rows is None:
             return 0
         if self.t_token is None:
             return MIN_PIECE
-        return max(MIN_PIECE, min(self.unit, int(self.t_rows / self.t_token)))
+        return max(MIN_PIECE, min(self.unit, int((self.gap - 1) * self.t_rows / self.t_token)))
 
     def observe(self, seconds: float, *, rows: int, prompt: int) -> None:
         """Time of one ``llama_decode`` of ``rows`` generating tokens and ``prompt`` prompt tokens."""
@@ -175,6 +185,25 @@ class Prefill:
         t0 = time.perf_counter()
         ctx.decode(batch)
         self.observe(time.perf_counter() - t0, rows=rows, prompt=prompt)
+
+
+def parse(prefill: str) -> tuple[str, float]:
+    """``"exact"``, ``"fair"`` or ``"fair:K"`` → (mode, K): K (a number in (1, 1000]) is how many
+    rows-only steps a step beside a prompt's piece should take (0 for exact)."""
+    mode, _, k = str(prefill).partition(":")
+    if mode == "exact" and not _:
+        return "exact", 0.0
+    if mode == "fair":
+        if not _:
+            return "fair", FAIR_GAP
+        try:
+            gap = float(k)
+        except ValueError:
+            gap = float("nan")
+        if 1.0 < gap <= MAX_GAP:
+            return "fair", gap
+    raise ValueError(f"prefill must be exact, fair or fair:K with K a number above 1 and at most {MAX_GAP:g} "
+                     f"(got {prefill!r})")
 
 
 def _ewma(old: float | None, new: float) -> float:

@@ -30,7 +30,7 @@ from localllm.core import lanes as lanes_mod
 from localllm.core import slot_cache
 from localllm.core.beams import Beams
 from localllm.core.lanes import Lane, Slot
-from localllm.core.prefill import Prefill
+from localllm.core.prefill import Prefill, parse as parse_prefill
 from localllm.core.prompt_cache import PromptCache
 from localllm.core.request import Event, Request
 from localllm.core.sampled import Sampled
@@ -79,9 +79,10 @@ class Scheduler:
         # (over several streams llama.cpp splits sequences of different lengths apart: two passes)
         # ``context``: the KV cache types and flash attention (ModelSettings.context_options)
         # a chunk may share its llama_decode with the rows (Prefill.beside): room for a token of each beside it
-        self.n_stream = 1 if prefill == "fair" else n_slots  # KV streams (part of the prompt cache's key)
+        fair = parse_prefill(prefill)[0] == "fair"
+        self.n_stream = 1 if fair else n_slots  # KV streams (part of the prompt cache's key)
         self.ctx = runtime.Context(model, n_ctx=n_ctx_seq * n_slots, n_threads=n_threads, n_batch=n_batch + n_slots,
-                                   n_ubatch=n_batch, n_seq_max=n_slots, kv_unified=prefill == "fair",
+                                   n_ubatch=n_batch, n_seq_max=n_slots, kv_unified=fair,
                                    **context)
         self.batch = runtime.Batch(self.ctx.n_batch, 1)
         self.unit = min(lanes_mod.CHUNK, n_batch)  # canonical chunk length (part of the cache key)

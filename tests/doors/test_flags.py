@@ -39,7 +39,7 @@ def spies(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[dict[str, Any]]]:
     def on_submit(self, req):
         seen["request"].append({"params": req.params, "prompt": req.prompt, "model": self.model,
                                 "prompt_cache": self.prompt_cache, "speculate": self.speculate,
-                                "prefill": self.prefill.mode})
+                                "prefill": (self.prefill.mode, self.prefill.gap)})
         return submit(self, req)
 
     def on_explain(path, requested, n_ctx, gpu_memory=None, **kw):
@@ -125,7 +125,8 @@ SERVE_CHECKS = {
                                      and g["engine"].info.prompt_cache is False),
     "drain_timeout": lambda g, s, p: g["cfg"].drain_timeout == 7.5,
     "speculate": lambda g, s, p: g["engine"].scheduler.speculate is True and g["engine"].info.speculate == "on",
-    "prefill": lambda g, s, p: g["engine"].scheduler.prefill.mode == "fair" and g["engine"].info.prefill == "fair",
+    "prefill": lambda g, s, p: (g["engine"].scheduler.prefill.mode == "fair" and g["engine"].scheduler.prefill.gap == 3
+                                and g["engine"].info.prefill == "fair:3"),
     # the cap reaches the one placement path (it bounds "auto"; --gpu-layers 20 here is explicit)
     "gpu_memory": lambda g, s, p: (s["placement"][-1]["gpu_memory"] == 3 << 30
                                    and g["engine"].info.gpu_memory == 3 << 30),
@@ -150,7 +151,7 @@ def test_every_serve_flag_arrives(monkeypatch: pytest.MonkeyPatch, spies, defaul
         "--api-key", "k3y", "--parallel", "3", "--max-queue", "5", "--cors-origin", "http://app.example",
         "--max-body", "2048", "--no-repack", "--alias", "my-model", "--alias", "gpt-*=smollm2-135m", "--server", "werkzeug", "--ctx", "384",
         "--threads", "1", "--gpu-layers", "20", "--gpu-memory", "3GiB", "--cache-type-k", "q8_0", "--cache-type-v", "q4_0", "--drain-timeout", "7.5",
-        "--flash-attn", "on", "--no-prompt-cache", "--speculate", "on", "--prefill", "fair", "--mmap"])
+        "--flash-attn", "on", "--no-prompt-cache", "--speculate", "on", "--prefill", "fair:3", "--mmap"])
     assert g["error"] is None, g["error"]
     failed = [name for name, check in SERVE_CHECKS.items() if not check(g, spies, default_model_path)]
     assert not failed
@@ -238,7 +239,7 @@ def test_every_run_flag_arrives(monkeypatch: pytest.MonkeyPatch, spies, tiny_ggu
     params = spies["request"][-1]["params"]
     assert spies["request"][-1]["prompt_cache"] is not None  # on by default
     assert spies["request"][-1]["speculate"] is False  # off by default
-    assert spies["request"][-1]["prefill"] == "exact"  # the default
+    assert spies["request"][-1]["prefill"] == ("exact", 0.0)  # the default
     failed = [name for name, check in RUN_CHECKS.items() if not check(params, out)]
     assert not failed
 
@@ -255,12 +256,12 @@ def test_every_run_flag_arrives(monkeypatch: pytest.MonkeyPatch, spies, tiny_ggu
     r = _run(["smollm2-135m", "Hello there", "--chat", "--system", "You are Zed.", "--json", "-n", "2",
               "--ctx", "320", "--threads", "1", "--gpu-layers", "9", "--gpu-memory", "1.5G", "--no-repack", "--ignore-eos",
               "--cache-type-k", "bf16", "--cache-type-v", "q8_0", "--flash-attn", "on", "--no-prompt-cache",
-              "--speculate", "on", "--prefill", "fair", "--mmap"])
+              "--speculate", "on", "--prefill", "fair:3", "--mmap"])
     assert r.exit_code == 0, r.output
     assert spies["request"][-1]["params"].ignore_eos is True
     assert spies["request"][-1]["prompt_cache"] is None
     assert spies["request"][-1]["speculate"] is True
-    assert spies["request"][-1]["prefill"] == "fair"
+    assert spies["request"][-1]["prefill"] == ("fair", 3.0)
     req = spies["request"][-1]
     text = req["model"].detokenize(req["prompt"], special=True).decode()
     assert "You are Zed." in text and "Hello there" in text and "<|im_start|>assistant" in text
@@ -380,12 +381,13 @@ def test_prefill_reaches_every_door_and_bad_values_are_one_line_errors(spies, ti
     from localllm.cli import cli, register_commands
     from localllm.errors import InvalidArgumentError
 
-    with Model(tiny_gguf, n_ctx=64, prompt_cache=False, prefill="fair") as m:
-        assert m.info.prefill == "fair" and m.engine.scheduler.prefill.mode == "fair"
+    with Model(tiny_gguf, n_ctx=64, prompt_cache=False, prefill="fair:7.5") as m:
+        assert m.info.prefill == "fair:7.5" and m.engine.scheduler.prefill.mode == "fair"
+        assert m.engine.scheduler.prefill.gap == 7.5
         # fair's flash attention auto is off (llama.cpp's CPU kernel is slow for its small pieces)
         assert m.info.flash_attn == "off" and spies["context"][-1]["flash_attn"] is False
         m.generate("the cat", max_tokens=2)
-    assert spies["request"][-1]["prefill"] == "fair"
+    assert spies["request"][-1]["prefill"] == ("fair", 7.5)
     from localllm.loader import ModelSettings
 
     assert ModelSettings(model=tiny_gguf, prefill="fair", cache_type_v="q8_0").flash_attn_on() is None  # needed
@@ -393,10 +395,15 @@ def test_prefill_reaches_every_door_and_bad_values_are_one_line_errors(spies, ti
     assert ModelSettings(model=tiny_gguf).flash_attn_on() is None  # exact: llama.cpp's auto
     with Model(tiny_gguf, n_ctx=64, prompt_cache=False) as m:
         assert m.info.prefill == "exact" and m.engine.scheduler.prefill.mode == "exact"
-    with pytest.raises(InvalidArgumentError, match="prefill must be exact or fair"):
-        Model(tiny_gguf, prefill="fast")
+    with Model(tiny_gguf, n_ctx=64, prompt_cache=False, prefill="fair") as m:
+        assert m.info.prefill == "fair" and m.engine.scheduler.prefill.gap == 2   # fair is fair:2
+    for bad in ("fast", "fair:1", "fair:0.5", "fair:x", "fair:nan", "fair:inf", "fair:", "exact:2"):
+        with pytest.raises(InvalidArgumentError, match="prefill must be exact, fair or fair:K"):
+            Model(tiny_gguf, prefill=bad)
     register_commands()
     for cmd in (["run", str(tiny_gguf), "hi"], ["serve", str(tiny_gguf)]):
-        r = CliRunner().invoke(cli, [*cmd, "--prefill", "fast"])
-        assert r.exit_code == 2 and "'fast' is not one of 'exact', 'fair'" in r.output, (cmd, r.output)
-        assert len([ln for ln in r.output.splitlines() if "Error" in ln]) == 1
+        for bad in ("fast", "fair:1"):
+            r = CliRunner().invoke(cli, [*cmd, "--prefill", bad])
+            assert r.exit_code == 2 and "prefill must be exact, fair or fair:K" in r.output, (cmd, r.output)
+            assert f"(got '{bad}')" in r.output
+            assert len([ln for ln in r.output.splitlines() if "Error" in ln]) == 1

@@ -74,3 +74,37 @@ def test_max_kl_without_auto_is_refused(tiny_checkpoint: Path, tmp_path: Path) -
     assert p.returncode == 1 and "--max-kl needs --quant auto" in p.stderr
     assert not (tmp_path / "x.gguf").exists()
 
+
+
+def test_scoring_fastest_first_chooses_as_scoring_all() -> None:
+    """Candidates slower than the choice are not scored (minutes saved at 1B): on random tables the
+    lazy walk must choose what scoring every candidate chooses, and score no candidate it skips past."""
+    import random
+
+    from localllm.autoquant import Measured, _evaluation_order, decide
+
+    rng = random.Random(0)
+    skipped_some = 0
+    for _ in range(2000):
+        qs = rng.sample(CANDIDATES, rng.randint(1, len(CANDIDATES)))
+        kl = {q: rng.choice([0.0, rng.random() * 0.1]) for q in qs}
+        speed = {q: (rng.uniform(50, 60), rng.uniform(10, 11)) for q in qs}
+        max_kl = rng.choice([0.0, 0.02, 0.05, 1.0])
+        full = [Measured(q, 1, kl[q], 0.0, 1.0, 1.0, *speed[q]) for q in qs]
+        scored: list[str] = []
+
+        def kl_of(q: str) -> float:
+            scored.append(q)
+            return kl[q]
+
+        _evaluation_order({r.quant: r.turn_s for r in full}, max_kl, kl_of, measure_all=False)
+        lazy = [r if r.quant in scored else Measured(r.quant, 1, None, None, None, None, r.prompt_tps, r.gen_tps)
+                for r in full]
+        assert decide(lazy, max_kl)[0] == decide(full, max_kl)[0]
+        assert len(scored) == len(set(scored))
+        skipped_some += len(scored) < len(qs)
+        all_scored: list[str] = []
+        _evaluation_order({r.quant: r.turn_s for r in full}, max_kl, lambda q: all_scored.append(q) or kl[q],
+                          measure_all=True)
+        assert sorted(all_scored) == sorted(qs)
+    assert skipped_some > 500   # the saving is real, not a walk that scores everything
