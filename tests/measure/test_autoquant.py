@@ -63,6 +63,13 @@ def test_quant_auto_picks_the_fastest_within_budget_to_a_file(tiny_checkpoint: P
     from localllm.autoquant import SPEED_TIE
 
     assert turn[chosen] - 0.005 <= (min(turn.values()) + 0.005) * (1 + SPEED_TIE), (chosen, turn)
+    # a row left unscored is slower than the choice could be tied with; the scored ones show their KL
+    for r in table:
+        if "slower:" in r:
+            assert r[2:5] == ["-", "-", "-"] and turn[r[0]] + 0.005 >= turn[chosen] * (1 + SPEED_TIE), (r, turn)
+        else:
+            assert float(r[2]) >= 0
+    assert any(ln.startswith("took ") and "quantize" in ln and "quality" in ln for ln in p.stdout.splitlines())
     from localllm import validate
 
     assert validate.read_header(out).quant == chosen
@@ -72,6 +79,8 @@ def test_quant_auto_picks_the_fastest_within_budget_to_a_file(tiny_checkpoint: P
 def test_max_kl_without_auto_is_refused(tiny_checkpoint: Path, tmp_path: Path) -> None:
     p = _cli("convert", str(tiny_checkpoint), "-o", str(tmp_path / "x.gguf"), "--quant", "Q8_0", "--max-kl", "0.1")
     assert p.returncode == 1 and "--max-kl needs --quant auto" in p.stderr
+    p = _cli("convert", str(tiny_checkpoint), "-o", str(tmp_path / "x.gguf"), "--quant", "Q8_0", "--measure-all")
+    assert p.returncode == 1 and "--measure-all needs --quant auto" in p.stderr
     assert not (tmp_path / "x.gguf").exists()
 
 
