@@ -303,7 +303,7 @@ def from_checkpoint(src: str | os.PathLike[str], workdir: str | os.PathLike[str]
     ref_quant = lossless_quant(src)
     ref = Path(workdir) / f"reference-{ref_quant.lower()}.gguf"
     converted = convert(src, ref, quant=ref_quant, strict=strict, name=name, progress=show_progress,
-                        threads=n_threads)
+                        threads=n_threads, imatrix=False)   # written directly: the matrix is for the candidates
     t1 = time.perf_counter()
     imat, note = importance_for(src, imatrix)
     t2 = time.perf_counter()
