@@ -1,8 +1,9 @@
 """Load time: a fresh process to its first token, localllm (weights mapped, or read into memory as
 ``mmap`` auto does where huge pages exist) against llama.cpp's ``llama-completion`` (mapped, and
-``--no-mmap``).
+``--load-mode none``: read).
 
-Every run is a new process that loads the GGUF and generates one token after a one-word prompt.
+Every run is a new process that loads the GGUF and generates one token after a one-word prompt
+(both tools warm up at load, as they do by default: one small decode that touches every weight).
 Reported per row: the wall time from starting the process to its exit, and the load time the tool
 itself reports (ours: ``Model(...)`` returning, after imports; llama.cpp's: its ``load time`` line).
 Rows run in alternating order for ``--rounds``. The file is in the page cache (read once first)
@@ -56,8 +57,8 @@ def ours(path: Path, how: str) -> tuple[float, float]:
 
 
 def native(path: Path, how: str) -> tuple[float, float]:
-    cmd = [str(BIN / "llama-completion"), "-m", str(path), "-p", "Hello", "-n", "1", "-no-cnv", "--no-warmup",
-           "-t", "2", "-c", "512", *repack_flags("llama-completion"), *(["--no-mmap"] if how == "read" else [])]
+    cmd = [str(BIN / "llama-completion"), "-m", str(path), "-p", "Hello", "-n", "1", "-no-cnv",
+           "-t", "2", "-c", "512", *repack_flags("llama-completion"), "--load-mode", "none" if how == "read" else "mmap"]
     t0 = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "LD_LIBRARY_PATH": str(BIN)},
                        stdin=subprocess.DEVNULL, check=True)
