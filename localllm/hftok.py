@@ -12,7 +12,6 @@ Example:
 from __future__ import annotations
 
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
 
 
 class HFTokenizer:
@@ -40,33 +39,13 @@ class HFTokenizer:
         return ids
 
 
-def parse_in_background(metadata: dict) -> Future | None:
-    """Start parsing the GGUF's embedded ``tokenizer.json`` in a thread, or None when it has none.
-    Parsing Llama-3's (128k tokens, 280k merges) takes 0.5 s; started before llama.cpp loads the
-    model, it runs beside that load (which holds no GIL) instead of after it. Give the future to
-    :func:`from_metadata`."""
-    text = metadata.get("tokenizer.huggingface.json")
-    if not isinstance(text, str) or not text:
-        return None
-    from tokenizers import Tokenizer
-
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="localllm-tokenizer")
-    try:
-        return pool.submit(Tokenizer.from_str, text)
-    finally:
-        pool.shutdown(wait=False)
-
-
-def from_metadata(metadata: dict, *, bos: int, eos: int, add_bos: bool, add_eos: bool,
-                  parsed: Future | None = None) -> HFTokenizer | None:
+def from_metadata(metadata: dict, *, bos: int, eos: int, add_bos: bool, add_eos: bool) -> HFTokenizer | None:
     """The embedded HF tokenizer of a GGUF (its header ``metadata``), or None when
-    the key is absent or the JSON is one this ``tokenizers`` cannot read. ``parsed``: the
-    :func:`parse_in_background` of the same metadata."""
+    the key is absent or the JSON is one this ``tokenizers`` cannot read."""
     text = metadata.get("tokenizer.huggingface.json")
     if not isinstance(text, str) or not text:
         return None
     try:
-        tok = parsed.result() if parsed is not None else None
-        return HFTokenizer(text, bos=bos, eos=eos, add_bos=add_bos, add_eos=add_eos, tokenizer=tok)
+        return HFTokenizer(text, bos=bos, eos=eos, add_bos=add_bos, add_eos=add_eos)
     except Exception:  # a tokenizer.json this tokenizers version cannot read: keep llama.cpp's path
         return None

@@ -280,7 +280,7 @@ def load(s: ModelSettings, progress: Callable[[str], None] | None = None,
 
     Runs out of GPU memory → retries with fewer layers (a note says so).
     """
-    from localllm import hardware, hftok, placement, runtime
+    from localllm import hardware, placement, runtime
     from localllm.plan import context_size, layer_split
     from localllm.prompting import Prompter
 
@@ -300,7 +300,6 @@ def load(s: ModelSettings, progress: Callable[[str], None] | None = None,
         prep.notes.append("the weights are mapped from the file, not read into huge pages: held in memory, "
                           "the model would not fit in the RAM available (localllm plan MODEL --no-mmap says "
                           "how much it needs)")
-    tokenizer = hftok.parse_in_background(prep.header.metadata)   # beside llama.cpp's load
     llama, gpu_layers, notes = placement.load_with_fallback(
         lambda n: runtime.LlamaModel(prep.path, n_gpu_layers=n, use_extra_bufts=s.repack, use_mmap=mmap),
         prep.gpu_layers,
@@ -311,7 +310,7 @@ def load(s: ModelSettings, progress: Callable[[str], None] | None = None,
         gpu_layers = 0
     try:
         n_ctx = context_size(s.n_ctx, llama.n_ctx_train)
-        prompter = Prompter(llama, prep.header.metadata, tokenizer=tokenizer)
+        prompter = Prompter(llama, prep.header.metadata)
         meta = llama.meta()
     except BaseException:
         llama.close()

@@ -14,7 +14,6 @@ Example:
 
 from __future__ import annotations
 
-from concurrent.futures import Future
 from typing import Any
 
 from localllm import chat as chatmod
@@ -23,11 +22,10 @@ from localllm.errors import InvalidArgumentError
 
 
 class Prompter:
-    def __init__(self, model: runtime.LlamaModel, metadata: dict[str, Any], *,
-                 tokenizer: Future | None = None) -> None:
+    def __init__(self, model: runtime.LlamaModel, metadata: dict[str, Any]) -> None:
         self.model = model
         self.hf = hftok.from_metadata(metadata, bos=model.bos, eos=model.eos, add_bos=model.add_bos,
-                                      add_eos=model.add_eos, parsed=tokenizer)
+                                      add_eos=model.add_eos)
         self.tokenizer_source = "huggingface" if self.hf is not None else "llama.cpp"
         self.template = model.chat_template()
         self.template_source = "gguf"
