@@ -176,7 +176,7 @@ def _quantize_all(reference: Path, workdir: Path, candidates: Sequence[str], n_t
     return files
 
 
-def _evaluation_order(turn: dict[str, float], max_kl: float, kl_of: Callable[[str], float],
+def _score_until_settled(turn: dict[str, float], max_kl: float, kl_of: Callable[[str], float],
                       measure_all: bool) -> None:
     """Call ``kl_of`` on the candidates, fastest first, until the choice is settled: the first one
     within ``max_kl`` and every one within SPEED_TIE of its speed (a more precise one among those
@@ -194,7 +194,7 @@ def measure(reference: Path, workdir: Path, *, candidates: Sequence[str] = CANDI
             max_kl: float = DEFAULT_MAX_KL, measure_all: bool = False) -> tuple[list[Measured], dict[str, Path],
                                                                                dict[str, float]]:
     """Quantize every candidate from ``reference`` into ``workdir``, time each (side by side), and
-    score against the reference those that can decide (:func:`_evaluation_order`). Returns the
+    score against the reference those that can decide (:func:`_score_until_settled`). Returns the
     rows (in ``candidates`` order; ``kl_mean`` None where not scored), the candidate files and the
     seconds each phase took."""
     from localllm import bench, validate
@@ -237,7 +237,7 @@ def measure(reference: Path, workdir: Path, *, candidates: Sequence[str] = CANDI
         return quality[q].kl_mean if quality[q] is not None else 0.0
 
     turn = {q: s.turn_seconds() for q, s in speed.items()}
-    _evaluation_order(turn, max_kl, kl_of, measure_all)
+    _score_until_settled(turn, max_kl, kl_of, measure_all)
     tick("KL: the rest cannot change the choice", len(candidates) - len(quality))
     phase("quality")
     ref_ppl = next((r.reference_perplexity for r in quality.values() if r is not None), None)

@@ -90,7 +90,7 @@ def test_scoring_fastest_first_chooses_as_scoring_all() -> None:
     lazy walk must choose what scoring every candidate chooses, and score no candidate it skips past."""
     import random
 
-    from localllm.autoquant import Measured, _evaluation_order, decide
+    from localllm.autoquant import Measured, _score_until_settled, decide
 
     rng = random.Random(0)
     skipped_some = 0
@@ -106,14 +106,14 @@ def test_scoring_fastest_first_chooses_as_scoring_all() -> None:
             scored.append(q)
             return kl[q]
 
-        _evaluation_order({r.quant: r.turn_s for r in full}, max_kl, kl_of, measure_all=False)
+        _score_until_settled({r.quant: r.turn_s for r in full}, max_kl, kl_of, measure_all=False)
         lazy = [r if r.quant in scored else Measured(r.quant, 1, None, None, None, None, r.prompt_tps, r.gen_tps)
                 for r in full]
         assert decide(lazy, max_kl)[0] == decide(full, max_kl)[0]
         assert len(scored) == len(set(scored))
         skipped_some += len(scored) < len(qs)
         all_scored: list[str] = []
-        _evaluation_order({r.quant: r.turn_s for r in full}, max_kl, lambda q: all_scored.append(q) or kl[q],
+        _score_until_settled({r.quant: r.turn_s for r in full}, max_kl, lambda q: all_scored.append(q) or kl[q],
                           measure_all=True)
         assert sorted(all_scored) == sorted(qs)
     assert skipped_some > 500   # the saving is real, not a walk that scores everything
