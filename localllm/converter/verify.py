@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from localllm.errors import PrerequisiteError
+from localllm.errors import InsufficientMemoryError, PrerequisiteError
 
 # per quant type: (max logit NMSE, min top-1 agreement, max mean KL in nats); see docs/convert.md
 THRESHOLDS: dict[str, tuple[float, float, float]] = {
@@ -109,6 +109,28 @@ def gguf_tokenize(path: Path, texts: Sequence[str]) -> list[list[int]]:
         m.close()
 
 
+def memory_needed(n_params: int, gguf_bytes: int) -> int:
+    """Bytes ``verify`` holds at its peak: the HF model in float32, the GGUF, and about 1 GiB for torch
+    and the loading (the Llama-3.2-1B shape: 7.5 GiB measured against 7.2 estimated)."""
+    return n_params * 4 + gguf_bytes + (1 << 30)
+
+
+def _check_memory(src: str | Path, gguf_path: Path) -> None:
+    """Refuse, before loading anything, a comparison that would not fit in the memory available (a
+    7B in float32 is 29 GB: the kernel would kill the process)."""
+    from localllm import hardware
+    from localllm.converter.checkpoint import Checkpoint
+
+    n_params = sum(r.n_elements for r in Checkpoint.open(src).tensors.values())
+    need, avail = memory_needed(n_params, gguf_path.stat().st_size), hardware.memory()["available"]
+    if avail and need > avail:
+        raise InsufficientMemoryError(
+            f"--verify runs the original model in float32 beside the GGUF: about {need / 2**30:.1f} GiB, and "
+            f"{avail / 2**30:.1f} GiB is available; {gguf_path} is written, not verified",
+            hint="verify on a machine with more free memory, or convert without --verify",
+            needed_bytes=need, available_bytes=avail)
+
+
 def verify(src: str | Path, gguf_path: str | Path, *, quant: str, greedy_tokens: int = 8) -> VerifyReport:
     """Compare ``gguf_path`` with the HF checkpoint ``src`` on :data:`PROMPTS`."""
     try:
@@ -118,6 +140,7 @@ def verify(src: str | Path, gguf_path: str | Path, *, quant: str, greedy_tokens:
         raise PrerequisiteError("--verify needs torch and transformers",
                                 hint="pip install 'localllm[verify]'") from None
 
+    _check_memory(src, Path(gguf_path))
     rep = VerifyReport(quant)
     hf_tok = transformers.AutoTokenizer.from_pretrained(src)
     model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)

@@ -152,3 +152,45 @@ def test_row_chunks_equal_whole_tensor(tmp_path: Path, qtype: str) -> None:
     assert released[0] == (0, 16 * 64 * 4) and len(released) == 6
     t.row_local = False  # e.g. the Q/K permutation: one piece
     assert len(list(t.chunks(max_bytes=64 * 4 * 16))) == 1
+
+
+def test_verify_that_would_not_fit_is_refused_before_loading(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """--verify runs the original in float32 beside the GGUF (a 7B: 29 GB): where that does not fit the
+    memory available it is one line and exit 1, before transformers loads anything, and the written
+    GGUF stays. The estimate is checked against the parameters counted here."""
+    pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from localllm import hardware
+    from localllm.cli import main
+    from localllm.converter import verify as verify_mod
+    from tests.convert_fixtures import build_checkpoint
+
+    ck = build_checkpoint("llama", tmp_path / "tiny")
+    from safetensors import safe_open
+
+    n_params = 0
+    for f in ck.glob("*.safetensors"):
+        with safe_open(f, "np") as st:
+            n_params += sum(int(np.prod(st.get_slice(k).get_shape())) for k in st.keys())
+    out = tmp_path / "t.gguf"
+    convert(ck, out, quant="Q8_0")
+    need = verify_mod.memory_needed(n_params, out.stat().st_size)
+    assert need == n_params * 4 + out.stat().st_size + (1 << 30)
+
+    def must_not_load(*a: object, **k: object) -> None:
+        raise AssertionError("the HF model was loaded although it does not fit")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", must_not_load)
+    monkeypatch.setattr(hardware, "memory", lambda: {"total": need, "available": need - 1})
+    from localllm.errors import InsufficientMemoryError
+
+    with pytest.raises(InsufficientMemoryError, match="is written, not verified") as e:
+        verify_mod.verify(ck, out, quant="Q8_0")
+    assert e.value.needed_bytes == need  # type: ignore[attr-defined]
+    out2 = tmp_path / "cli.gguf"
+    with pytest.raises(SystemExit) as ex:
+        main(["convert", str(ck), "-o", str(out2), "--quant", "Q8_0", "--verify", "-q"])
+    err = capsys.readouterr().err
+    assert ex.value.code == 1 and "--verify runs the original model in float32" in err, err
+    assert "Traceback" not in err and out2.exists()
