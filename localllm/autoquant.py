@@ -35,9 +35,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from typing import TYPE_CHECKING
+
 from localllm.errors import InvalidArgumentError
 from localllm.formats import QUANTS
 from localllm.progress import Progress
+
+if TYPE_CHECKING:
+    from localllm.converter.pipeline import ConvertResult
 
 # candidates, most precise first
 CANDIDATES = ("BF16", "F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0")
@@ -136,9 +141,12 @@ def decide(rows: Sequence[Measured], max_kl: float) -> tuple[str, str]:
     max_kl = check_max_kl(max_kl)
     if not rows:
         raise InvalidArgumentError("no candidates to choose from", param="quant")
-    within = [r for r in rows if r.kl_mean is not None and r.kl_mean <= max_kl]
+    scored = [r for r in rows if r.kl_mean is not None]
+    if not scored:
+        raise InvalidArgumentError("no candidate was scored against the reference", param="quant")
+    within = [r for r in scored if (r.kl_mean or 0.0) <= max_kl]
     if not within:
-        best = min((r for r in rows if r.kl_mean is not None), key=lambda r: r.kl_mean or 0.0)
+        best = min(scored, key=lambda r: r.kl_mean or 0.0)
         return best.quant, (f"no candidate is within the KL budget {max_kl:g} (the smallest KL is "
                             f"{best.kl_mean:.4g}, {best.quant}): chose the most precise")
     best = min(r.turn_s for r in within)
@@ -234,7 +242,7 @@ def measure(reference: Path, workdir: Path, *, candidates: Sequence[str] = CANDI
         else:
             quality[q] = evaluate(files[q], reference=reference, n_threads=n_threads, n_ctx=n_ctx)
         tick(f"KL {q}")
-        return quality[q].kl_mean if quality[q] is not None else 0.0
+        return (quality[q].kl_mean or 0.0) if quality[q] is not None else 0.0   # as _row reads it
 
     turn = {q: s.turn_seconds() for q, s in speed.items()}
     _score_until_settled(turn, max_kl, kl_of, measure_all)
@@ -281,7 +289,7 @@ class FromCheckpoint:
     """What :func:`from_checkpoint` did: the reference's conversion, the importance matrix's note,
     the decision, the candidate files (``files[decision.quant]`` is the choice) and its total time."""
 
-    reference: Any               # converter.ConvertResult of the lossless reference
+    reference: ConvertResult     # the lossless reference's conversion
     imatrix_note: str
     decision: Decision
     files: dict[str, Path]
@@ -309,7 +317,9 @@ def from_checkpoint(src: str | os.PathLike[str], workdir: str | os.PathLike[str]
     t2 = time.perf_counter()
     decision, files = choose(ref, workdir, max_kl=max_kl, n_threads=n_threads, progress=progress, imatrix=imat,
                              measure_all=measure_all)
-    decision.seconds.update({"reference": t1 - t0, "imatrix": t2 - t1})
+    measured = dict(decision.seconds)
+    decision.seconds.clear()   # in the order they ran
+    decision.seconds.update({"reference": t1 - t0, "imatrix": t2 - t1, **measured})
     return FromCheckpoint(converted, note, decision, files, time.perf_counter() - t0)
 
 

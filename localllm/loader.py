@@ -58,7 +58,7 @@ class ModelSettings:
     prompt_cache_dir: str | os.PathLike[str] | None = None   # default: <home>/prompt-cache
     prompt_cache_bytes: int = 1 << 30
     speculate: str = "off"      # prompt lookup drafts for greedy answers: on, off (localllm/core/speculate.py)
-    prefill: str = "exact"      # how a prompt shares steps with running streams: exact, fair (localllm/core/prefill.py)
+    prefill: str = "exact"      # how a prompt shares steps with running streams: exact, fair, fair:K (core/prefill.py)
 
     def __post_init__(self) -> None:
         from localllm.placement import parse_gpu_layers, parse_gpu_memory
@@ -179,7 +179,7 @@ class ModelInfo:
     flash_attn: str
     prompt_cache: bool
     speculate: str = "off"  # prompt lookup drafts for greedy answers: on or off
-    prefill: str = "exact"  # how a prompt shares steps with running streams: exact or fair
+    prefill: str = "exact"  # how a prompt shares steps with running streams: exact, fair or fair:K
     layer_split: str = ""   # which layers are where (plan.layer_split)
     mmap: bool = True       # weights mapped from the file; False: read into memory (huge pages)
     # what clients may ask of it, in Ollama's words ("completion", "tools", "embedding", "insert" (FIM),

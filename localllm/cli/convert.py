@@ -113,10 +113,11 @@ def _auto(root: Path, src: str, revision: str | None, output: str | None, name: 
 
     autoquant.check_max_kl(max_kl)
     dest = settings.models_dir() if name else Path(output).resolve().parent  # type: ignore[arg-type]
-    with autoquant.workdir(dest) as work, progress_bar(quiet, "step") as cb:
-        r = autoquant.from_checkpoint(root, work, max_kl=max_kl, strict=strict, name=name, n_threads=threads,
-                                      imatrix=imatrix, measure_all=measure_all, show_progress=not quiet,
-                                      progress=cb)
+    with autoquant.workdir(dest) as work:
+        with progress_bar(quiet, "step") as cb:   # closed before the table is printed
+            r = autoquant.from_checkpoint(root, work, max_kl=max_kl, strict=strict, name=name, n_threads=threads,
+                                          imatrix=imatrix, measure_all=measure_all, show_progress=not quiet,
+                                          progress=cb)
         _summary(r.reference)
         click.echo(f"importance matrix: {r.imatrix_note}")
         decision = r.decision

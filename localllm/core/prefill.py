@@ -58,6 +58,7 @@ Example:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -196,10 +197,7 @@ def parse(prefill: str) -> tuple[str, float]:
     if mode == "fair":
         if not _:
             return "fair", FAIR_GAP
-        try:
-            gap = float(k)
-        except ValueError:
-            gap = float("nan")
+        gap = float(k) if re.fullmatch(r"\d+(\.\d+)?", k) else float("nan")   # no signs, spaces, _ or e
         if 1.0 < gap <= MAX_GAP:
             return "fair", gap
     raise ValueError(f"prefill must be exact, fair or fair:K with K a number above 1 and at most {MAX_GAP:g} "

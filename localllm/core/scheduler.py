@@ -103,8 +103,8 @@ class Scheduler:
     def _warm_up(self) -> None:
         """One small decode at load, so the first request does not pay for llama.cpp's
         first-use setup (graph allocation, weight repacking, a mapped file's page faults). Two
-        tokens, as llama.cpp's own warm-up: every weight is touched once whatever the count, and
-        each further token only adds compute (8 tokens cost a 7B 0.8 s more at load on 2 cores)."""
+        tokens, as llama.cpp's own warm-up: a dense model's every weight is touched once whatever the
+        count, and each further token only adds compute (8 tokens cost a 7B 0.8 s more at load on 2 cores)."""
         b = self.batch
         b.clear()
         n = min(2, b.capacity)

@@ -397,7 +397,9 @@ def test_prefill_reaches_every_door_and_bad_values_are_one_line_errors(spies, ti
         assert m.info.prefill == "exact" and m.engine.scheduler.prefill.mode == "exact"
     with Model(tiny_gguf, n_ctx=64, prompt_cache=False, prefill="fair") as m:
         assert m.info.prefill == "fair" and m.engine.scheduler.prefill.gap == 2   # fair is fair:2
-    for bad in ("fast", "fair:1", "fair:0.5", "fair:x", "fair:nan", "fair:inf", "fair:", "exact:2"):
+    assert ModelSettings(model=tiny_gguf, prefill="fair:1000").prefill_mode() == "fair"   # the largest K
+    for bad in ("fast", "fair:1", "fair:0.5", "fair:x", "fair:nan", "fair:inf", "fair:", "exact:2", "fair: 3",
+                "fair:1e3", "fair:-2", "fair:1_0", " fair", "fair:1001"):
         with pytest.raises(InvalidArgumentError, match="prefill must be exact, fair or fair:K"):
             Model(tiny_gguf, prefill=bad)
     register_commands()

@@ -117,3 +117,7 @@ def test_scoring_fastest_first_chooses_as_scoring_all() -> None:
                           measure_all=True)
         assert sorted(all_scored) == sorted(qs)
     assert skipped_some > 500   # the saving is real, not a walk that scores everything
+    from localllm.errors import InvalidArgumentError
+
+    with pytest.raises(InvalidArgumentError, match="no candidate was scored"):
+        decide([Measured("Q8_0", 1, None, None, None, None, 50.0, 10.0)], 0.05)
