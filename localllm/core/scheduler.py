@@ -104,7 +104,8 @@ class Scheduler:
         """One small decode at load, so the first request does not pay for llama.cpp's
         first-use setup (graph allocation, weight repacking, a mapped file's page faults). Two
         tokens, as llama.cpp's own warm-up: a dense model's every weight is touched once whatever the
-        count, and each further token only adds compute (8 tokens cost a 7B 0.8 s more at load on 2 cores)."""
+        count, and each further token only adds compute (7B, 2 cores: load 1.80 s with 8, 0.88 s with 2;
+        docs/performance.md, "Load time")."""
         b = self.batch
         b.clear()
         n = min(2, b.capacity)
