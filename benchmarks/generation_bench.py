@@ -6,7 +6,8 @@ first token for a 200-token prompt.
 
 Runs alternate, and who goes first alternates with the round, so that drift in
 machine speed hits both; the ratio reported is the median of the per-round
-ratios (with their range), next to the median speed of each. llama-bench is built by benchmarks/native.py into a cache dir.
+ratios (with their range), next to the median speed of each; the same for the 200-token prompt
+(llama-bench's time over our time to first token, which includes sampling it: > 1 is ours faster). llama-bench is built by benchmarks/native.py into a cache dir.
 Each model is measured in a fresh process, as a user's `localllm run` would load it (in a process that
 has loaded and freed other models, a small weight buffer can keep small pages: runtime/_hugepages.py).
 """
@@ -39,7 +40,7 @@ def native_tg(bench: Path, path: Path, threads: int, n: int, depth: int) -> floa
 
 def native_pp(bench: Path, path: Path, threads: int, n: int) -> float:
     out = subprocess.run([str(bench), *repack_flags("llama-bench"), "-m", str(path), "-t", str(threads), "-p", str(n),
-                          "-n", "0", "-r", "1",
+                          "-n", "0", "-r", "3",  # three prompts, as ttft_200 takes the median of three
                           "-o", "json"], capture_output=True, text=True, check=True).stdout
     return float(json.loads(out)[0]["avg_ts"])
 
@@ -92,7 +93,8 @@ def main() -> None:
             rows.append(row)
             print(f"{ref:20s} native tg {row['native_tg']:7.1f}  ours {row['ours_tg']:7.1f}  ratio {row['ratio']:.3f} "
                   f"({row['ratio_min']:.2f}-{row['ratio_max']:.2f})  | 200-token prompt: native pp "
-                  f"{row['native_pp200_ms']:.0f} ms, our TTFT {row['ours_ttft200_ms']:.0f} ms", flush=True)
+                  f"{row['native_pp200_ms']:.0f} ms, our TTFT {row['ours_ttft200_ms']:.0f} ms, ratio {row['prompt_ratio']:.3f} "
+                  f"({row['prompt_ratio_min']:.2f}-{row['prompt_ratio_max']:.2f})", flush=True)
         if a.json:
             a.json.write_text(json.dumps({"threads": a.threads, "tokens": a.tokens, "time": time.time(),
                                           "rows": rows}, indent=2))
@@ -102,7 +104,7 @@ def main() -> None:
         with Model(path, n_ctx=1024, n_threads=a.threads, prompt_cache=False) as m:
             ours_tg(m, 16)  # warm up (page in the weights)
             depth = len(m.tokenize(PROMPT))
-            nat, our, ratios, pps, ttfts = [], [], [], [], []
+            nat, our, ratios, pps, ttfts, pp_ratios = [], [], [], [], [], []
             for r in range(a.rounds):
                 # alternate who goes first, and compare within a round: this VM's speed drifts
                 # by 20 % over a minute, so a ratio of medians taken apart would measure the drift
@@ -113,11 +115,16 @@ def main() -> None:
                 for step in (steps if r % 2 == 0 else steps[::-1]):
                     step()
                 ratios.append(our[-1] / nat[-1])
+                # the prompt: llama-bench's time for 200 tokens over our time to first token, in this round
+                # (> 1: our first token came sooner than llama-bench read the prompt)
+                pp_ratios.append((200 / pps[-1]) / ttfts[-1])
             pp, ttft = statistics.median(pps), statistics.median(ttfts)
         row = {"model": ref, "native_tg": statistics.median(nat), "ours_tg": statistics.median(our),
                "ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
                "native_pp200": pp,
-               "native_pp200_ms": 200 / pp * 1000, "ours_ttft200_ms": ttft * 1000}
+               "native_pp200_ms": 200 / pp * 1000, "ours_ttft200_ms": ttft * 1000,
+               "prompt_ratio": statistics.median(pp_ratios), "prompt_ratio_min": min(pp_ratios),
+               "prompt_ratio_max": max(pp_ratios)}
         print(json.dumps(row), flush=True)
 
 
