@@ -15,7 +15,10 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -257,6 +260,18 @@ def _try_sentencepiece(path: Path) -> Vocab | None:
         return None
 
 
+@contextlib.contextmanager
+def _quiet(logger_name: str) -> Iterator[None]:
+    """Drop a library logger's warnings for the block (errors still pass)."""
+    log = logging.getLogger(logger_name)
+    before = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(before)
+
+
 def write_vocab(w: gguf.GGUFWriter, v: Vocab, root: Path) -> None:
     """Write tokens, types, scores/merges, special ids, flags and chat template."""
     w.add_tokenizer_model(v.model)
@@ -267,7 +282,10 @@ def write_vocab(w: gguf.GGUFWriter, v: Vocab, root: Path) -> None:
         w.add_token_scores(v.scores)
     if v.merges:
         w.add_token_merges(v.merges)
-    sv = gguf.SpecialVocab(root, load_merges=False, n_vocab=len(v.tokens))
+    # gguf's reading of the post-processor logs warnings to stderr (Llama-3's pair template: "Unknown
+    # separator token"): it only decides add_special_token, which is discarded just below
+    with _quiet("gguf.vocab"):
+        sv = gguf.SpecialVocab(root, load_merges=False, n_vocab=len(v.tokens))
     sv.add_special_token = {}  # written explicitly below, from one decision
     sv.add_to_gguf(w, quiet=True)
     w.add_add_bos_token(v.add_bos)

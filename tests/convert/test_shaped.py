@@ -39,22 +39,34 @@ _PEAK = ("import atexit, runpy, sys\n"
          "runpy.run_module('localllm', run_name='__main__', alter_sys=True)\n")
 
 
-def _convert_peak(src: Path, out: Path, quant: str = "F16") -> int:
-    """Peak RSS (bytes) of one `localllm convert` process."""
+def _convert_peak(src: Path, out: Path, quant: str = "F16", stderr: list[str] | None = None) -> int:
+    """Peak RSS (bytes) of one `localllm convert` process (its stderr appended to ``stderr``)."""
     r = subprocess.run([sys.executable, "-c", _PEAK, "convert", str(src), "-o", str(out), "--quant", quant, "-q"],
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
+    if stderr is not None:
+        stderr.append(r.stderr)
     return int(r.stderr.rsplit("VmHWM ", 1)[1].split()[0]) * 1024
 
 
 @pytest.fixture(scope="module")
-def shaped_f16(shaped: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int, int]:
-    """(the F16 GGUF, its conversion's peak RSS, a tiny model's conversion peak RSS: the fixed part)."""
+def shaped_f16(shaped: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int, int, str]:
+    """(the F16 GGUF, its conversion's peak RSS, a tiny model's conversion peak RSS: the fixed part,
+    the conversion's stderr)."""
     d = tmp_path_factory.mktemp("shaped")
     tiny = build_checkpoint("llama", d / "tiny")
     fixed = _convert_peak(tiny, d / "tiny.gguf")
-    peak = _convert_peak(shaped, d / "shaped-f16.gguf")
-    return d / "shaped-f16.gguf", peak, fixed
+    err: list[str] = []
+    peak = _convert_peak(shaped, d / "shaped-f16.gguf", stderr=err)
+    return d / "shaped-f16.gguf", peak, fixed, err[0]
+
+
+def test_quiet_conversion_prints_only_our_notes(shaped_f16: tuple[Path, int, int, str]) -> None:
+    """`convert -q` with Llama-3's real tokenizer: stderr holds our own "note:" lines and nothing a
+    library logged (gguf warns about Llama-3's pair template; transformers and tokenizers can too)."""
+    lines = [ln for ln in shaped_f16[3].splitlines() if ln.strip() and not ln.startswith("VmHWM ")]
+    assert lines, "expected at least the bf16 note"
+    assert all(ln.startswith("note: ") for ln in lines), lines
 
 
 def test_shaped_checkpoint_has_the_published_shapes(shaped: Path) -> None:
@@ -77,18 +89,18 @@ def test_shaped_checkpoint_has_the_published_shapes(shaped: Path) -> None:
 
 
 def test_convert_memory_is_a_fixed_amount_plus_less_than_one_tensor(shaped: Path,
-                                                                    shaped_f16: tuple[Path, int, int]) -> None:
+                                                                    shaped_f16: tuple[Path, int, int, str]) -> None:
     """Converting streams each tensor in row chunks and releases the mapped pages it has read:
     on a 769 MB checkpoint the peak grows over a tiny model's by less than the largest tensor
     (the 525 MB embedding; 1 GB as f32), never by the model's size."""
-    out, peak, fixed = shaped_f16
+    out, peak, fixed, _ = shaped_f16
     model_bytes = (shaped / "model.safetensors").stat().st_size
     assert out.stat().st_size > model_bytes  # the whole model was written (F16, plus the vocabulary)
     assert peak - fixed < EMBEDDING, (peak >> 20, fixed >> 20)
 
 
 @pytest.mark.parametrize("mmap", [True, False], ids=["mapped", "read"])
-def test_plan_within_5_percent_on_a_real_vocabulary(shaped_f16: tuple[Path, int, int], mmap: bool) -> None:
+def test_plan_within_5_percent_on_a_real_vocabulary(shaped_f16: tuple[Path, int, int, str], mmap: bool) -> None:
     """`localllm plan`'s RAM against the RSS growth of loading and decoding a 512-token batch, at
     n_ctx 512 and 4096: a 128k vocabulary's tables and logits are part of it."""
     path = shaped_f16[0]
