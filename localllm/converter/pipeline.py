@@ -162,7 +162,7 @@ def convert(src: str | os.PathLike[str], out: str | os.PathLike[str], *, quant: 
         model_name = low.replace("phi-3", "phi").replace("phi3", "phi")
         notes.append(f"general.name set to {model_name!r}: llama.cpp special-cases 'phi3' names")
     need = sum(t.nbytes for t in outs)
-    check_space(out, need * (2 if not direct else 1))
+    check_space(out, need if direct else need + _quantized_bytes(outs, quant))
 
     def vocab_writer(w: gguf.GGUFWriter) -> None:
         write_vocab(w, vocab, ck.path)
@@ -220,6 +220,25 @@ def convert(src: str | os.PathLike[str], out: str | os.PathLike[str], *, quant: 
             f"llama.cpp tokenization (--strict)", hint="see the differences listed above; the file was kept",
             result=res)
     return res
+
+
+def _quantized_bytes(outs: list[OutTensor], quant: str) -> int:
+    """An upper bound on what llama.cpp's quantizer writes from the intermediate ``outs``: each matrix
+    at the quant's bits per weight with 15 % to spare (its mixes raise some tensors, as Q4_K_M's
+    Q6_K output and value matrices), never more than the intermediate itself; the rest kept as is.
+    A 7B's Q4_K_M from its 14.5 GB BF16 intermediate: about 5.1 GB, so 19.6 GB in all, not 29."""
+    total = 0
+    for t in outs:
+        if len(t.shape) < 2:  # norms and biases stay float
+            total += t.nbytes
+            continue
+        n = 1
+        for d in t.shape:
+            n *= d
+        # rows that are not whole blocks (256 for the K-quants) fall back to other types, at most Q8_0's
+        bpw = QUANTS[quant].bpw if t.shape[-1] % (256 if "_K" in quant else 32) == 0 else 8.5
+        total += min(t.nbytes, int(n * bpw * 1.15 / 8))
+    return total
 
 
 def _importance(ck: Checkpoint, rule: ArchRule, cfg: dict[str, Any], quant: str, direct: bool,

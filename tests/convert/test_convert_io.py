@@ -178,6 +178,30 @@ def test_full_disk_found_before_writing(tiny: Path, tmp_path: Path, monkeypatch:
     assert list(tmp_path.iterdir()) == []
 
 
+def test_space_check_counts_the_quantized_output_not_a_second_intermediate(
+        tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A quant llama.cpp makes needs the intermediate plus the (smaller) output, not twice the
+    intermediate: a 7B's Q4_K_M about 19.6 GB, not 29. The check must still cover what is written."""
+    import gguf
+
+    from localllm import runtime
+    from localllm.converter import pipeline
+
+    needs: list[int] = []
+    mids: list[int] = []
+    real_check, real_quantize = pipeline.check_space, runtime.quantize
+    monkeypatch.setattr(pipeline, "check_space", lambda path, need: (needs.append(need), real_check(path, need))[1])
+
+    def quantize(src, dst, *a, **k):
+        mids.append(sum(int(t.n_bytes) for t in gguf.GGUFReader(src).tensors))
+        return real_quantize(src, dst, *a, **k)
+    monkeypatch.setattr(runtime, "quantize", quantize)
+    convert(tiny, tmp_path / "m.gguf", quant="Q4_K_M")
+    written = sum(int(t.n_bytes) for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors)
+    assert len(needs) == 1 and len(mids) == 1
+    assert mids[0] + written <= needs[0] < 2 * mids[0], (mids[0], written, needs[0])
+
+
 # ---------------------------------------------------------------- wrong sizes
 
 def test_tensor_size_disagreeing_with_config_names_file(tiny: Path, tmp_path: Path) -> None:
