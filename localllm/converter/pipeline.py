@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import os
 import resource
 import sys
@@ -232,12 +233,9 @@ def _quantized_bytes(outs: list[OutTensor], quant: str) -> int:
         if len(t.shape) < 2:  # norms and biases stay float
             total += t.nbytes
             continue
-        n = 1
-        for d in t.shape:
-            n *= d
         # rows that are not whole blocks (256 for the K-quants) fall back to other types, at most Q8_0's
         bpw = QUANTS[quant].bpw if t.shape[-1] % (256 if "_K" in quant else 32) == 0 else 8.5
-        total += min(t.nbytes, int(n * bpw * 1.15 / 8))
+        total += min(t.nbytes, int(math.prod(t.shape) * bpw * 1.15 / 8))
     return total
 
 
