@@ -225,17 +225,21 @@ def convert(src: str | os.PathLike[str], out: str | os.PathLike[str], *, quant: 
 
 def _quantized_bytes(outs: list[OutTensor], quant: str) -> int:
     """An upper bound on what llama.cpp's quantizer writes from the intermediate ``outs``: each matrix
-    at the quant's bits per weight with 15 % to spare (its mixes raise some tensors, as Q4_K_M's
-    Q6_K output and value matrices), never more than the intermediate itself; the rest kept as is.
-    A 7B's Q4_K_M from its 14.5 GB BF16 intermediate: about 5.1 GB, so 19.6 GB in all, not 29."""
+    at the quant's bits per weight with 15 % to spare, never more than the intermediate itself; the
+    output matrix (or a tied embedding, which serves as it) at Q8_0's 8.5, since llama.cpp's mixes
+    raise it to Q6_K or Q8_0 (a large part of a small model: Gemma-3-270M's embedding is 62 % of it);
+    rows that are not whole blocks fall back to other types, at most Q8_0. A 7B's Q4_K_M from its
+    14.5 GB BF16 intermediate: about 5.1 GB, so 19.6 GB in all, not 29."""
+    names = {t.name for t in outs}
+    head = "output.weight" if "output.weight" in names else "token_embd.weight"
+    block = gguf.QK_K if "_K" in quant else 32
     total = 0
     for t in outs:
         if len(t.shape) < 2:  # norms and biases stay float
             total += t.nbytes
             continue
-        # rows that are not whole blocks (256 for the K-quants) fall back to other types, at most Q8_0's
-        bpw = QUANTS[quant].bpw if t.shape[-1] % (256 if "_K" in quant else 32) == 0 else 8.5
-        total += min(t.nbytes, int(math.prod(t.shape) * bpw * 1.15 / 8))
+        bpw = QUANTS[quant].bpw * 1.15 if t.name != head and t.shape[-1] % block == 0 else 8.5
+        total += min(t.nbytes, int(math.prod(t.shape) * bpw / 8))
     return total
 
 

@@ -178,10 +178,13 @@ def test_full_disk_found_before_writing(tiny: Path, tmp_path: Path, monkeypatch:
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("shape", ["tiny rows", "whole K blocks", "whole K blocks, tied embedding"])
 def test_space_check_counts_the_quantized_output_not_a_second_intermediate(
-        tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shape: str) -> None:
     """A quant llama.cpp makes needs the intermediate plus the (smaller) output, not twice the
-    intermediate: a 7B's Q4_K_M about 19.6 GB, not 29. The check must still cover what is written."""
+    intermediate: a 7B's Q4_K_M about 19.6 GB, not 29. The check must still cover what is written:
+    with rows llama.cpp cannot quantize as asked (64 wide), with whole 256-blocks, and with a tied
+    embedding that llama.cpp raises to Q6_K as the output (most of a small model)."""
     import gguf
 
     from localllm import runtime
@@ -196,7 +199,13 @@ def test_space_check_counts_the_quantized_output_not_a_second_intermediate(
         mids.append(sum(int(t.n_bytes) for t in gguf.GGUFReader(src).tensors))
         return real_quantize(src, dst, *a, **k)
     monkeypatch.setattr(runtime, "quantize", quantize)
-    convert(tiny, tmp_path / "m.gguf", quant="Q4_K_M")
+    src = tiny
+    if shape != "tiny rows":
+        # tied: SmolLM2's 49,152-token vocabulary makes the embedding 95 % of the model, as in small real ones
+        src = build_checkpoint("llama" if "tied" in shape else "qwen2", tmp_path / "hf",
+                               config={"hidden_size": 256, "intermediate_size": 512,
+                                       "tie_word_embeddings": "tied" in shape})
+    convert(src, tmp_path / "m.gguf", quant="Q4_K_M")
     written = sum(int(t.n_bytes) for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors)
     assert len(needs) == 1 and len(mids) == 1
     assert mids[0] + written <= needs[0] < 2 * mids[0], (mids[0], written, needs[0])
